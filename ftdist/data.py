@@ -1,0 +1,359 @@
+"""Training data: read JSONL/Parquet/`datasets` folders (local or s3://), tokenize with prompt masking, pack,
+split off eval, and hand every rank a disjoint shard with the same number of steps. Knows nothing of DeepSpeed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Optional
+
+import numpy as np
+
+from ftdist.config import DataSpec
+from ftdist.errors import SpecError
+
+IGNORE_INDEX = -100
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reading rows
+
+
+@dataclass
+class Row:
+    where: str  # "file:line" (JSONL) or "file:row N" (Parquet / datasets)
+    data: Any
+
+
+def _local_copy(uri: str) -> str:
+    """A local path for `uri`; `s3://` objects/prefixes are downloaded once into the node cache."""
+    if uri.startswith("s3://"):
+        from ftdist.storage import download
+
+        return download(uri)
+    return uri
+
+
+def read_rows(path: str) -> list[Row]:
+    """All rows of a JSONL file, Parquet file, folder of those, or `datasets.save_to_disk` folder."""
+    local = _local_copy(path)
+    if os.path.isdir(local):
+        if os.path.exists(os.path.join(local, "dataset_info.json")) or os.path.exists(
+            os.path.join(local, "dataset_dict.json")
+        ):
+            return _read_hf_disk(local, path)
+        files = sorted(
+            f for f in os.listdir(local) if f.endswith((".jsonl", ".json", ".parquet")) and not f.startswith(".")
+        )
+        if not files:
+            raise SpecError(f"{path}: folder has no .jsonl/.parquet files and is not a datasets save_to_disk folder")
+        rows: list[Row] = []
+        for f in files:
+            rows.extend(_read_file(os.path.join(local, f), f"{path.rstrip('/')}/{f}"))
+        return rows
+    if not os.path.exists(local):
+        raise SpecError(f"{path}: no such file or directory")
+    return _read_file(local, path)
+
+
+def _read_file(local: str, shown: str) -> list[Row]:
+    if local.endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        try:
+            table = pq.read_table(local)
+        except Exception as e:  # pyarrow raises several types for corrupt files
+            raise SpecError(f"{shown}: not a readable Parquet file ({e.__class__.__name__})") from None
+        return [Row(f"{shown}:row {i + 1}", r) for i, r in enumerate(table.to_pylist())]
+    rows = []
+    with open(local, encoding="utf-8", errors="strict") as fh:
+        try:
+            for lineno, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                try:
+                    rows.append(Row(f"{shown}:{lineno}", json.loads(line)))
+                except json.JSONDecodeError as e:
+                    rows.append(Row(f"{shown}:{lineno}", _BadJson(e.msg)))
+        except UnicodeDecodeError:
+            raise SpecError(f"{shown}: not UTF-8 text (expected JSONL)") from None
+    return rows
+
+
+def _read_hf_disk(local: str, shown: str) -> list[Row]:
+    import datasets
+
+    ds = datasets.load_from_disk(local)
+    if isinstance(ds, datasets.DatasetDict):
+        if "train" not in ds:
+            raise SpecError(f"{shown}: DatasetDict has no 'train' split (has {sorted(ds)})")
+        ds = ds["train"]
+    return [Row(f"{shown}:row {i + 1}", r) for i, r in enumerate(ds)]
+
+
+@dataclass
+class _BadJson:
+    msg: str
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tokenizing
+
+
+@dataclass
+class Example:
+    input_ids: list[int]
+    labels: list[int]
+
+
+@dataclass
+class DataStats:
+    rows: int = 0
+    skipped_bad: int = 0
+    truncated: int = 0
+    dropped_no_target: int = 0
+    tokens: int = 0
+    bad_examples: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        s = f"{self.rows} rows, {self.tokens} tokens"
+        if self.truncated:
+            s += f", {self.truncated} truncated to max_length"
+        if self.skipped_bad:
+            s += f", {self.skipped_bad} bad rows skipped (first: {self.bad_examples[0]})"
+        if self.dropped_no_target:
+            s += f", {self.dropped_no_target} dropped (no trainable tokens left)"
+        return s
+
+
+class RowError(Exception):
+    pass
+
+
+def _field(row: dict, name: str, kind: type) -> Any:
+    if name not in row:
+        raise RowError(f"missing field {name!r}")
+    v = row[name]
+    if not isinstance(v, kind):
+        raise RowError(f"field {name!r} must be {kind.__name__}, got {type(v).__name__}")
+    return v
+
+
+class Tokenize:
+    """Turn one row into (input_ids, labels) per the data spec; labels are IGNORE_INDEX where no loss is taken."""
+
+    def __init__(self, tokenizer: Any, spec: DataSpec):
+        self.tok = tokenizer
+        self.spec = spec
+        self.bos = [tokenizer.bos_token_id] if _adds_bos(tokenizer) else []
+        self.eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+        if spec.format == "chat" and spec.chat_template:
+            tokenizer.chat_template = spec.chat_template
+        if spec.format == "chat" and not getattr(tokenizer, "chat_template", None):
+            raise SpecError("data.format chat: the tokenizer has no chat template; set data.chat_template")
+
+    def _enc(self, text: str) -> list[int]:
+        return self.tok(text, add_special_tokens=False)["input_ids"]
+
+    def __call__(self, row: Any) -> Example:
+        if isinstance(row, _BadJson):
+            raise RowError(f"invalid JSON: {row.msg}")
+        if not isinstance(row, dict):
+            raise RowError("row is not a JSON object")
+        s = self.spec
+        if s.format == "text":
+            ids = self.bos + self._enc(_field(row, s.text_field, str)) + self.eos
+            return Example(ids, list(ids))
+        if s.format == "prompt_completion":
+            # Tokenize the two parts apart so the boundary is exact (no BPE merge across it).
+            p = self.bos + self._enc(_field(row, s.prompt_field, str))
+            c = self._enc(_field(row, s.completion_field, str)) + self.eos
+            if not c:
+                raise RowError(f"field {s.completion_field!r} is empty")
+            mask_p = [IGNORE_INDEX] * len(p) if s.loss_on_completion_only else list(p)
+            return Example(p + c, mask_p + c)
+        return self._chat(_field(row, s.messages_field, list))
+
+    def _render(self, messages: list, gen_prompt: bool) -> list[int]:
+        out = self.tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=gen_prompt)
+        if isinstance(out, dict) or hasattr(out, "keys"):
+            out = out["input_ids"]
+        return list(out)
+
+    def _chat(self, messages: list) -> Example:
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+                raise RowError(f"message {i} needs string 'role' and 'content'")
+        if not any(m["role"] == "assistant" for m in messages):
+            raise RowError("conversation has no assistant message")
+        ids: list[int] = []
+        labels: list[int] = []
+        # Render growing prefixes: the tokens each message adds are its span. Assistant spans (after the
+        # generation prompt) carry loss; everything else is masked when completion_only_loss is on.
+        for i, m in enumerate(messages):
+            if m["role"] == "assistant":
+                head = self._render(messages[:i], gen_prompt=True) if i else []
+                if head[: len(ids)] != ids:
+                    raise RowError("chat template is not prefix-stable; cannot locate assistant tokens")
+                labels += [IGNORE_INDEX] * (len(head) - len(ids)) if self.spec.loss_on_completion_only else head[len(ids):]
+                ids = head
+            full = self._render(messages[: i + 1], gen_prompt=False)
+            if full[: len(ids)] != ids:
+                raise RowError("chat template is not prefix-stable; cannot locate assistant tokens")
+            new = full[len(ids):]
+            trainable = m["role"] == "assistant" or not self.spec.loss_on_completion_only
+            labels += new if trainable else [IGNORE_INDEX] * len(new)
+            ids = full
+        return Example(ids, labels)
+
+
+def _adds_bos(tok: Any) -> bool:
+    if tok.bos_token_id is None:
+        return False
+    probe = tok("a", add_special_tokens=True)["input_ids"]
+    return bool(probe) and probe[0] == tok.bos_token_id
+
+
+def tokenize_rows(rows: list[Row], tok: Tokenize, spec: DataSpec, stats: DataStats) -> list[Example]:
+    out = []
+    for r in rows:
+        try:
+            ex = tok(r.data)
+        except RowError as e:
+            if spec.on_bad_row == "fail":
+                raise SpecError(f"{r.where}: bad row: {e} (set data.on_bad_row: skip to skip and count)") from None
+            stats.skipped_bad += 1
+            if len(stats.bad_examples) < 3:
+                stats.bad_examples.append(f"{r.where}: {e}")
+            continue
+        stats.rows += 1
+        if len(ex.input_ids) > spec.max_length and not spec.packing:
+            stats.truncated += 1
+            ex = Example(ex.input_ids[: spec.max_length], ex.labels[: spec.max_length])
+        if all(x == IGNORE_INDEX for x in ex.labels[1:]):
+            stats.dropped_no_target += 1
+            continue
+        stats.tokens += len(ex.input_ids)
+        out.append(ex)
+    return out
+
+
+def pack(examples: list[Example], max_length: int) -> list[Example]:
+    """Concatenate examples (each already ends in EOS) and cut into full blocks of max_length; drop the tail.
+
+    The first label of each original example stays trainable only where it was; attention spans documents
+    inside a block (the usual "concat and chunk" packing)."""
+    ids: list[int] = []
+    labels: list[int] = []
+    for ex in examples:
+        ids += ex.input_ids
+        labels += ex.labels
+    n = len(ids) // max_length
+    return [
+        Example(ids[i * max_length:(i + 1) * max_length], labels[i * max_length:(i + 1) * max_length]) for i in range(n)
+    ]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Splits, order and per-rank shards
+
+
+@dataclass
+class Splits:
+    train: list[Example]
+    eval: list[Example]
+    stats: DataStats
+    eval_stats: Optional[DataStats]
+
+
+def build_splits(spec: DataSpec, tokenizer: Any, seed: int) -> Splits:
+    tok = Tokenize(tokenizer, spec)
+    stats = DataStats()
+    rows = read_rows(spec.train)
+    eval_rows: list[Row] = []
+    if spec.eval_fraction > 0:
+        perm = np.random.default_rng(seed).permutation(len(rows))
+        n_eval = max(1, int(round(len(rows) * spec.eval_fraction)))
+        eval_idx = set(perm[:n_eval].tolist())
+        eval_rows = [r for i, r in enumerate(rows) if i in eval_idx]
+        rows = [r for i, r in enumerate(rows) if i not in eval_idx]
+    elif spec.eval:
+        eval_rows = read_rows(spec.eval)
+    train = tokenize_rows(rows, tok, spec, stats)
+    eval_stats = DataStats() if eval_rows else None
+    ev = tokenize_rows(eval_rows, tok, spec, eval_stats) if eval_rows else []
+    if spec.packing:
+        train = pack(train, spec.max_length)
+        ev = pack(ev, spec.max_length) if ev else []
+    if not train:
+        raise SpecError(f"{spec.train}: no usable training examples ({stats.summary()})")
+    return Splits(train, ev, stats, eval_stats)
+
+
+class ShardedLoader:
+    """Deterministic per-epoch order; rank r of w takes every w-th micro-batch slot of each global batch.
+
+    All ranks get exactly `steps_per_epoch * grad_accum` micro-batches per epoch (a remainder smaller than one
+    global batch is dropped), so collectives and `ray.train.report` stay in lockstep."""
+
+    def __init__(self, examples: list[Example], *, micro_batch: int, grad_accum: int, rank: int, world: int,
+                 seed: int, shuffle: bool, pad_id: int):
+        self.ex = examples
+        self.micro, self.accum, self.rank, self.world = micro_batch, grad_accum, rank, world
+        self.seed, self.shuffle, self.pad_id = seed, shuffle, pad_id
+        self.global_batch = micro_batch * grad_accum * world
+        self.steps_per_epoch = len(examples) // self.global_batch
+        if self.steps_per_epoch == 0:
+            raise SpecError(
+                f"data.train: {len(examples)} examples are fewer than one global batch ({self.global_batch}); "
+                "lower optim.global_batch_size or add data"
+            )
+
+    def order(self, epoch: int) -> np.ndarray:
+        if not self.shuffle:
+            return np.arange(len(self.ex))
+        return np.random.default_rng([self.seed, epoch]).permutation(len(self.ex))
+
+    def micro_batches(self, start_step: int) -> Iterator[list[Example]]:
+        """Yield this rank's micro-batches from optimizer step `start_step` on, forever (epochs wrap)."""
+        epoch, step = divmod(start_step, self.steps_per_epoch)
+        while True:
+            order = self.order(epoch)
+            for s in range(step, self.steps_per_epoch):
+                base = s * self.global_batch
+                for m in range(self.accum):
+                    off = base + (m * self.world + self.rank) * self.micro
+                    yield [self.ex[i] for i in order[off:off + self.micro]]
+            epoch, step = epoch + 1, 0
+
+
+def collate(batch: list[Example], pad_id: int) -> dict:
+    import torch
+
+    n = max(len(e.input_ids) for e in batch)
+    ids = torch.full((len(batch), n), pad_id, dtype=torch.long)  # [B, T]
+    labels = torch.full((len(batch), n), IGNORE_INDEX, dtype=torch.long)  # [B, T]
+    attn = torch.zeros((len(batch), n), dtype=torch.long)  # [B, T]
+    for i, e in enumerate(batch):
+        ids[i, : len(e.input_ids)] = torch.tensor(e.input_ids)
+        labels[i, : len(e.labels)] = torch.tensor(e.labels)
+        attn[i, : len(e.input_ids)] = 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": attn}
+
+
+def eval_batches(examples: list[Example], micro_batch: int, rank: int, world: int,
+                 max_batches: Optional[int]) -> list[list[Example]]:
+    """Every rank gets the same number of eval batches (the shard is padded by wrapping, weights fixed later)."""
+    per_rank = math.ceil(len(examples) / world)
+    shard = examples[rank * per_rank:(rank + 1) * per_rank]
+    out = [shard[i:i + micro_batch] for i in range(0, len(shard), micro_batch)]
+    n = math.ceil(per_rank / micro_batch)
+    if max_batches:
+        n = min(n, max_batches)
+    out = out[:n]
+    while len(out) < n:  # this rank ran short: empty batches keep the all_reduce count equal
+        out.append([])
+    return out

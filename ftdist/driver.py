@@ -1,0 +1,123 @@
+"""`run_training(spec)`: the driver side. Connects to (or starts) Ray, builds a Ray Train TorchTrainer with
+DeepSpeed workers, and returns where the checkpoint and exported model are. `ftdist tune` calls this too."""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from typing import Any, Optional
+from urllib.parse import urlparse
+
+from ftdist.config import JobSpec
+from ftdist.errors import SpecError
+
+
+@dataclass
+class RunSummary:
+    name: str
+    run_dir: str
+    checkpoint: Optional[str]
+    export_dir: Optional[str]
+    metrics: dict
+    error: Optional[BaseException] = None
+
+
+def run_dir(spec: JobSpec) -> str:
+    return f"{spec.checkpoint.resolved_storage()}/{spec.name}"
+
+
+def export_uri(spec: JobSpec) -> str:
+    return f"{run_dir(spec)}/export"
+
+
+def _check_reachable(address: str, timeout: float = 3.0) -> None:
+    """Fail fast with one line instead of Ray's minute of retries when a cluster address is wrong."""
+    if address in ("auto", "local"):
+        return
+    parsed = urlparse(address if "://" in address else f"tcp://{address}")
+    host, port = parsed.hostname, parsed.port
+    if not host or not port:
+        raise SpecError(f"--address {address}: expected host:port (GCS, e.g. 10.0.0.1:6379) or ray://host:10001")
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            pass
+    except OSError as e:
+        raise SpecError(f"--address {address}: cannot reach a Ray cluster there ({e.strerror or e})") from None
+
+
+def connect_ray(address: Optional[str], num_cpus_hint: int) -> bool:
+    """Join `address` / RAY_ADDRESS, or start an embedded local Ray. Returns True when ftdist started Ray."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    env = {"env_vars": {"PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}}
+    if address:
+        _check_reachable(address)
+        try:
+            ray.init(address=address, runtime_env=env, logging_level="WARNING", log_to_driver=True)
+        except (ConnectionError, RuntimeError, ValueError) as e:
+            raise SpecError(f"--address {address}: {str(e).splitlines()[0][:300]}") from None
+        return False
+    # Embedded default: a local Ray on this machine's CPUs (enough for the requested workers + the controller).
+    cpus = max(os.cpu_count() or 1, num_cpus_hint)
+    ray.init(num_cpus=cpus, include_dashboard=False, runtime_env=env, logging_level="WARNING", log_to_driver=True)
+    return True
+
+
+def build_trainer(spec: JobSpec, *, storage_path: Optional[str] = None, name: Optional[str] = None) -> Any:
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.v2.api.config import LoggingConfig
+
+    from ftdist.worker import train_fn_per_worker
+
+    r, c = spec.resources, spec.checkpoint
+    resources: dict = {"CPU": r.cpus_per_worker}
+    if r.use_gpu:
+        resources["GPU"] = r.gpus_per_worker
+    worker_env = {"env_vars": {"PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}}
+    if not r.use_gpu:
+        worker_env["env_vars"]["DS_ACCELERATOR"] = "cpu"
+    return TorchTrainer(
+        train_fn_per_worker,
+        train_loop_config={"spec": spec.model_dump(mode="json"), "export_uri": export_uri(spec)},
+        torch_config=TorchConfig(backend="nccl" if r.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(
+            num_workers=r.num_workers,
+            use_gpu=r.use_gpu,
+            resources_per_worker=resources,
+            accelerator_type=r.accelerator_type,
+        ),
+        run_config=RunConfig(
+            name=name or spec.name,
+            storage_path=storage_path or spec.checkpoint.resolved_storage(),
+            failure_config=FailureConfig(max_failures=r.max_failures),
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=c.keep_last,
+                checkpoint_score_attribute=c.keep_best_by,
+                checkpoint_score_order=c.best_mode,
+            ),
+            worker_runtime_env=worker_env,
+            logging_config=LoggingConfig(log_level="WARNING"),
+        ),
+    )
+
+
+def run_training(spec: JobSpec, *, address: Optional[str] = None) -> RunSummary:
+    """Run one job to the end (resuming from this job name's latest checkpoint if there is one)."""
+    import ray
+
+    started = connect_ray(address, spec.resources.num_workers + 1)
+    try:
+        result = build_trainer(spec).fit()
+    except Exception as e:  # Ray raises TrainingFailedError/WorkerGroupError with the worker traceback inside
+        return RunSummary(spec.name, run_dir(spec), None, None, {}, error=e)
+    finally:
+        if started:
+            ray.shutdown()
+    ckpt = result.checkpoint.path if result.checkpoint is not None else None
+    exp = export_uri(spec) if spec.export.enabled else None
+    return RunSummary(spec.name, run_dir(spec), ckpt, exp, dict(result.metrics or {}), error=result.error)

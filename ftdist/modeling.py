@@ -1,0 +1,168 @@
+"""Load the tokenizer and model (hub id, local folder, s3:// prefix or config; ZeRO-3 aware) and apply the method
+(full / freeze / LoRA). The method is a model transform here plus an export policy in checkpointing.py."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Optional
+
+from ftdist.config import JobSpec, ModelSpec
+from ftdist.errors import SpecError
+
+log = logging.getLogger("ftdist")
+
+TORCH_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
+def resolve_location(path: str, revision: Optional[str] = None) -> str:
+    """A local folder for a model/tokenizer location. Called by one process per node (local rank 0) first."""
+    if path.startswith("s3://"):
+        from ftdist.storage import download
+
+        return download(path)
+    if os.path.isdir(os.path.expanduser(path)):
+        return os.path.expanduser(path)
+    if path.startswith(("/", ".", "~")):
+        raise SpecError(f"model: {path}: no such directory")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(path, revision=revision, allow_patterns=[
+            "*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.py", "tokenizer*"])
+    except Exception as e:  # hub raises many types: offline, 404, gated, auth
+        raise SpecError(f"model: {path}: cannot fetch from the Hugging Face hub ({e.__class__.__name__})") from None
+
+
+def prefetch_per_node(spec: ModelSpec, local_rank: int, barrier) -> tuple[Optional[str], str]:
+    """Download model + tokenizer once per node: local rank 0 fetches, the others wait, then all resolve from cache."""
+    paths: list[Optional[str]] = []
+
+    def fetch() -> None:
+        paths.clear()
+        paths.append(resolve_location(spec.name_or_path, spec.revision) if spec.name_or_path else None)
+        tok = spec.tokenizer_path
+        paths.append(paths[0] if tok == spec.name_or_path else resolve_location(tok, spec.revision))
+
+    if local_rank == 0:
+        fetch()
+    barrier()
+    if local_rank != 0:
+        fetch()  # served from the node cache now
+    return paths[0], paths[1]  # type: ignore[return-value]
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False) -> Any:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(spec: ModelSpec, local_path: Optional[str], ds_config: Optional[dict]) -> Any:
+    """Build the model. Under ZeRO-3 an HfDeepSpeedConfig is alive during construction so transformers wraps it in
+    deepspeed.zero.Init: each rank materialises only its partition, never the whole model."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    dtype = getattr(torch, TORCH_DTYPES[spec.dtype])
+    keep_alive = None
+    if ds_config and ds_config["zero_optimization"]["stage"] == 3:
+        from transformers.integrations import HfDeepSpeedConfig
+
+        keep_alive = HfDeepSpeedConfig(ds_config)  # noqa: F841 (weakref'd by transformers while loading)
+    common = dict(dtype=dtype, attn_implementation=spec.attn_implementation)
+    if spec.from_config is not None:
+        cfg_kwargs = dict(spec.from_config)
+        model_type = cfg_kwargs.pop("model_type")
+        try:
+            config = AutoConfig.for_model(model_type, **cfg_kwargs)
+        except (ValueError, TypeError) as e:
+            raise SpecError(f"model.from_config: {e}") from None
+        torch.manual_seed(0)  # same initial weights on every rank and every run
+        model = AutoModelForCausalLM.from_config(config, **common)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(
+            local_path, trust_remote_code=spec.trust_remote_code, **common
+        )
+    del keep_alive
+    if spec.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    return model
+
+
+def decoder_layers(model: Any) -> Any:
+    """The decoder's ModuleList of transformer blocks (model.model.layers for Llama/Mistral/Qwen, h for GPT-2...)."""
+    import torch
+
+    n = getattr(model.config, "num_hidden_layers", None)
+    best = None
+    for _, mod in model.named_modules():
+        if isinstance(mod, torch.nn.ModuleList) and len(mod) == n:
+            best = mod
+            break
+    if best is None:
+        raise SpecError(f"method freeze: cannot find the decoder layers of {type(model).__name__}")
+    return best
+
+
+def _final_norm(model: Any) -> Any:
+    base = getattr(model, getattr(model, "base_model_prefix", "model"), None)
+    for name in ("norm", "final_layernorm", "ln_f", "final_layer_norm"):
+        if base is not None and hasattr(base, name):
+            return getattr(base, name)
+    return None
+
+
+def apply_method(model: Any, spec: JobSpec) -> Any:
+    """full: everything trains. freeze: embeddings and lower layers frozen, top N layers (+ head, final norm)
+    train. lora: peft adapters on the target modules, base frozen."""
+    if spec.method == "full":
+        model.requires_grad_(True)
+        return model
+    if spec.method == "freeze":
+        f = spec.freeze_spec
+        layers = decoder_layers(model)
+        if f.train_top_layers > len(layers):
+            raise SpecError(f"freeze.train_top_layers {f.train_top_layers} > the model's {len(layers)} layers")
+        model.requires_grad_(False)
+        for layer in list(layers)[len(layers) - f.train_top_layers:]:
+            layer.requires_grad_(True)
+        if f.train_final_norm and (norm := _final_norm(model)) is not None:
+            norm.requires_grad_(True)
+        if f.train_head and model.get_output_embeddings() is not None:
+            # With tied embeddings this also trains the input embedding matrix (they are one tensor).
+            model.get_output_embeddings().requires_grad_(True)
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    lo = spec.lora_spec
+    cfg = LoraConfig(
+        r=lo.rank,
+        lora_alpha=lo.alpha,
+        lora_dropout=lo.dropout,
+        target_modules=lo.target_modules,
+        task_type="CAUSAL_LM",
+        bias="none",
+    )
+    try:
+        model = get_peft_model(model, cfg)
+    except ValueError as e:
+        raise SpecError(f"lora.target_modules: {str(e).splitlines()[0]}") from None
+    if spec.model.gradient_checkpointing:
+        model.enable_input_require_grads()
+    return model
+
+
+def count_params(model: Any) -> tuple[int, int]:
+    """(trainable, total) parameter counts; ZeRO-3 partitioned params count by their full size (ds_numel)."""
+    trainable = total = 0
+    for p in model.parameters():
+        n = getattr(p, "ds_numel", p.numel())
+        total += n
+        if p.requires_grad:
+            trainable += n
+    return trainable, total

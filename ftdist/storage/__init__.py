@@ -1,0 +1,108 @@
+"""Object-storage URIs: a local path or s3://bucket/prefix. Endpoint and credentials come from the standard AWS
+environment / credential chain (AWS_ENDPOINT_URL for MinIO, SeaweedFS, ...), never from the job file."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from pathlib import Path
+from typing import Optional
+
+from ftdist.errors import SpecError
+
+
+def is_remote(uri: str) -> bool:
+    return uri.startswith("s3://")
+
+
+def split_s3(uri: str) -> tuple[str, str]:
+    if not uri.startswith("s3://"):
+        raise SpecError(f"{uri}: not an s3:// URI")
+    bucket, _, key = uri[len("s3://"):].partition("/")
+    if not bucket:
+        raise SpecError(f"{uri}: no bucket in URI")
+    return bucket, key
+
+
+def s3_client():
+    import boto3
+    from botocore.config import Config
+
+    # boto3 reads AWS_ENDPOINT_URL / AWS_REGION / credentials from the environment and config files itself.
+    return boto3.client("s3", config=Config(retries={"max_attempts": 8, "mode": "adaptive"}))
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("FTDIST_CACHE", Path.home() / ".cache" / "ftdist"))
+
+
+def download(uri: str, dest: Optional[str] = None) -> str:
+    """Download an s3:// object or prefix into a node-local cache folder (once; reused after) and return it."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    bucket, key = split_s3(uri)
+    target = Path(dest) if dest else cache_root() / "s3" / hashlib.sha256(uri.encode()).hexdigest()[:20]
+    done = target.with_name(target.name + ".complete")
+    if done.exists():
+        return str(target / Path(key).name) if done.read_text() == "object" else str(target)
+    client = s3_client()
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    kind = "prefix"
+    try:
+        prefix = key.rstrip("/") + "/" if key else ""
+        keys = [
+            o["Key"]
+            for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+            for o in page.get("Contents", [])
+        ]
+        if not keys and key:
+            client.head_object(Bucket=bucket, Key=key)
+            keys, prefix, kind = [key], key.rsplit("/", 1)[0] + "/" if "/" in key else "", "object"
+        if not keys:
+            raise SpecError(f"{uri}: nothing stored under this prefix")
+        for k in keys:
+            out = tmp / k[len(prefix):]
+            out.parent.mkdir(parents=True, exist_ok=True)
+            client.download_file(bucket, k, str(out))
+    except (ClientError, BotoCoreError) as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise SpecError(f"{uri}: cannot download ({e.__class__.__name__}: {str(e).splitlines()[0][:200]})") from None
+    if target.exists():
+        shutil.rmtree(target)
+    tmp.rename(target)
+    done.write_text(kind)
+    return str(target / Path(key).name) if kind == "object" else str(target)
+
+
+def _readable(root: str) -> None:
+    """mkdtemp/tempfile create 0700/0600 entries; a published folder follows the umask like any other output."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for d, _, files in os.walk(root):
+        os.chmod(d, 0o777 & ~umask)
+        for f in files:
+            os.chmod(os.path.join(d, f), 0o666 & ~umask)
+
+
+def publish_dir(local_dir: str, dest: str) -> str:
+    """Copy a finished local folder to `dest` (local path or s3:// prefix)."""
+    if is_remote(dest):
+        bucket, key = split_s3(dest)
+        client = s3_client()
+        for root, _, files in os.walk(local_dir):
+            for f in files:
+                p = os.path.join(root, f)
+                rel = os.path.relpath(p, local_dir)
+                client.upload_file(p, bucket, f"{key.rstrip('/')}/{rel}")
+        return dest
+    if os.path.abspath(local_dir) != os.path.abspath(dest):
+        tmp = dest.rstrip("/") + ".tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(local_dir, tmp)
+        _readable(tmp)
+        shutil.rmtree(dest, ignore_errors=True)
+        os.replace(tmp, dest)
+    return dest

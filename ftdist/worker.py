@@ -1,0 +1,234 @@
+"""The training loop run inside every Ray Train worker: one loop for full, freeze and LoRA.
+
+spec -> DeepSpeed dict -> tokenizer, data shard -> model (ZeRO-3 aware) -> method -> deepspeed.initialize
+-> restore -> step loop (same report cadence on every rank) -> per-rank checkpoint shards -> export.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from typing import Any
+
+from ftdist.config import JobSpec, spec_from_dict
+
+EXPORT_DIR = "export"
+
+
+def print0(rank: int, msg: str) -> None:
+    """Rank-0-only progress output (Ray forwards worker stdout to the driver)."""
+    if rank == 0:
+        # Not print(): Ray Train patches print into its logger, which would show each line twice.
+        sys.stdout.write(msg + "\n")
+        sys.stdout.flush()
+
+
+def lr_lambda(spec: JobSpec, total_steps: int):
+    """Multiplier on optim.lr: linear warmup, then cosine/linear decay to min_lr_ratio (or constant)."""
+    o = spec.optim
+    warm, floor = o.warmup_steps, o.min_lr_ratio
+
+    def f(step: int) -> float:
+        if step < warm:
+            return (step + 1) / (warm + 1)
+        if o.schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - warm) / max(1, total_steps - warm))
+        decay = 0.5 * (1 + math.cos(math.pi * progress)) if o.schedule == "cosine" else 1.0 - progress
+        return floor + (1 - floor) * decay
+
+    return f
+
+
+def _param_groups(model: Any, weight_decay: float) -> list[dict]:
+    """No weight decay on biases and norm weights (1-D tensors), the usual AdamW practice."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if not p.requires_grad:
+            continue
+        ndim = len(getattr(p, "ds_shape", p.shape))
+        (decay if ndim >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return groups
+
+
+def _quiet_libraries() -> None:
+    for name in ("DeepSpeed", "deepspeed", "ray.train", "torch.distributed"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    try:
+        from deepspeed.utils import logger as ds_logger
+
+        ds_logger.setLevel(logging.WARNING)
+    except ImportError:
+        pass
+
+
+def train_fn_per_worker(config: dict) -> None:
+    spec = spec_from_dict(config["spec"], "job spec")
+    if not spec.resources.use_gpu:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import numpy as np
+    import random
+
+    import deepspeed
+    import ray.train
+    import torch
+    import torch.distributed as dist
+
+    from ftdist.checkpointing import export_per_worker, restore_per_worker, save_per_worker
+    from ftdist.data import ShardedLoader, build_splits, collate, eval_batches
+    from ftdist.ds_config import to_deepspeed
+    from ftdist.modeling import apply_method, count_params, load_model, load_tokenizer, prefetch_per_node
+    from ftdist.storage import publish_dir
+
+    _quiet_libraries()
+    ctx = ray.train.get_context()
+    rank, world, local_rank = ctx.get_world_rank(), ctx.get_world_size(), ctx.get_local_rank()
+    # Ray Train already created the torch process group (gloo on CPU, nccl on GPU); DeepSpeed adopts it.
+    deepspeed.init_distributed(dist_backend=dist.get_backend())
+    if spec.resources.use_gpu:
+        torch.cuda.set_device(ray.train.torch.get_device())
+    if not spec.resources.use_gpu:
+        torch.set_num_threads(max(1, int(spec.resources.cpus_per_worker)))
+
+    o = spec.optim
+    ds_cfg = to_deepspeed(spec, world)
+    model_path, tok_path = prefetch_per_node(spec.model, local_rank, dist.barrier)
+    tokenizer = load_tokenizer(tok_path, spec.model.trust_remote_code)
+
+    splits = build_splits(spec.data, tokenizer, o.seed)
+    loader = ShardedLoader(splits.train, micro_batch=o.micro_batch_size, grad_accum=spec.grad_accum, rank=rank,
+                           world=world, seed=o.seed, shuffle=spec.data.shuffle, pad_id=tokenizer.pad_token_id)
+    total_steps = o.max_steps or math.ceil(o.epochs * loader.steps_per_epoch)
+    print0(rank, f"[ftdist] data: train {splits.stats.summary()}"
+                 + (f"; eval {len(splits.eval)} examples" if splits.eval else "")
+                 + f"; {loader.steps_per_epoch} steps/epoch, {total_steps} steps")
+
+    model = apply_method(load_model(spec.model, model_path, ds_cfg), spec)
+    trainable, total = count_params(model)
+    print0(rank, f"[ftdist] model: {total / 1e6:.2f}M params, {trainable / 1e6:.3f}M trainable "
+                 f"({spec.method}, ZeRO-{spec.zero.stage}, {world} workers, grad accum {spec.grad_accum})")
+
+    if o.optimizer == "torch_adamw":
+        optimizer = torch.optim.AdamW(_param_groups(model, o.weight_decay), lr=o.lr, betas=o.betas, eps=o.eps)
+        model_parameters = None
+    else:
+        optimizer, model_parameters = None, _param_groups(model, o.weight_decay)
+    schedule = lr_lambda(spec, total_steps)
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=model,
+        optimizer=optimizer,
+        model_parameters=model_parameters,
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
+        config=ds_cfg,
+        dist_init_required=False,
+    )
+    device = engine.device
+
+    # Per-rank RNG (dropout differs across ranks); restored exactly on resume.
+    random.seed(o.seed + rank)
+    np.random.seed(o.seed + rank)
+    torch.manual_seed(o.seed + rank)
+
+    start_step = 0
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            state = restore_per_worker(engine, d, rank)
+        start_step = state["step"]
+        print0(rank, f"[ftdist] resumed from checkpoint at step {start_step}")
+
+    def evaluate() -> dict:
+        engine.eval()
+        tot = torch.zeros(2, dtype=torch.float64, device=device)  # [sum of token losses, token count]
+        with torch.no_grad():
+            for batch in eval_batches(splits.eval, o.micro_batch_size, rank, world, spec.eval.max_batches):
+                weight = 1.0
+                if not batch:  # keep ZeRO-3 collectives in step on ranks with a short shard
+                    batch, weight = splits.eval[:1], 0.0
+                b = {k: v.to(device) for k, v in collate(batch, tokenizer.pad_token_id).items()}
+                n = (b["labels"][:, 1:] != -100).sum()
+                loss = engine(**b).loss
+                tot += torch.stack([loss.double() * n * weight, n.double() * weight])
+        dist.all_reduce(tot)
+        engine.train()
+        loss = (tot[0] / tot[1].clamp(min=1)).item()
+        return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0))}
+
+    log_every = spec.logging.every_n_steps
+    ck_every = spec.checkpoint.every_n_steps
+    ev_every = spec.eval.every_n_steps
+    window = torch.zeros(3, dtype=torch.float64, device=device)  # [loss sum, micro steps, tokens]
+    window_t0 = time.perf_counter()
+    window_steps = 0
+    batches = loader.micro_batches(start_step)
+    metrics: dict = {}
+    if start_step == 0 and splits.eval:
+        # Baseline held-out loss before the first update, so the log shows how far fine-tuning moved it.
+        metrics = {"step": 0, **evaluate()}
+        print0(rank, f"[ftdist] step 0/{total_steps} | eval_loss {metrics['eval_loss']:.4g} | "
+                     f"eval_perplexity {metrics['eval_perplexity']:.4g}")
+        ray.train.report(metrics)
+    engine.train()
+
+    for step in range(start_step, total_steps):
+        for _ in range(spec.grad_accum):
+            b = {k: v.to(device) for k, v in collate(next(batches), tokenizer.pad_token_id).items()}
+            loss = engine(**b).loss
+            engine.backward(loss)
+            engine.step()
+            window += torch.stack([loss.detach().double(), torch.ones((), dtype=torch.float64, device=device),
+                                   b["attention_mask"].sum().double()])
+        window_steps += 1
+        done = step + 1
+        last = done == total_steps
+        want_ckpt = last or (ck_every is not None and done % ck_every == 0)
+        want_eval = bool(splits.eval) and (last or (ev_every is not None and done % ev_every == 0))
+        if not (last or want_ckpt or want_eval or done % log_every == 0):
+            continue
+        # Same decision on every rank (it depends on the step only): report() stays a barrier in lockstep.
+        dist.all_reduce(window)
+        elapsed = time.perf_counter() - window_t0
+        gn = engine.get_global_grad_norm()
+        metrics = {
+            "step": done,
+            "loss": (window[0] / window[1]).item(),
+            "lr": scheduler.get_last_lr()[0],
+            "grad_norm": float(gn) if gn is not None else float("nan"),
+            "tokens_per_s": window[2].item() / elapsed,
+            "step_time_s": elapsed / window_steps,
+            "epoch": done / loader.steps_per_epoch,
+        }
+        if want_eval:
+            metrics.update(evaluate())
+        line = " | ".join(
+            f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items() if k != "step"
+        )
+        print0(rank, f"[ftdist] step {done}/{total_steps} | {line}")
+        if want_ckpt:
+            tmp = tempfile.mkdtemp(prefix=f"ftdist-ckpt-r{rank}-")
+            save_per_worker(engine, tmp, done, {"metrics": metrics, "world_size": world}, rank)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            ray.train.report(metrics)
+        window.zero_()
+        window_steps = 0
+        window_t0 = time.perf_counter()
+
+    if spec.export.enabled:
+        out = tempfile.mkdtemp(prefix="ftdist-export-")
+        written = export_per_worker(engine, spec, tokenizer, out)
+        if rank == 0:
+            dest = config["export_uri"]
+            publish_dir(out, dest)
+            print0(rank, f"[ftdist] exported {', '.join(sorted(written))} to {dest}")
+        shutil.rmtree(out, ignore_errors=True)
+    sys.stdout.flush()
