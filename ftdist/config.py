@@ -432,8 +432,8 @@ def load_spec(path: Union[str, Path], overrides: Optional[list[str]] = None) -> 
     data, lines = _parse_yaml(text, str(path))
     if not isinstance(data, dict):
         raise SpecError(f"{path}: the job file must be a YAML mapping of sections (name, model, data, ...)")
-    ov = dict(parse_override(o) for o in (overrides or []))  # type: ignore[misc]
-    data = apply_overrides(data, {".".join(k): v for k, v in ov.items()})  # type: ignore[union-attr]
+    ov = {".".join(keys): value for keys, value in map(parse_override, overrides or [])}
+    data = apply_overrides(data, ov)
     data = _resolve_paths(data, p.parent.resolve())
     return spec_from_dict(data, str(path), lines)
 

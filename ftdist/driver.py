@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional
 from urllib.parse import urlparse
 
@@ -21,6 +21,8 @@ class RunSummary:
     export_dir: Optional[str]
     metrics: dict
     error: Optional[BaseException] = None
+    history: list = field(default_factory=list)
+    """Every logged metrics row (step, loss, lr, eval_loss, ...) up to the final checkpoint."""
 
 
 def run_dir(spec: JobSpec) -> str:
@@ -118,6 +120,13 @@ def run_training(spec: JobSpec, *, address: Optional[str] = None) -> RunSummary:
     finally:
         if started:
             ray.shutdown()
-    ckpt = result.checkpoint.path if result.checkpoint is not None else None
+    ckpt, history = None, []
+    if result.checkpoint is not None:
+        from ftdist.checkpointing import read_state
+
+        ckpt = result.checkpoint.path
+        with result.checkpoint.as_directory() as d:
+            history = read_state(d).get("history", [])
     exp = export_uri(spec) if spec.export.enabled else None
-    return RunSummary(spec.name, run_dir(spec), ckpt, exp, dict(result.metrics or {}), error=result.error)
+    return RunSummary(spec.name, run_dir(spec), ckpt, exp, dict(result.metrics or {}), error=result.error,
+                      history=history)

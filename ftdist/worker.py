@@ -138,11 +138,13 @@ def train_fn_per_worker(config: dict) -> None:
     torch.manual_seed(o.seed + rank)
 
     start_step = 0
+    history: list[dict] = []  # every logged metrics row; travels in each checkpoint's state file
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
         with ckpt.as_directory() as d:
             state = restore_per_worker(engine, d, rank)
         start_step = state["step"]
+        history = [h for h in state.get("history", []) if h["step"] <= start_step]
         print0(rank, f"[ftdist] resumed from checkpoint at step {start_step}")
 
     def evaluate() -> dict:
@@ -173,6 +175,7 @@ def train_fn_per_worker(config: dict) -> None:
     if start_step == 0 and splits.eval:
         # Baseline held-out loss before the first update, so the log shows how far fine-tuning moved it.
         metrics = {"step": 0, **evaluate()}
+        history.append(metrics)
         print0(rank, f"[ftdist] step 0/{total_steps} | eval_loss {metrics['eval_loss']:.4g} | "
                      f"eval_perplexity {metrics['eval_perplexity']:.4g}")
         ray.train.report(metrics)
@@ -208,13 +211,14 @@ def train_fn_per_worker(config: dict) -> None:
         }
         if want_eval:
             metrics.update(evaluate())
+        history.append(metrics)
         line = " | ".join(
             f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items() if k != "step"
         )
         print0(rank, f"[ftdist] step {done}/{total_steps} | {line}")
         if want_ckpt:
             tmp = tempfile.mkdtemp(prefix=f"ftdist-ckpt-r{rank}-")
-            save_per_worker(engine, tmp, done, {"metrics": metrics, "world_size": world}, rank)
+            save_per_worker(engine, tmp, done, {"metrics": metrics, "world_size": world, "history": history}, rank)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
             shutil.rmtree(tmp, ignore_errors=True)
         else:

@@ -1,0 +1,152 @@
+"""Job-file validation: every bad-input case gives one line naming the file:line and key."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from ftdist.config import load_spec, with_overrides
+from ftdist.errors import SpecError
+from tests.conftest import tiny_job_dict
+
+
+def _err(write_job, job, *overrides) -> str:
+    with pytest.raises(SpecError) as ei:
+        load_spec(write_job(job), list(overrides))
+    msg = str(ei.value)
+    assert "\n" not in msg
+    return msg
+
+
+def test_valid_job_roundtrip(write_job, tmp_path):
+    spec = load_spec(write_job(tiny_job_dict(str(tmp_path))))
+    assert spec.grad_accum == 1 and spec.method == "full" and spec.zero.stage == 2
+    again = with_overrides(spec, {"optim.lr": 1e-4, "method": "lora"})
+    assert again.optim.lr == 1e-4 and again.method == "lora" and spec.optim.lr == 3e-3
+
+
+def test_spec_is_frozen(write_job, tmp_path):
+    spec = load_spec(write_job(tiny_job_dict(str(tmp_path))))
+    with pytest.raises(Exception):
+        spec.optim.lr = 1.0  # type: ignore[misc]
+
+
+def test_malformed_yaml_names_line(write_job):
+    msg = _err(write_job, "name: x\nmodel: [unclosed\n")
+    assert "job.yaml:" in msg and "malformed YAML" in msg
+
+
+def test_unknown_key_names_path_and_line(write_job, tmp_path):
+    job = tiny_job_dict(str(tmp_path))
+    job["optim"]["learning_rate"] = 0.1
+    msg = _err(write_job, job)
+    assert "optim.learning_rate: unknown key" in msg
+    line = msg.split(":")[1]
+    text = (tmp_path / "job.yaml").read_text().splitlines()
+    assert "learning_rate" in text[int(line) - 1]
+
+
+def test_mistyped_value(write_job, tmp_path):
+    job = tiny_job_dict(str(tmp_path))
+    job["optim"]["lr"] = "fast"
+    assert "optim.lr:" in _err(write_job, job)
+
+
+@pytest.mark.parametrize(
+    "patch, needle",
+    [
+        ({"zero": {"stage": 2, "offload_params": "cpu"}}, "offload_params needs zero.stage 3"),
+        ({"zero": {"stage": 0, "offload_optimizer": "cpu"}}, "offload_optimizer needs"),
+        ({"optim": {"micro_batch_size": 3, "global_batch_size": 16}}, "not a multiple"),
+        ({"lora": {"rank": 8}}, "lora options are set but method is 'full'"),
+        ({"method": "lora", "freeze": {"train_top_layers": 1}}, "freeze options are set"),
+        ({"method": "sft"}, "method"),
+        ({"zero": {"stage": 4}}, "zero.stage"),
+        ({"optim": {"max_steps": None, "epochs": None}}, "exactly one of optim.max_steps or optim.epochs"),
+        ({"model": {"name_or_path": "x", "from_config": {"model_type": "llama"}, "tokenizer": "t"}}, "exactly one"),
+        ({"model": {"from_config": {"hidden_size": 8}, "tokenizer": "t"}}, "model_type"),
+        ({"name": "Bad Name!"}, "name"),
+        ({"checkpoint": {"storage": "gs://bucket/x"}}, "unsupported storage URI"),
+        ({"data": {"train": "a.jsonl", "eval": "b.jsonl", "eval_fraction": 0.1}}, "not both"),
+        ({"lora": {"rank": 0}, "method": "lora"}, "lora.rank"),
+        ({"model": {"name_or_path": "x", "dtype": "fp16"}}, "fp16 needs GPUs"),
+    ],
+)
+def test_impossible_combinations(write_job, tmp_path, patch, needle):
+    job = tiny_job_dict(str(tmp_path))
+    for k, v in patch.items():
+        if isinstance(v, dict) and k in job and k not in ("model",):
+            job[k] = {**job[k], **v}
+        else:
+            job[k] = v
+    assert needle in _err(write_job, job)
+
+
+def test_set_overrides_and_bad_override(write_job, tmp_path):
+    p = write_job(tiny_job_dict(str(tmp_path)))
+    spec = load_spec(p, ["optim.lr=2e-5", "zero.stage=3", "lora.rank=4", "method=lora"])
+    assert spec.optim.lr == 2e-5 and spec.zero.stage == 3 and spec.lora.rank == 4
+    with pytest.raises(SpecError, match="expected key.path=value"):
+        load_spec(p, ["optim.lr"])
+    with pytest.raises(SpecError, match="optim.nope: unknown key"):
+        load_spec(p, ["optim.nope=1"])
+
+
+def test_relative_paths_resolve_against_job_file(write_job, tmp_path):
+    job = tiny_job_dict(str(tmp_path))
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "t.jsonl").write_text('{"text": "x"}\n')
+    job["data"] = {"train": "d/t.jsonl"}
+    spec = load_spec(write_job(job))
+    assert spec.data.train == str(tmp_path / "d" / "t.jsonl")
+
+
+def test_missing_job_file():
+    with pytest.raises(SpecError, match="job file not found"):
+        load_spec("/nonexistent/job.yaml")
+
+
+def _cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "ftdist.cli", *args], capture_output=True, text=True, cwd=cwd,
+                          timeout=120)
+
+
+@pytest.mark.parametrize(
+    "mutate, needle",
+    [
+        (lambda j: j["data"].update(train="/no/such/train.jsonl"), "data.train: /no/such/train.jsonl"),
+        (lambda j: j["model"].update(from_config=None, name_or_path="/no/such/model"), "model.name_or_path"),
+        (lambda j: j["optim"].update(global_batch_size=15), "global_batch_size"),
+    ],
+)
+def test_cli_bad_input_one_line_exit_2(write_job, tmp_path, mutate, needle):
+    job = tiny_job_dict(str(tmp_path / "store"))
+    mutate(job)
+    for cmd in ("validate", "train"):
+        r = _cli(cmd, str(write_job(job)))
+        assert r.returncode == 2, r.stderr
+        assert needle in r.stderr and "Traceback" not in r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "store").exists()  # nothing written
+
+
+def test_cli_unreachable_ray_address(write_job, tmp_path):
+    r = _cli("train", str(write_job(tiny_job_dict(str(tmp_path / "store")))), "--address", "127.0.0.1:1")
+    assert r.returncode == 2 and "--address 127.0.0.1:1: cannot reach a Ray cluster" in r.stderr
+    assert "Traceback" not in r.stderr and not (tmp_path / "store").exists()
+
+
+def test_validate_imports_no_torch_or_ray(write_job, tmp_path):
+    # What keeps `ftdist validate` well under a second is that it never imports the heavy stack.
+    p = write_job(tiny_job_dict(str(tmp_path)))
+    code = (
+        "import sys; from ftdist.cli import main; rc=main(['validate', %r]); "
+        "heavy=[m for m in ('torch','ray','deepspeed','transformers') if m in sys.modules]; "
+        "print('HEAVY', heavy); sys.exit(rc)" % str(p)
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert "HEAVY []" in r.stdout and ": ok (" in r.stdout

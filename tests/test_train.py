@@ -1,0 +1,146 @@
+"""Real Ray Train + real DeepSpeed (gloo on CPU) on a tiny Llama: methods, ZeRO stages, resume, export."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from ftdist.config import spec_from_dict
+from ftdist.driver import run_training
+from tests.conftest import QS, REPO, TINY_LLAMA, tiny_job_dict
+
+pytestmark = [pytest.mark.ray, pytest.mark.deepspeed]
+
+
+def _run(tmp_path, name, **sections):
+    spec = spec_from_dict(tiny_job_dict(str(tmp_path / "store"), name=name, **sections))
+    s = run_training(spec)
+    assert s.error is None, s.error
+    return spec, s
+
+
+def _losses(history):
+    return {h["step"]: h["loss"] for h in history if "loss" in h}
+
+
+@pytest.mark.parametrize(
+    "method, stage, extra",
+    [
+        ("full", 2, {}),
+        ("full", 3, {}),
+        ("freeze", 2, {"freeze": {"train_top_layers": 1}}),
+        ("lora", 2, {"lora": {"rank": 8, "alpha": 16, "dropout": 0.0}, "optim": {"lr": 1e-2}}),
+        ("lora", 3, {"lora": {"rank": 4, "alpha": 8}, "optim": {"lr": 1e-2}}),
+    ],
+    ids=["full-zero2", "full-zero3", "freeze-zero2", "lora-zero2", "lora-zero3"],
+)
+def test_method_trains_with_falling_loss(ray_cluster, tmp_path, method, stage, extra):
+    optim = {**tiny_job_dict("x")["optim"], "max_steps": 12, **extra.pop("optim", {})}
+    spec, s = _run(tmp_path, f"m-{method}-{stage}", method=method, zero={"stage": stage}, optim=optim,
+                   checkpoint={"every_n_steps": 12}, export={"enabled": False}, **extra)
+    losses = _losses(s.history)
+    assert sorted(losses) == list(range(1, 13))
+    first, last = sum(losses[k] for k in (1, 2)) / 2, sum(losses[k] for k in (11, 12)) / 2
+    assert last < first - 0.2, losses
+    evals = [h["eval_loss"] for h in s.history if "eval_loss" in h]
+    assert evals[-1] < evals[0]  # held-out loss at step 12 below the step-0 baseline
+    assert s.metrics["step"] == 12 and s.checkpoint and os.path.isdir(s.checkpoint)
+    ckpt_files = os.listdir(os.path.join(s.checkpoint, "step_00000012"))
+    # One optimizer-state shard per rank (ZeRO partitions), written by each rank into the same checkpoint.
+    assert {f for f in ckpt_files if "optim_states" in f} == {
+        "zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"}
+    assert {"rng_state_rank0.pt", "rng_state_rank1.pt"} <= set(ckpt_files)
+
+
+def test_freeze_trains_only_top_layers(tmp_path):
+    from ftdist.modeling import apply_method, load_model
+
+    spec = spec_from_dict(tiny_job_dict(str(tmp_path), method="freeze", freeze={"train_top_layers": 1}))
+    model = apply_method(load_model(spec.model, None, None), spec)
+    trainable = {n.split(".")[2] if n.startswith("model.layers") else n for n, p in model.named_parameters()
+                 if p.requires_grad}
+    assert trainable == {"3", "model.norm.weight", "lm_head.weight"}
+
+
+def test_resume_continues_with_identical_loss(ray_cluster, tmp_path):
+    """An uninterrupted 8-step run vs. a 4-step run re-run under the same name to 8 steps."""
+    _, full = _run(tmp_path, "uninterrupted", export={"enabled": False})
+    optim4 = {**tiny_job_dict("x")["optim"], "max_steps": 4}
+    _, part = _run(tmp_path, "resumed", optim=optim4, export={"enabled": False})
+    assert part.metrics["step"] == 4
+    _, rest = _run(tmp_path, "resumed", export={"enabled": False})  # same name: resumes at step 4
+    a, b = _losses(full.history), _losses(rest.history)
+    assert sorted(b) == list(range(1, 9))
+    for step in range(1, 9):
+        assert b[step] == pytest.approx(a[step], rel=1e-5, abs=1e-6), (step, a, b)
+    assert rest.metrics["eval_loss"] == pytest.approx(full.metrics["eval_loss"], rel=1e-5)
+
+
+def _base_model():
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = dict(TINY_LLAMA)
+    torch.manual_seed(0)  # the same seeded init ftdist uses for from_config models (non-ZeRO-3)
+    return AutoModelForCausalLM.from_config(AutoConfig.for_model(cfg.pop("model_type"), **cfg),
+                                            dtype=torch.float32, attn_implementation="sdpa")
+
+
+def _generate(model, tok):
+    x = tok("Write 4821 in words:", return_tensors="pt")
+    out = model.generate(**x, max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id)
+    assert out.shape[1] == x["input_ids"].shape[1] + 8 or out[0, -1].item() == tok.eos_token_id
+    return out
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_full_export_loads_and_generates(ray_cluster, tmp_path, stage):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    spec, s = _run(tmp_path, f"export-full-{stage}", zero={"stage": stage})
+    assert s.export_dir and os.path.isfile(os.path.join(s.export_dir, "model.safetensors"))
+    model = AutoModelForCausalLM.from_pretrained(s.export_dir)
+    tok = AutoTokenizer.from_pretrained(s.export_dir)
+    _generate(model, tok)
+    # The export holds the trained weights, not the initial ones.
+    base = _base_model()
+    assert not torch.allclose(model.lm_head.weight, base.lm_head.weight)
+
+
+def test_lora_export_adapter_and_merged_agree(ray_cluster, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    spec, s = _run(tmp_path, "export-lora", method="lora",
+                   lora={"rank": 8, "alpha": 16, "dropout": 0.0, "merge_on_export": True},
+                   optim={**tiny_job_dict("x")["optim"], "lr": 1e-2})
+    adapter, merged_dir = os.path.join(s.export_dir, "adapter"), os.path.join(s.export_dir, "merged")
+    assert os.path.isfile(os.path.join(adapter, "adapter_model.safetensors"))
+    peft_model = PeftModel.from_pretrained(_base_model(), adapter).eval()
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir).eval()
+    tok = AutoTokenizer.from_pretrained(merged_dir)
+    x = tok("Write 77 in words:", return_tensors="pt")
+    with torch.no_grad():
+        lp, lm, lb = peft_model(**x).logits, merged(**x).logits, _base_model()(**x).logits
+    assert torch.allclose(lp, lm, atol=1e-4)
+    assert not torch.allclose(lm, lb, atol=1e-3)  # the adapter changed the model
+    _generate(merged, tok)
+
+
+@pytest.mark.slow
+def test_quickstart_end_to_end(tmp_path):
+    """`ftdist train jobs/quickstart.yaml` exactly as the README runs it (its own embedded Ray)."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    r = subprocess.run([sys.executable, "-m", "ftdist.cli", "train", str(REPO / "jobs" / "quickstart.yaml")],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=900, env=env)
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out[-3000:]
+    evals = [float(line.split("eval_loss ")[1].split()[0]) for line in out.splitlines()
+             if "[ftdist] step" in line and "eval_loss" in line]
+    assert len(evals) >= 3 and evals[-1] < 0.5 * evals[0], evals
+    assert "ftdist: exported model:" in out
+    assert os.path.isfile(tmp_path / "runs" / "quickstart" / "export" / "model.safetensors")
+    assert (QS / "train.jsonl").is_file()
