@@ -77,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--steps", type=int, default=30, help="timed optimizer steps per run")
     b.add_argument("--only", choices=["throughput", "memory", "load"], action="append",
                    help="run only these parts (repeatable)")
+    b.add_argument("--json", default=None, help="also write the table rows to this file")
     b.set_defaults(fn=_cmd_bench)
     return p
 

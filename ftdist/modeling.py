@@ -83,6 +83,10 @@ def load_model(spec: ModelSpec, local_path: Optional[str], ds_config: Optional[d
             raise SpecError(f"model.from_config: {e}") from None
         torch.manual_seed(0)  # same initial weights on every rank and every run
         model = AutoModelForCausalLM.from_config(config, **common)
+    elif keep_alive is not None and _safetensors_index(local_path):
+        del keep_alive  # this path wraps construction in zero.Init itself
+        keep_alive = None
+        model = _load_zero3_partitioned(spec, local_path, common, ds_config)
     else:
         model = AutoModelForCausalLM.from_pretrained(
             local_path, trust_remote_code=spec.trust_remote_code, **common
@@ -91,6 +95,90 @@ def load_model(spec: ModelSpec, local_path: Optional[str], ds_config: Optional[d
     if spec.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
+    return model
+
+
+def _safetensors_index(path: Optional[str]) -> dict[str, str]:
+    """{tensor name: file} for a safetensors checkpoint folder (single file or sharded with an index)."""
+    import json
+
+    if not path:
+        return {}
+    idx = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(idx):
+        with open(idx) as fh:
+            return {k: os.path.join(path, v) for k, v in json.load(fh)["weight_map"].items()}
+    single = os.path.join(path, "model.safetensors")
+    if os.path.exists(single):
+        from safetensors import safe_open
+
+        with safe_open(single, framework="pt") as f:
+            return {k: single for k in f.keys()}
+    return {}
+
+
+_ST_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64", "I64": "int64",
+              "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+
+
+def _st_header(file: str) -> tuple[dict, int]:
+    """The JSON header of a safetensors file and the offset where its data section starts."""
+    import json
+    import struct
+
+    with open(file, "rb") as fh:
+        (n,) = struct.unpack("<Q", fh.read(8))
+        return json.loads(fh.read(n)), 8 + n
+
+
+def _load_zero3_partitioned(spec: ModelSpec, path: str, common: dict, ds_config: dict) -> Any:
+    """ZeRO-3 load in which each rank reads only its own slice of every tensor from the safetensors files.
+
+    The model is built inside zero.Init without weight init (each rank allocates only its 1/N flat partition),
+    then each rank preads the contiguous byte range of its partition [rank * part, (rank + 1) * part) of every
+    parameter (a row-major tensor's flat range is one contiguous run of bytes in the file). No rank reads or
+    holds a whole tensor, let alone the whole model; peak memory is the partition plus one slice. transformers'
+    own ZeRO-3 path initialises every module by gathering it and then reads full tensors on every rank."""
+    import deepspeed
+    import torch
+    import torch.distributed as dist
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import initialization as hf_init
+    from transformers.modeling_utils import prevent_arange_dtype_change
+
+    index = _safetensors_index(path)
+    config = AutoConfig.from_pretrained(path, trust_remote_code=spec.trust_remote_code)
+    with hf_init.no_init_weights(), prevent_arange_dtype_change(), deepspeed.zero.Init(config_dict_or_path=ds_config):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=spec.trust_remote_code, **common)
+    params = dict(model.named_parameters())
+    missing = [n for n in params if n not in index]
+    if missing:
+        raise SpecError(f"model: {path}: checkpoint has no tensor {missing[0]!r} ({len(missing)} missing); "
+                        "is model.name_or_path the right architecture?")
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    headers = {f: _st_header(f) for f in set(index[n] for n in params)}
+    handles = {f: os.open(f, os.O_RDONLY) for f in headers}
+    try:
+        for name, p in params.items():
+            header, data_start = headers[index[name]]
+            meta = header[name]
+            src_dtype = getattr(torch, _ST_DTYPES[meta["dtype"]])
+            es = torch.empty((), dtype=src_dtype).element_size()
+            part = p.ds_tensor  # [ceil(numel / world)] this rank's flat partition
+            size = part.numel()
+            start, end = rank * size, min((rank + 1) * size, p.ds_numel)
+            if start >= end:
+                continue
+            offset = data_start + meta["data_offsets"][0] + start * es
+            buf = bytearray((end - start) * es)
+            if os.preadv(handles[index[name]], [buf], offset) != len(buf):
+                raise SpecError(f"model: {index[name]}: truncated safetensors file (tensor {name})")
+            chunk = torch.frombuffer(buf, dtype=src_dtype)  # [end - start]
+            with torch.no_grad():
+                part.data[: end - start].copy_(chunk)
+    finally:
+        for fd in handles.values():
+            os.close(fd)
     return model
 
 
