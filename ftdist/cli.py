@@ -30,8 +30,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     spec = load_spec(args.job, args.overrides)
     check_local_inputs(spec)
-    from ftdist.driver import run_training
+    from ftdist.driver import preflight_data, run_training
 
+    preflight_data(spec)
     summary = run_training(spec, address=args.address)
     if summary.error is not None:
         print(f"ftdist: training failed: {_first_line(summary.error)}", file=sys.stderr)

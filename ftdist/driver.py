@@ -108,6 +108,25 @@ def build_trainer(spec: JobSpec, *, storage_path: Optional[str] = None, name: Op
     )
 
 
+def preflight_data(spec: JobSpec) -> Optional[str]:
+    """Read and tokenize local data on the driver before Ray starts, so a bad row, a missing field or too little
+    data is a one-line error (exit 2) with nothing written. Remote (s3://, hub) inputs are checked by the workers."""
+    from ftdist.storage import is_remote
+
+    tok_path = spec.model.tokenizer_path
+    remote = [p for p in (spec.data.train, spec.data.eval, tok_path) if p and is_remote(p)]
+    if remote or not os.path.isdir(os.path.expanduser(tok_path)):
+        return None
+    from ftdist.data import ShardedLoader, build_splits
+    from ftdist.modeling import load_tokenizer
+
+    tok = load_tokenizer(tok_path, spec.model.trust_remote_code)
+    splits = build_splits(spec.data, tok, spec.optim.seed)
+    ShardedLoader(splits.train, micro_batch=spec.optim.micro_batch_size, grad_accum=spec.grad_accum, rank=0,
+                  world=spec.resources.num_workers, seed=spec.optim.seed, shuffle=False, pad_id=0)
+    return splits.stats.summary()
+
+
 def run_training(spec: JobSpec, *, address: Optional[str] = None) -> RunSummary:
     """Run one job to the end (resuming from this job name's latest checkpoint if there is one)."""
     import ray

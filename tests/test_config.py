@@ -150,3 +150,22 @@ def test_validate_imports_no_torch_or_ray(write_job, tmp_path):
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     assert "HEAVY []" in r.stdout and ": ok (" in r.stdout
+
+
+@pytest.mark.parametrize(
+    "rows, needle",
+    [
+        (['{"prompt": "a", "completion": " b"}', '{"prompt": "a"'], "bad.jsonl:2: bad row: invalid JSON"),
+        (['{"prompt": "a", "completion": " b"}', '{"text": "x"}'], "bad.jsonl:2: bad row: missing field 'prompt'"),
+        (['{"prompt": "a", "completion": " b"}'], "fewer than one global batch"),
+    ],
+)
+def test_cli_train_bad_data_exit_2_nothing_written(write_job, tmp_path, rows, needle):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("\n".join(rows * (1 if len(rows) == 1 else 20)) + "\n")
+    job = tiny_job_dict(str(tmp_path / "store"))
+    job["data"] = {**job["data"], "train": str(bad)}
+    r = _cli("train", str(write_job(job)))
+    assert r.returncode == 2, r.stderr
+    assert needle in r.stderr and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "store").exists()
