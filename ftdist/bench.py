@@ -135,9 +135,7 @@ def _batches(spec, rank):
 
     tok = load_tokenizer(spec.model.tokenizer_path)
     splits = build_splits(spec.data, tok, spec.optim.seed)
-    loader = ShardedLoader(splits.train, micro_batch=spec.optim.micro_batch_size, grad_accum=spec.grad_accum,
-                           rank=rank, world=WORLD, seed=spec.optim.seed, shuffle=True, pad_id=tok.pad_token_id)
-    it = loader.micro_batches(0)
+    it = ShardedLoader.for_job(spec, splits.train, rank, WORLD).micro_batches(0)
     return lambda: collate(next(it), tok.pad_token_id)
 
 

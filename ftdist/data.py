@@ -12,7 +12,7 @@ from typing import Any, Iterator, Optional
 
 import numpy as np
 
-from ftdist.config import DataSpec
+from ftdist.config import DataSpec, JobSpec
 from ftdist.errors import SpecError
 
 IGNORE_INDEX = -100
@@ -300,10 +300,10 @@ class ShardedLoader:
     global batch is dropped), so collectives and `ray.train.report` stay in lockstep."""
 
     def __init__(self, examples: list[Example], *, micro_batch: int, grad_accum: int, rank: int, world: int,
-                 seed: int, shuffle: bool, pad_id: int):
+                 seed: int, shuffle: bool):
         self.ex = examples
         self.micro, self.accum, self.rank, self.world = micro_batch, grad_accum, rank, world
-        self.seed, self.shuffle, self.pad_id = seed, shuffle, pad_id
+        self.seed, self.shuffle = seed, shuffle
         self.global_batch = micro_batch * grad_accum * world
         self.steps_per_epoch = len(examples) // self.global_batch
         if self.steps_per_epoch == 0:
@@ -311,6 +311,13 @@ class ShardedLoader:
                 f"data.train: {len(examples)} examples are fewer than one global batch ({self.global_batch}); "
                 "lower optim.global_batch_size or add data"
             )
+
+    @classmethod
+    def for_job(cls, spec: "JobSpec", examples: list[Example], rank: int, world: int) -> "ShardedLoader":
+        """The loader a job's rank uses (batch sizes, seed and shuffling from the spec)."""
+        o = spec.optim
+        return cls(examples, micro_batch=o.micro_batch_size, grad_accum=spec.grad_accum, rank=rank, world=world,
+                   seed=o.seed, shuffle=spec.data.shuffle)
 
     def order(self, epoch: int) -> np.ndarray:
         if not self.shuffle:

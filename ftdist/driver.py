@@ -122,8 +122,7 @@ def preflight_data(spec: JobSpec) -> Optional[str]:
 
     tok = load_tokenizer(tok_path, spec.model.trust_remote_code)
     splits = build_splits(spec.data, tok, spec.optim.seed)
-    ShardedLoader(splits.train, micro_batch=spec.optim.micro_batch_size, grad_accum=spec.grad_accum, rank=0,
-                  world=spec.resources.num_workers, seed=spec.optim.seed, shuffle=False, pad_id=0)
+    ShardedLoader.for_job(spec, splits.train, 0, spec.resources.num_workers)  # raises if < one global batch
     return splits.stats.summary()
 
 

@@ -68,12 +68,16 @@ def load_model(spec: ModelSpec, local_path: Optional[str], ds_config: Optional[d
     from transformers import AutoConfig, AutoModelForCausalLM
 
     dtype = getattr(torch, TORCH_DTYPES[spec.dtype])
+    common = dict(dtype=dtype, attn_implementation=spec.attn_implementation)
+    zero3 = bool(ds_config) and ds_config["zero_optimization"]["stage"] == 3
+    if zero3 and spec.from_config is None and _safetensors_index(local_path):
+        model = _load_zero3_partitioned(spec, local_path, common, ds_config)  # wraps construction in zero.Init
+        return _finish(model, spec)
     keep_alive = None
-    if ds_config and ds_config["zero_optimization"]["stage"] == 3:
+    if zero3:
         from transformers.integrations import HfDeepSpeedConfig
 
         keep_alive = HfDeepSpeedConfig(ds_config)  # noqa: F841 (weakref'd by transformers while loading)
-    common = dict(dtype=dtype, attn_implementation=spec.attn_implementation)
     if spec.from_config is not None:
         cfg_kwargs = dict(spec.from_config)
         model_type = cfg_kwargs.pop("model_type")
@@ -83,15 +87,16 @@ def load_model(spec: ModelSpec, local_path: Optional[str], ds_config: Optional[d
             raise SpecError(f"model.from_config: {e}") from None
         torch.manual_seed(0)  # same initial weights on every rank and every run
         model = AutoModelForCausalLM.from_config(config, **common)
-    elif keep_alive is not None and _safetensors_index(local_path):
-        del keep_alive  # this path wraps construction in zero.Init itself
-        keep_alive = None
-        model = _load_zero3_partitioned(spec, local_path, common, ds_config)
     else:
         model = AutoModelForCausalLM.from_pretrained(
             local_path, trust_remote_code=spec.trust_remote_code, **common
         )
     del keep_alive
+    return _finish(model, spec)
+
+
+def _finish(model: Any, spec: ModelSpec) -> Any:
+    """Settings applied to a freshly built model, whatever path built it."""
     if spec.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False

@@ -104,8 +104,7 @@ def train_fn_per_worker(config: dict) -> None:
     tokenizer = load_tokenizer(tok_path, spec.model.trust_remote_code)
 
     splits = build_splits(spec.data, tokenizer, o.seed)
-    loader = ShardedLoader(splits.train, micro_batch=o.micro_batch_size, grad_accum=spec.grad_accum, rank=rank,
-                           world=world, seed=o.seed, shuffle=spec.data.shuffle, pad_id=tokenizer.pad_token_id)
+    loader = ShardedLoader.for_job(spec, splits.train, rank, world)
     total_steps = o.max_steps or math.ceil(o.epochs * loader.steps_per_epoch)
     print0(rank, f"[ftdist] data: train {splits.stats.summary()}"
                  + (f"; eval {len(splits.eval)} examples" if splits.eval else "")

@@ -146,8 +146,8 @@ def test_eval_fraction_is_deterministic_and_disjoint(bpe):
 def test_shards_are_disjoint_and_equal():
     exs = [Example([i], [i]) for i in range(103)]
     world, micro, accum = 3, 2, 2
-    loaders = [ShardedLoader(exs, micro_batch=micro, grad_accum=accum, rank=r, world=world, seed=5, shuffle=True,
-                             pad_id=0) for r in range(world)]
+    loaders = [ShardedLoader(exs, micro_batch=micro, grad_accum=accum, rank=r, world=world, seed=5, shuffle=True)
+               for r in range(world)]
     steps = loaders[0].steps_per_epoch
     assert steps == 103 // 12
     seen = []
@@ -168,8 +168,7 @@ def test_shards_are_disjoint_and_equal():
 
 def test_too_few_examples_for_one_batch():
     with pytest.raises(SpecError, match="fewer than one global batch"):
-        ShardedLoader([Example([1], [1])] * 3, micro_batch=2, grad_accum=1, rank=0, world=2, seed=0, shuffle=False,
-                      pad_id=0)
+        ShardedLoader([Example([1], [1])] * 3, micro_batch=2, grad_accum=1, rank=0, world=2, seed=0, shuffle=False)
 
 
 def test_eval_batches_equal_count_per_rank():
