@@ -61,6 +61,134 @@ def restore_per_worker(engine: Any, ckpt_dir: str, rank: int) -> dict:
     return state
 
 
+def save_hf_metadata(module: Any, tokenizer: Any, out_dir: str) -> None:
+    """config.json (of the base model), tokenizer files and, for LoRA, adapter_config.json into out_dir, so a
+    checkpoint can be exported on its own later (`ftdist export`)."""
+    os.makedirs(out_dir, exist_ok=True)
+    base = module.get_base_model() if hasattr(module, "peft_config") else module
+    base.config.save_pretrained(out_dir)
+    if getattr(base, "generation_config", None) is not None:
+        base.generation_config.save_pretrained(out_dir)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out_dir)
+    if hasattr(module, "peft_config"):
+        module.peft_config["default"].save_pretrained(out_dir)
+
+
+class RankCheckpointer:
+    """This rank's side of checkpointing through Ray Train: save the DeepSpeed shard locally, hand it to
+    `ray.train.report` with ftdist's uploader as `checkpoint_upload_fn` (async by default), commit with a manifest
+    from rank 0, and on (re)start pick and fetch the latest committed checkpoint (only this rank's files)."""
+
+    def __init__(self, spec: Any, rank: int, world: int):
+        import threading
+
+        import ray.train
+        from pyarrow import fs as pafs
+
+        from ftdist.storage.checkpoints import CheckpointStore
+        from ftdist.storage.store import TransferOptions
+
+        self.spec, self.rank, self.world = spec, rank, world
+        storage = ray.train.get_context().get_storage()
+        self.fs = storage.storage_filesystem
+        self.exp_path = storage.experiment_fs_path.rstrip("/")
+        s3 = isinstance(self.fs, pafs.S3FileSystem)
+        self.job_uri = f"s3://{self.exp_path}" if s3 else self.exp_path
+        self.store = CheckpointStore(self.job_uri, TransferOptions.from_spec(spec.checkpoint))
+        self._idle = threading.Event()
+        self._idle.set()
+        self._meta: dict = {}
+        self.blocked_s = 0.0  # time steps spent in save() (local save + waiting for the previous upload)
+
+    # --- restart ------------------------------------------------------------------------------------------------
+
+    def resume_point(self, ray_checkpoint: Any) -> Optional[str]:
+        """Rank 0 chooses (Ray's latest checkpoint if it is committed and complete, else the newest committed one
+        in storage) and removes uncommitted leftovers of a crashed attempt; every rank gets the same answer."""
+        import torch.distributed as dist
+
+        from ftdist.storage.checkpoints import CheckpointError
+
+        choice: list = [None, None]
+        if self.rank == 0:
+            removed = self.store.remove_uncommitted()
+            if removed:
+                _log0(f"[ftdist] removed uncommitted checkpoint folders (crash during upload): {', '.join(removed)}")
+            name = os.path.basename(ray_checkpoint.path.rstrip("/")) if ray_checkpoint is not None else None
+            if name and not self.store.problems(name):
+                choice[0] = name
+            else:
+                latest = self.store.latest_valid()
+                choice[0] = latest.name if latest else None
+                if name and latest and latest.name != name:
+                    _log0(f"[ftdist] Ray's latest checkpoint {name} is incomplete; using {latest.name}")
+            if choice[0]:
+                m = self.store.read_manifest(choice[0])
+                if m["world_size"] != self.world:
+                    choice[1] = (f"{self.store.store.child(choice[0])} was written by {m['world_size']} workers and "
+                                 f"this run has {self.world}: set resources.num_workers={m['world_size']} to resume, "
+                                 "or export it (ftdist export) and start a new job from the exported model")
+        dist.broadcast_object_list(choice, src=0)
+        if choice[1]:
+            raise CheckpointError(choice[1])
+        return choice[0]
+
+    def fetch(self, name: str) -> str:
+        import tempfile
+
+        dest = tempfile.mkdtemp(prefix=f"ftdist-restore-r{self.rank}-")
+        self.store.fetch_for_rank(name, self.rank, dest)
+        return dest
+
+    # --- saving -------------------------------------------------------------------------------------------------
+
+    def save(self, engine: Any, step: int, state: dict, metrics: dict, tokenizer: Any) -> None:
+        import tempfile
+        import time
+
+        import ray.train
+        from ray.train import CheckpointUploadMode
+
+        from ftdist.storage.checkpoints import checkpoint_name, manifest_meta
+
+        t0 = time.perf_counter()
+        self._idle.wait()  # at most one upload in flight per rank: bounded local disk, no piling up
+        tmp = tempfile.mkdtemp(prefix=f"ftdist-ckpt-r{self.rank}-")
+        save_per_worker(engine, tmp, step, state, self.rank)
+        if self.rank == 0:
+            save_hf_metadata(engine.module, tokenizer, os.path.join(tmp, "hf"))
+        self._meta = manifest_meta(self.spec, step, metrics)
+        self._idle.clear()
+        mode = CheckpointUploadMode.ASYNC if self.spec.checkpoint.upload.mode == "async" else CheckpointUploadMode.SYNC
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                         checkpoint_dir_name=checkpoint_name(step), checkpoint_upload_mode=mode,
+                         checkpoint_upload_fn=self._upload, delete_local_checkpoint_after_upload=True)
+        self.blocked_s += time.perf_counter() - t0
+
+    def _upload(self, checkpoint: Any, dir_name: str) -> Any:
+        """Runs in Ray's upload thread (ASYNC) or inline (SYNC): upload this rank's files; rank 0 commits."""
+        import ray.train
+
+        try:
+            self.store.upload_rank(checkpoint.path, dir_name, self.rank)
+            if self.rank == 0:
+                self.store.commit(dir_name, self.world, self._meta, self.spec.checkpoint.upload.commit_timeout_s)
+            return ray.train.Checkpoint(path=f"{self.exp_path}/{dir_name}", filesystem=self.fs)
+        finally:
+            self._idle.set()
+
+    def drain(self) -> None:
+        self._idle.wait()
+
+
+def _log0(msg: str) -> None:
+    import sys
+
+    sys.stdout.write(msg + "\n")
+    sys.stdout.flush()
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Export
 

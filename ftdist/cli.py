@@ -30,9 +30,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     spec = load_spec(args.job, args.overrides)
     check_local_inputs(spec)
-    from ftdist.driver import preflight_data, run_training
+    from ftdist.driver import preflight_data, preflight_storage, run_training
 
     preflight_data(spec)
+    preflight_storage(spec)
     summary = run_training(spec, address=args.address)
     if summary.error is not None:
         print(f"ftdist: training failed: {_first_line(summary.error)}", file=sys.stderr)

@@ -190,6 +190,44 @@ class ResourcesSpec(_Spec):
         return self.gpus_per_worker > 0
 
 
+class UploadSpec(_Spec):
+    """How each rank streams its checkpoint files to storage (boto3 / s3transfer multipart)."""
+
+    mode: Literal["async", "sync"] = "async"
+    """async: training continues while a checkpoint uploads (a step waits only for the local save, and for the
+    previous upload if it is still running). sync: the step waits for the upload, as Ray's default does."""
+    part_size_mb: int = Field(64, ge=5, le=5120)
+    """Multipart part size (S3 minimum 5 MiB). Files smaller than a part go up in one PUT."""
+    concurrency: int = Field(8, ge=1, le=256)
+    """Parallel part/file transfers per rank."""
+    max_attempts: int = Field(10, ge=1, le=100)
+    """Attempts per request on throttling, 5xx and timeouts (exponential backoff with full jitter)."""
+    commit_timeout_s: float = Field(1800.0, gt=0)
+    """How long rank 0 waits for every rank's files before giving up on a checkpoint."""
+
+
+class EncryptionSpec(_Spec):
+    """Server-side encryption for everything ftdist writes to s3://. Key material never goes in the job file."""
+
+    sse: Optional[Literal["AES256", "aws:kms"]] = None
+    kms_key_id: Optional[str] = None
+    """KMS key id/ARN/alias for sse: aws:kms (an identifier, not a secret); default: the bucket's AWS-managed key."""
+
+    @model_validator(mode="after")
+    def _kms(self) -> "EncryptionSpec":
+        if self.kms_key_id and self.sse != "aws:kms":
+            raise ValueError("kms_key_id needs sse: aws:kms")
+        return self
+
+    def extra_args(self) -> dict:
+        out: dict = {}
+        if self.sse:
+            out["ServerSideEncryption"] = self.sse
+        if self.kms_key_id:
+            out["SSEKMSKeyId"] = self.kms_key_id
+        return out
+
+
 class CheckpointSpec(_Spec):
     """Where checkpoints go and how many stay."""
 
@@ -201,13 +239,29 @@ class CheckpointSpec(_Spec):
     keep_best_by: Optional[str] = None
     """A reported metric (e.g. eval_loss): keep the `keep_last` best by it instead of the newest."""
     best_mode: Literal["min", "max"] = "min"
+    upload: UploadSpec = UploadSpec()
+    encryption: EncryptionSpec = EncryptionSpec()
 
     @field_validator("storage")
     @classmethod
     def _storage(cls, v: str) -> str:
         if "://" in v and not v.startswith(("s3://", "file://")):
             raise ValueError(f"unsupported storage URI scheme in {v!r} (use a local path or s3://)")
+        if v.startswith("s3://"):
+            bucket = v[len("s3://"):].split("/", 1)[0]
+            if "@" in bucket or ":" in bucket:
+                # Never echo the value: it may hold a key.
+                raise ValueError("credentials do not belong in the storage URI; use the AWS environment "
+                                 "or credential chain (AWS_PROFILE, instance/pod identity)")
+            if not re.fullmatch(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]", bucket):
+                raise ValueError(f"{bucket!r} is not a valid S3 bucket name")
         return v
+
+    @model_validator(mode="after")
+    def _encryption_needs_s3(self) -> "CheckpointSpec":
+        if self.encryption.sse and not _is_remote(self.storage):
+            raise ValueError("checkpoint.encryption applies to s3:// storage only")
+        return self
 
     def resolved_storage(self, base: Optional[Path] = None) -> str:
         """An absolute local path or the URI as given."""

@@ -80,9 +80,17 @@ def build_trainer(spec: JobSpec, *, storage_path: Optional[str] = None, name: Op
     resources: dict = {"CPU": r.cpus_per_worker}
     if r.use_gpu:
         resources["GPU"] = r.gpus_per_worker
-    worker_env = {"env_vars": {"PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}}
+    from ftdist.storage import s3
+
+    # Endpoint/region (not credentials) travel to workers on other nodes; each node's credential chain does the rest.
+    worker_env = {"env_vars": {"PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false", **s3.forwarded_env()}}
     if not r.use_gpu:
         worker_env["env_vars"]["DS_ACCELERATOR"] = "cpu"
+    storage = storage_path or spec.checkpoint.resolved_storage()
+    storage_fs = None
+    if s3.is_remote(storage):
+        storage_fs = s3.pyarrow_fs()  # Ray's own files (run state, retention) go to the same endpoint
+        storage = storage[len("s3://"):]
     return TorchTrainer(
         train_fn_per_worker,
         train_loop_config={"spec": spec.model_dump(mode="json"), "export_uri": export_uri(spec)},
@@ -95,7 +103,8 @@ def build_trainer(spec: JobSpec, *, storage_path: Optional[str] = None, name: Op
         ),
         run_config=RunConfig(
             name=name or spec.name,
-            storage_path=storage_path or spec.checkpoint.resolved_storage(),
+            storage_path=storage,
+            storage_filesystem=storage_fs,
             failure_config=FailureConfig(max_failures=r.max_failures),
             checkpoint_config=CheckpointConfig(
                 num_to_keep=c.keep_last,
@@ -126,6 +135,30 @@ def preflight_data(spec: JobSpec) -> Optional[str]:
     return splits.stats.summary()
 
 
+def preflight_storage(spec: JobSpec) -> None:
+    """Before Ray starts: an s3:// checkpoint storage must be reachable with working credentials, an existing bucket
+    and write access (one-line error, exit 2, nothing left behind). Also refuses to resume a checkpoint written by a
+    different number of workers."""
+    from ftdist.storage import s3
+    from ftdist.storage.checkpoints import CheckpointStore
+    from ftdist.storage.store import TransferOptions
+
+    storage = spec.checkpoint.resolved_storage()
+    if s3.is_remote(storage):
+        s3.check_access(f"{storage}/{spec.name}", extra_args=spec.checkpoint.encryption.extra_args())
+    try:
+        latest = CheckpointStore(run_dir(spec), TransferOptions.from_spec(spec.checkpoint)).latest_valid()
+    except Exception as e:  # noqa: BLE001  (listing errors surface again, with retries, in the workers)
+        if s3.is_remote(storage):
+            raise SpecError(s3.describe_error(e, run_dir(spec))) from None
+        return
+    if latest is not None and latest.manifest["world_size"] != spec.resources.num_workers:
+        raise SpecError(f"resources.num_workers: {spec.resources.num_workers}, but {latest.uri} (the checkpoint this "
+                        f"job would resume from) was written by {latest.manifest['world_size']} workers; set "
+                        f"num_workers={latest.manifest['world_size']}, or use a new job name and start from "
+                        f"`ftdist export {latest.uri} --to ...`")
+
+
 def run_training(spec: JobSpec, *, address: Optional[str] = None) -> RunSummary:
     """Run one job to the end (resuming from this job name's latest checkpoint if there is one)."""
     import ray
@@ -140,11 +173,16 @@ def run_training(spec: JobSpec, *, address: Optional[str] = None) -> RunSummary:
             ray.shutdown()
     ckpt, history = None, []
     if result.checkpoint is not None:
-        from ftdist.checkpointing import read_state
+        import json
 
-        ckpt = result.checkpoint.path
-        with result.checkpoint.as_directory() as d:
-            history = read_state(d).get("history", [])
+        from ftdist.checkpointing import STATE_FILE
+        from ftdist.storage.checkpoints import CheckpointStore
+
+        store = CheckpointStore(run_dir(spec)).store  # read one small file, not the whole checkpoint
+        name = os.path.basename(result.checkpoint.path.rstrip("/"))
+        ckpt = store.child(name)
+        raw = store.get_bytes(f"{name}/{STATE_FILE}")
+        history = json.loads(raw).get("history", []) if raw else []
     exp = export_uri(spec) if spec.export.enabled else None
     return RunSummary(spec.name, run_dir(spec), ckpt, exp, dict(result.metrics or {}), error=result.error,
                       history=history)

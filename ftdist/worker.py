@@ -60,7 +60,8 @@ def _param_groups(model: Any, weight_decay: float) -> list[dict]:
 
 
 def _quiet_libraries() -> None:
-    for name in ("DeepSpeed", "deepspeed", "ray.train", "torch.distributed"):
+    for name in ("DeepSpeed", "deepspeed", "ray.train", "ray.train.v2._internal.execution.context",
+                 "torch.distributed", "botocore", "boto3", "s3transfer"):
         logging.getLogger(name).setLevel(logging.WARNING)
     try:
         from deepspeed.utils import logger as ds_logger
@@ -82,11 +83,12 @@ def train_fn_per_worker(config: dict) -> None:
     import torch
     import torch.distributed as dist
 
-    from ftdist.checkpointing import export_per_worker, restore_per_worker, save_per_worker
+    from ftdist.checkpointing import RankCheckpointer, export_per_worker, restore_per_worker
     from ftdist.data import ShardedLoader, build_splits, collate, eval_batches
     from ftdist.ds_config import to_deepspeed
     from ftdist.modeling import apply_method, count_params, load_model, load_tokenizer, prefetch_per_node
     from ftdist.storage import publish_dir
+    from ftdist.storage.store import TransferOptions
 
     _quiet_libraries()
     ctx = ray.train.get_context()
@@ -138,13 +140,15 @@ def train_fn_per_worker(config: dict) -> None:
 
     start_step = 0
     history: list[dict] = []  # every logged metrics row; travels in each checkpoint's state file
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is not None:
-        with ckpt.as_directory() as d:
-            state = restore_per_worker(engine, d, rank)
+    ckpt_io = RankCheckpointer(spec, rank, world)
+    resume = ckpt_io.resume_point(ray.train.get_checkpoint())
+    if resume is not None:
+        d = ckpt_io.fetch(resume)  # only this rank's shard files, each SHA-256 verified
+        state = restore_per_worker(engine, d, rank)
+        shutil.rmtree(d, ignore_errors=True)
         start_step = state["step"]
         history = [h for h in state.get("history", []) if h["step"] <= start_step]
-        print0(rank, f"[ftdist] resumed from checkpoint at step {start_step}")
+        print0(rank, f"[ftdist] resumed from {ckpt_io.store.store.child(resume)} at step {start_step}")
 
     def evaluate() -> dict:
         engine.eval()
@@ -216,10 +220,8 @@ def train_fn_per_worker(config: dict) -> None:
         )
         print0(rank, f"[ftdist] step {done}/{total_steps} | {line}")
         if want_ckpt:
-            tmp = tempfile.mkdtemp(prefix=f"ftdist-ckpt-r{rank}-")
-            save_per_worker(engine, tmp, done, {"metrics": metrics, "world_size": world, "history": history}, rank)
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
-            shutil.rmtree(tmp, ignore_errors=True)
+            ckpt_io.save(engine, done, {"metrics": metrics, "world_size": world, "history": history}, metrics,
+                         tokenizer)
         else:
             ray.train.report(metrics)
         window.zero_()
@@ -231,7 +233,7 @@ def train_fn_per_worker(config: dict) -> None:
         written = export_per_worker(engine, spec, tokenizer, out)
         if rank == 0:
             dest = config["export_uri"]
-            publish_dir(out, dest)
+            publish_dir(out, dest, TransferOptions.from_spec(spec.checkpoint))
             print0(rank, f"[ftdist] exported {', '.join(sorted(written))} to {dest}")
         shutil.rmtree(out, ignore_errors=True)
     sys.stdout.flush()

@@ -68,8 +68,36 @@ def write_job(tmp_path):
 
 
 @pytest.fixture(scope="session")
-def ray_cluster():
-    """A real local Ray (own temp dir; stopped by ray.shutdown, never `ray stop`)."""
+def s3_server():
+    """A real SeaweedFS S3 server on 127.0.0.1 for the whole session. Its endpoint and credentials go into this
+    process's AWS environment (as a user's shell would have them), so the local Ray started after it inherits them."""
+    from tests.support.seaweed import start_seaweedfs
+
+    server = start_seaweedfs()
+    saved = {k: os.environ.get(k) for k in server.env()}
+    os.environ.update(server.env())
+    yield server
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    server.stop()
+
+
+@pytest.fixture
+def bucket(s3_server, request):
+    """A fresh bucket per test."""
+    import re
+
+    name = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:40].strip("-") + "-" + os.urandom(3).hex()
+    return s3_server.make_bucket(name)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(s3_server):
+    """A real local Ray (own temp dir; stopped by ray.shutdown, never `ray stop`). Started after the S3 server so
+    its workers have the same AWS environment as the driver."""
     import ray
 
     tmp = tempfile.mkdtemp(prefix="/tmp/ftr")

@@ -10,27 +10,13 @@ from pathlib import Path
 from typing import Optional
 
 from ftdist.errors import SpecError
-
-
-def is_remote(uri: str) -> bool:
-    return uri.startswith("s3://")
-
-
-def split_s3(uri: str) -> tuple[str, str]:
-    if not uri.startswith("s3://"):
-        raise SpecError(f"{uri}: not an s3:// URI")
-    bucket, _, key = uri[len("s3://"):].partition("/")
-    if not bucket:
-        raise SpecError(f"{uri}: no bucket in URI")
-    return bucket, key
+from ftdist.storage.s3 import is_remote, split_s3  # noqa: F401  (re-exported)
 
 
 def s3_client():
-    import boto3
-    from botocore.config import Config
+    from ftdist.storage import s3
 
-    # boto3 reads AWS_ENDPOINT_URL / AWS_REGION / credentials from the environment and config files itself.
-    return boto3.client("s3", config=Config(retries={"max_attempts": 8, "mode": "adaptive"}))
+    return s3.client()
 
 
 def cache_root() -> Path:
@@ -69,7 +55,9 @@ def download(uri: str, dest: Optional[str] = None) -> str:
             client.download_file(bucket, k, str(out))
     except (ClientError, BotoCoreError) as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise SpecError(f"{uri}: cannot download ({e.__class__.__name__}: {str(e).splitlines()[0][:200]})") from None
+        from ftdist.storage.s3 import describe_error
+
+        raise SpecError(describe_error(e, uri)) from None
     if target.exists():
         shutil.rmtree(target)
     tmp.rename(target)
@@ -87,16 +75,17 @@ def _readable(root: str) -> None:
             os.chmod(os.path.join(d, f), 0o666 & ~umask)
 
 
-def publish_dir(local_dir: str, dest: str) -> str:
+def publish_dir(local_dir: str, dest: str, opts=None) -> str:
     """Copy a finished local folder to `dest` (local path or s3:// prefix)."""
     if is_remote(dest):
-        bucket, key = split_s3(dest)
-        client = s3_client()
-        for root, _, files in os.walk(local_dir):
-            for f in files:
-                p = os.path.join(root, f)
-                rel = os.path.relpath(p, local_dir)
-                client.upload_file(p, bucket, f"{key.rstrip('/')}/{rel}")
+        from ftdist.storage.store import S3Store, TransferOptions
+
+        store = S3Store(dest, opts or TransferOptions())
+        items = [(os.path.join(root, f), os.path.relpath(os.path.join(root, f), local_dir).replace(os.sep, "/"))
+                 for root, _, files in os.walk(local_dir) for f in files]
+        # Replace, don't merge: stale shards of an earlier export must not sit next to the new index.
+        store.delete_prefix("")
+        store.put_files(items)
         return dest
     if os.path.abspath(local_dir) != os.path.abspath(dest):
         tmp = dest.rstrip("/") + ".tmp"

@@ -1,0 +1,239 @@
+"""Committed, verifiable checkpoints in a job folder (local or s3://), one sub-folder per checkpoint:
+
+    <job>/step_00000040/                      DeepSpeed shards, RNG states, ftdist_state.json, hf/ (config, tokenizer)
+    <job>/step_00000040/.ftdist/rank-00001.json   what rank 1 uploaded (path, size, sha256)
+    <job>/step_00000040/ftdist_manifest.json      the commit marker, written last with a conditional write
+
+Every rank uploads its own files and its file list; rank 0 waits for all lists, merges them into the manifest
+(files with size + SHA-256, step, world size, ZeRO stage, method, job-spec hash, metrics) and writes it with
+If-None-Match: * (create-if-absent). A folder without a manifest is not a checkpoint: it is never resumed from and
+is removed at the next start. Nothing secret is in a manifest: the job spec is hashed, not copied, and holds no
+credentials anyway.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from ftdist.storage.store import Store, TransferOptions, open_store, sha256_file
+
+MANIFEST = "ftdist_manifest.json"
+PARTS = ".ftdist"
+FORMAT = "ftdist-checkpoint/1"
+STEP_DIR = re.compile(r"^step_(\d{8})$")
+_RANK_FILE = re.compile(r"(?:zero_pp_rank_|rng_state_rank)(\d+)")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, incomplete or corrupt, or cannot be committed."""
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def spec_hash(spec_dict: dict) -> str:
+    return hashlib.sha256(json.dumps(spec_dict, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def needed_by(path: str, rank: int) -> bool:
+    """Files a rank must download to resume: its own optimizer/parameter shard and RNG state, plus the shared
+    files (trainer state, the replicated model states under ZeRO 0-2, config). Other ranks' shards are skipped."""
+    if path.startswith(PARTS + "/") or path == MANIFEST:
+        return False
+    m = _RANK_FILE.search(os.path.basename(path))
+    return m is None or int(m.group(1)) == rank
+
+
+@dataclass
+class CheckpointInfo:
+    name: str
+    uri: str
+    step: int
+    manifest: Optional[dict]
+
+    @property
+    def committed(self) -> bool:
+        return self.manifest is not None
+
+    @property
+    def size(self) -> int:
+        return sum(f["size"] for f in self.manifest["files"]) if self.manifest else 0
+
+
+def _hash_files(local_dir: str) -> list[dict]:
+    paths = []
+    for d, _, files in os.walk(local_dir):
+        for f in files:
+            p = os.path.join(d, f)
+            paths.append((os.path.relpath(p, local_dir).replace(os.sep, "/"), p))
+    paths.sort()
+    with ThreadPoolExecutor(max_workers=4) as ex:  # hashlib releases the GIL on large buffers
+        digests = list(ex.map(lambda rp: sha256_file(rp[1]), paths))
+    return [{"path": rel, "size": os.path.getsize(p), "sha256": h} for (rel, p), h in zip(paths, digests)]
+
+
+class CheckpointStore:
+    """Checkpoints of one job (`job_uri` = <checkpoint.storage>/<name>)."""
+
+    def __init__(self, job_uri: str, opts: TransferOptions = TransferOptions(), store: Optional[Store] = None):
+        self.job_uri = job_uri.rstrip("/")
+        self.store = store or open_store(self.job_uri, opts)
+
+    # --- writing ------------------------------------------------------------------------------------------------
+
+    def upload_rank(self, local_dir: str, name: str, rank: int) -> list[dict]:
+        """Upload one rank's files of checkpoint `name`, then its file list (the rank's part of the commit)."""
+        files = _hash_files(local_dir)
+        for f in files:
+            f["rank"] = rank
+        self.store.put_files([(os.path.join(local_dir, f["path"]), f"{name}/{f['path']}") for f in files])
+        self.store.put_bytes(f"{name}/{PARTS}/rank-{rank:05d}.json", json.dumps(files).encode())
+        return files
+
+    def commit(self, name: str, world_size: int, meta: dict, timeout_s: float = 1800.0) -> dict:
+        """Rank 0: wait until every rank's file list is there, then write the manifest (create-if-absent)."""
+        deadline = time.monotonic() + timeout_s
+        delay = 0.05
+        while True:
+            parts = [k for k in self.store.list(f"{name}/{PARTS}") if k.endswith(".json")]
+            if len(parts) >= world_size:
+                break
+            if time.monotonic() > deadline:
+                raise CheckpointError(f"{self.store.child(name)}: only {len(parts)} of {world_size} ranks finished "
+                                      f"uploading within {timeout_s:.0f}s; not committed")
+            time.sleep(delay)
+            delay = min(2.0, delay * 1.5)
+        files: dict[str, dict] = {}
+        for r in range(world_size):
+            raw = self.store.get_bytes(f"{name}/{PARTS}/rank-{r:05d}.json")
+            if raw is None:
+                raise CheckpointError(f"{self.store.child(name)}: file list of rank {r} missing")
+            for f in json.loads(raw):
+                prev = files.get(f["path"])
+                if prev is not None and prev["sha256"] != f["sha256"]:
+                    raise CheckpointError(f"{self.store.child(name)}: ranks {prev['rank']} and {f['rank']} wrote "
+                                          f"different {f['path']}")
+                files.setdefault(f["path"], f)
+        manifest = {
+            "format": FORMAT,
+            "name": name,
+            **meta,
+            "world_size": world_size,
+            "files": sorted(files.values(), key=lambda f: f["path"]),
+            "total_bytes": sum(f["size"] for f in files.values()),
+            "committed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        if not self.store.put_bytes(f"{name}/{MANIFEST}", json.dumps(manifest, indent=1).encode(), if_absent=True):
+            existing = self.read_manifest(name)
+            if existing and existing["files"] == manifest["files"]:
+                return existing
+            raise CheckpointError(f"{self.store.child(name)} is already committed by another writer (is a second run "
+                                  "with the same job name using this storage?)")
+        return manifest
+
+    # --- reading ------------------------------------------------------------------------------------------------
+
+    def read_manifest(self, name: str) -> Optional[dict]:
+        raw = self.store.get_bytes(f"{name}/{MANIFEST}")
+        if raw is None:
+            return None
+        try:
+            m = json.loads(raw)
+        except ValueError:
+            return None
+        return m if m.get("format") == FORMAT else None
+
+    def checkpoints(self, committed_only: bool = True) -> list[CheckpointInfo]:
+        out = []
+        for d in self.store.list_dirs():
+            mt = STEP_DIR.match(d)
+            if not mt:
+                continue
+            m = self.read_manifest(d)
+            if m is None and (committed_only or not self.store.list(d)):
+                continue  # (some stores, e.g. SeaweedFS, keep listing a folder after its last object is deleted)
+            out.append(CheckpointInfo(d, self.store.child(d), int(mt.group(1)), m))
+        return sorted(out, key=lambda c: c.step)
+
+    def problems(self, name: str, deep: bool = False, scratch: Optional[str] = None) -> list[str]:
+        """What is wrong with a checkpoint ([] = verified). Shallow: every listed file exists with its size.
+        Deep: also download each file and compare its SHA-256."""
+        m = self.read_manifest(name)
+        if m is None:
+            return [f"{self.store.child(name)}: no committed manifest"]
+        have = self.store.list(name)
+        bad = []
+        for f in m["files"]:
+            size = have.get(f"{name}/{f['path']}")
+            if size is None:
+                bad.append(f"{f['path']}: missing")
+            elif size != f["size"]:
+                bad.append(f"{f['path']}: size {size}, manifest says {f['size']}")
+        if deep and not bad:
+            import tempfile
+
+            with tempfile.TemporaryDirectory(dir=scratch) as tmp:
+                for f in m["files"]:
+                    local = os.path.join(tmp, "f")
+                    self.store.get_files([(f"{name}/{f['path']}", local)])
+                    if sha256_file(local) != f["sha256"]:
+                        bad.append(f"{f['path']}: SHA-256 mismatch")
+                    os.unlink(local)
+        return bad
+
+    def latest_valid(self) -> Optional[CheckpointInfo]:
+        """The newest committed checkpoint whose files are all there (shallow check)."""
+        for c in reversed(self.checkpoints()):
+            if not self.problems(c.name):
+                return c
+        return None
+
+    def fetch_for_rank(self, name: str, rank: int, dest: str) -> dict:
+        """Download only the files `rank` needs into dest/ and verify each SHA-256. Returns the manifest."""
+        m = self.read_manifest(name)
+        if m is None:
+            raise CheckpointError(f"{self.store.child(name)}: not a committed checkpoint (no {MANIFEST})")
+        want = [f for f in m["files"] if needed_by(f["path"], rank)]
+        self.store.get_files([(f"{name}/{f['path']}", os.path.join(dest, f["path"])) for f in want])
+        for f in want:
+            local = os.path.join(dest, f["path"])
+            if os.path.getsize(local) != f["size"] or sha256_file(local) != f["sha256"]:
+                raise CheckpointError(f"{self.store.child(name)}/{f['path']}: checksum mismatch after download "
+                                      "(corrupt or overwritten checkpoint); refusing to resume from it")
+        return m
+
+    # --- housekeeping -------------------------------------------------------------------------------------------
+
+    def remove_uncommitted(self) -> list[str]:
+        """Delete checkpoint folders without a manifest (a crash mid-upload) and abort their multipart uploads.
+        Only call when no upload of this job is in flight (at start)."""
+        removed = []
+        for c in self.checkpoints(committed_only=False):
+            if not c.committed:
+                self.store.delete_prefix(c.name)
+                removed.append(c.name)
+        self.store.abort_uploads("")
+        return removed
+
+    def delete(self, name: str) -> None:
+        """Uncommit first (manifest), then remove the data: a half-deleted checkpoint never looks committed."""
+        self.store.delete_prefix(name, first=[f"{name}/{MANIFEST}"])
+
+
+def manifest_meta(spec: Any, step: int, metrics: dict) -> dict:
+    return {
+        "step": step,
+        "zero_stage": spec.zero.stage,
+        "method": spec.method,
+        "job_name": spec.name,
+        "spec_sha256": spec_hash(spec.model_dump(mode="json")),
+        "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float))},
+    }

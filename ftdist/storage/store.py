@@ -1,0 +1,288 @@
+"""A small object-store interface over a root URI (a local folder or s3://bucket/prefix), so checkpoint logic
+(manifests, commit, retention, per-rank download) is written once. Keys are '/'-separated, relative to the root.
+
+S3 transfers go through s3transfer: every file of a checkpoint is submitted at once, large files are split into
+parts, and `concurrency` parts/files move in parallel.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import random
+import shutil
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Optional
+
+from ftdist.storage import s3
+
+CHUNK = 8 << 20
+
+
+def sha256_file(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while True:
+            b = fh.read(CHUNK)
+            if not b:
+                return h.hexdigest()
+            h.update(b)
+
+
+@dataclass(frozen=True)
+class TransferOptions:
+    part_size: int = 64 << 20
+    concurrency: int = 8
+    max_attempts: int = 10
+    extra_args: tuple = ()  # (("ServerSideEncryption", "aws:kms"), ...) — hashable for the frozen dataclass
+
+    @classmethod
+    def from_spec(cls, ckpt_spec: Any) -> "TransferOptions":
+        u = ckpt_spec.upload
+        return cls(u.part_size_mb << 20, u.concurrency, u.max_attempts,
+                   tuple(sorted(ckpt_spec.encryption.extra_args().items())))
+
+
+def retry(fn: Callable[[], Any], attempts: int, what: str, retry_on: tuple = (Exception,)) -> Any:
+    """File-level retry with exponential backoff and full jitter, on top of botocore's per-request retries (which
+    cover throttling/5xx/timeouts of single requests; this covers e.g. a connection dropped mid-stream)."""
+    for i in range(attempts):
+        try:
+            return fn()
+        except retry_on:
+            if i == attempts - 1:
+                raise
+            time.sleep(random.uniform(0, min(20.0, 0.25 * 2 ** i)))
+    raise AssertionError(what)
+
+
+class Store:
+    """Operations ftdist needs on checkpoint storage."""
+
+    uri: str
+
+    def child(self, key: str) -> str:
+        return f"{self.uri.rstrip('/')}/{key}" if key else self.uri
+
+    def put_files(self, items: list[tuple[str, str]]) -> None:  # [(local_path, key)]
+        raise NotImplementedError
+
+    def put_bytes(self, key: str, data: bytes, if_absent: bool = False) -> bool:
+        """Write `data`; with if_absent, atomically only if the key does not exist (False if it did)."""
+        raise NotImplementedError
+
+    def get_bytes(self, key: str) -> Optional[bytes]:
+        raise NotImplementedError
+
+    def get_files(self, items: list[tuple[str, str]]) -> None:  # [(key, local_path)]
+        raise NotImplementedError
+
+    def list(self, prefix: str) -> dict[str, int]:
+        """{key: size} under prefix (recursive)."""
+        raise NotImplementedError
+
+    def list_dirs(self, prefix: str = "") -> list[str]:
+        """Immediate child 'folder' names under prefix."""
+        raise NotImplementedError
+
+    def delete_prefix(self, prefix: str, first: Iterable[str] = ()) -> None:
+        """Delete everything under prefix; keys in `first` go before the rest (uncommit before removing data)."""
+        raise NotImplementedError
+
+    def abort_uploads(self, prefix: str) -> int:
+        """Abort unfinished multipart uploads under prefix; returns how many."""
+        return 0
+
+
+class LocalStore(Store):
+    def __init__(self, root: str):
+        self.uri = os.path.abspath(root)
+
+    def _p(self, key: str) -> str:
+        return os.path.join(self.uri, *key.split("/")) if key else self.uri
+
+    def put_files(self, items: list[tuple[str, str]]) -> None:
+        for src, key in items:
+            dst = self._p(key)
+            os.makedirs(os.path.dirname(dst), exist_ok=True)
+            tmp = f"{dst}.part{os.getpid()}"
+            shutil.copyfile(src, tmp)
+            os.replace(tmp, dst)
+
+    def put_bytes(self, key: str, data: bytes, if_absent: bool = False) -> bool:
+        dst = self._p(key)
+        os.makedirs(os.path.dirname(dst), exist_ok=True)
+        tmp = f"{dst}.part{os.getpid()}"
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        if if_absent:
+            try:
+                os.link(tmp, dst)  # atomic create-if-absent, like S3's If-None-Match: *
+            except OSError as e:
+                if e.errno == errno.EEXIST:
+                    return False
+                raise
+            finally:
+                os.unlink(tmp)
+            return True
+        os.replace(tmp, dst)
+        return True
+
+    def get_bytes(self, key: str) -> Optional[bytes]:
+        try:
+            with open(self._p(key), "rb") as fh:
+                return fh.read()
+        except FileNotFoundError:
+            return None
+
+    def get_files(self, items: list[tuple[str, str]]) -> None:
+        for key, dst in items:
+            os.makedirs(os.path.dirname(dst) or ".", exist_ok=True)
+            shutil.copyfile(self._p(key), dst)
+
+    def list(self, prefix: str) -> dict[str, int]:
+        base = self._p(prefix)
+        out: dict[str, int] = {}
+        for d, _, files in os.walk(base):
+            for f in files:
+                if ".part" in f:
+                    continue
+                p = os.path.join(d, f)
+                out[os.path.relpath(p, self.uri).replace(os.sep, "/")] = os.path.getsize(p)
+        return out
+
+    def list_dirs(self, prefix: str = "") -> list[str]:
+        base = self._p(prefix)
+        try:
+            return sorted(e.name for e in os.scandir(base) if e.is_dir())
+        except FileNotFoundError:
+            return []
+
+    def delete_prefix(self, prefix: str, first: Iterable[str] = ()) -> None:
+        for k in first:
+            try:
+                os.unlink(self._p(k))
+            except FileNotFoundError:
+                pass
+        shutil.rmtree(self._p(prefix), ignore_errors=True)
+
+
+class S3Store(Store):
+    def __init__(self, uri: str, opts: TransferOptions = TransferOptions()):
+        self.uri = uri.rstrip("/")
+        self.bucket, self.root = s3.split_s3(self.uri)
+        self.opts = opts
+        self.client = s3.client(s3.ClientOptions(max_attempts=opts.max_attempts,
+                                                 max_pool_connections=max(10, opts.concurrency + 2)))
+
+    def _k(self, key: str) -> str:
+        return f"{self.root}/{key}".strip("/") if self.root else key
+
+    def _transfer(self) -> Any:
+        from boto3.s3.transfer import TransferConfig, create_transfer_manager
+
+        cfg = TransferConfig(multipart_threshold=self.opts.part_size, multipart_chunksize=self.opts.part_size,
+                             max_concurrency=self.opts.concurrency, use_threads=True)
+        return create_transfer_manager(self.client, cfg)
+
+    def put_files(self, items: list[tuple[str, str]]) -> None:
+        extra = dict(self.opts.extra_args)
+
+        def run(todo: list[tuple[str, str]]) -> None:
+            with self._transfer() as tm:
+                futures = [tm.upload(src, self.bucket, self._k(key), extra_args=extra or None) for src, key in todo]
+                errors = []
+                for f in futures:
+                    try:
+                        f.result()
+                    except Exception as e:  # collect, so one failure doesn't leave others running unobserved
+                        errors.append(e)
+                if errors:
+                    raise errors[0]
+
+        retry(lambda: run(items), 3, "upload")
+
+    def put_bytes(self, key: str, data: bytes, if_absent: bool = False) -> bool:
+        from botocore.exceptions import ClientError
+
+        kw: dict = dict(self.opts.extra_args)
+        if if_absent:
+            kw["IfNoneMatch"] = "*"
+        try:
+            self.client.put_object(Bucket=self.bucket, Key=self._k(key), Body=data, **kw)
+        except ClientError as e:
+            code = e.response.get("Error", {}).get("Code")
+            if if_absent and code in ("PreconditionFailed", "412", "ConditionalRequestConflict"):
+                return False
+            raise
+        return True
+
+    def get_bytes(self, key: str) -> Optional[bytes]:
+        from botocore.exceptions import ClientError
+
+        try:
+            return self.client.get_object(Bucket=self.bucket, Key=self._k(key))["Body"].read()
+        except ClientError as e:
+            if e.response.get("Error", {}).get("Code") in ("NoSuchKey", "404", "NotFound"):
+                return None
+            raise
+
+    def get_files(self, items: list[tuple[str, str]]) -> None:
+        def run() -> None:
+            with self._transfer() as tm:
+                futures = []
+                for key, dst in items:
+                    os.makedirs(os.path.dirname(dst) or ".", exist_ok=True)
+                    futures.append(tm.download(self.bucket, self._k(key), dst))
+                for f in futures:
+                    f.result()
+
+        retry(run, 3, "download")
+
+    def _iter(self, prefix: str, delimiter: Optional[str] = None) -> Iterable[dict]:
+        p = self._k(prefix)
+        p = p + "/" if p else ""
+        kw = {"Bucket": self.bucket, "Prefix": p}
+        if delimiter:
+            kw["Delimiter"] = delimiter
+        yield from self.client.get_paginator("list_objects_v2").paginate(**kw)
+
+    def list(self, prefix: str) -> dict[str, int]:
+        strip = len(self.root) + 1 if self.root else 0
+        return {o["Key"][strip:]: o["Size"] for page in self._iter(prefix) for o in page.get("Contents", [])}
+
+    def list_dirs(self, prefix: str = "") -> list[str]:
+        out = []
+        for page in self._iter(prefix, delimiter="/"):
+            for cp in page.get("CommonPrefixes", []):
+                out.append(cp["Prefix"].rstrip("/").rsplit("/", 1)[-1])
+        return sorted(out)
+
+    def delete_prefix(self, prefix: str, first: Iterable[str] = ()) -> None:
+        for k in first:
+            self.client.delete_object(Bucket=self.bucket, Key=self._k(k))
+        keys = [self._k(k) for k in self.list(prefix)]
+        for i in range(0, len(keys), 1000):
+            self.client.delete_objects(Bucket=self.bucket,
+                                       Delete={"Objects": [{"Key": k} for k in keys[i:i + 1000]], "Quiet": True})
+        self.abort_uploads(prefix)
+
+    def abort_uploads(self, prefix: str) -> int:
+        p = self._k(prefix)
+        p = p + "/" if p else ""
+        n = 0
+        for page in self.client.get_paginator("list_multipart_uploads").paginate(Bucket=self.bucket, Prefix=p):
+            for u in page.get("Uploads", []) or []:
+                self.client.abort_multipart_upload(Bucket=self.bucket, Key=u["Key"], UploadId=u["UploadId"])
+                n += 1
+        return n
+
+
+def open_store(uri: str, opts: TransferOptions = TransferOptions()) -> Store:
+    if s3.is_remote(uri):
+        return S3Store(uri, opts)
+    return LocalStore(uri[len("file://"):] if uri.startswith("file://") else uri)

@@ -1,0 +1,182 @@
+"""Checkpoint storage against a real S3-compatible server (SeaweedFS) and a local folder: upload, commit marker,
+per-rank fetch with checksums, cleanup of uncommitted checkpoints, faults, and one-line errors for bad storage."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from ftdist.errors import SpecError
+from ftdist.storage import s3
+from ftdist.storage.checkpoints import MANIFEST, CheckpointError, CheckpointStore, needed_by
+from ftdist.storage.store import TransferOptions
+from tests.conftest import tiny_job_dict
+from tests.support.faultproxy import FaultProxy
+
+pytestmark = [pytest.mark.s3]
+
+SMALL_PARTS = TransferOptions(part_size=5 << 20, concurrency=4, max_attempts=10)
+
+
+def _rank_dir(root, rank: int, big: bool = False) -> str:
+    d = root / f"rank{rank}"
+    (d / "step_00000004").mkdir(parents=True)
+    (d / "step_00000004" / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt").write_bytes(os.urandom(
+        (12 << 20) + 123 if big else 1000))
+    (d / "step_00000004" / f"rng_state_rank{rank}.pt").write_bytes(os.urandom(64))
+    if rank == 0:
+        (d / "step_00000004" / "mp_rank_00_model_states.pt").write_bytes(os.urandom(2048))
+        (d / "ftdist_state.json").write_text('{"step": 4}')
+        (d / "latest").write_text("step_00000004")
+    return str(d)
+
+
+@pytest.fixture(params=["s3", "local"])
+def job_uri(request, tmp_path):
+    if request.param == "s3":
+        server = request.getfixturevalue("s3_server")
+        return f"s3://{server.make_bucket('ck-' + os.urandom(4).hex())}/team/runs/job1"
+    return str(tmp_path / "runs" / "job1")
+
+
+def test_two_ranks_commit_and_each_fetches_only_its_files(job_uri, tmp_path):
+    cs = CheckpointStore(job_uri, SMALL_PARTS)
+    name = "step_00000004"
+    assert cs.checkpoints() == []
+    cs.upload_rank(_rank_dir(tmp_path, 1, big=True), name, 1)  # 12 MiB: a 3-part multipart upload on S3
+    assert cs.checkpoints() == []  # files without a manifest are not a checkpoint
+    cs.upload_rank(_rank_dir(tmp_path, 0), name, 0)
+    m = cs.commit(name, 2, {"step": 4, "zero_stage": 3, "method": "full", "spec_sha256": "x", "metrics": {}},
+                  timeout_s=10)
+    assert m["world_size"] == 2 and m["step"] == 4
+    assert {f["path"] for f in m["files"]} == {
+        "ftdist_state.json", "latest", "step_00000004/mp_rank_00_model_states.pt",
+        "step_00000004/zero_pp_rank_0_mp_rank_00_optim_states.pt", "step_00000004/rng_state_rank0.pt",
+        "step_00000004/zero_pp_rank_1_mp_rank_00_optim_states.pt", "step_00000004/rng_state_rank1.pt"}
+    [c] = cs.checkpoints()
+    assert c.committed and c.step == 4 and c.size == m["total_bytes"]
+    assert cs.problems(name, deep=True) == []
+
+    got = tmp_path / "fetch1"
+    cs.fetch_for_rank(name, 1, str(got))
+    files = {os.path.relpath(os.path.join(d, f), got) for d, _, fs in os.walk(got) for f in fs}
+    assert files == {"ftdist_state.json", "latest", "step_00000004/mp_rank_00_model_states.pt",
+                     "step_00000004/zero_pp_rank_1_mp_rank_00_optim_states.pt", "step_00000004/rng_state_rank1.pt"}
+    src = tmp_path / "rank1" / "step_00000004" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    assert (got / "step_00000004" / "zero_pp_rank_1_mp_rank_00_optim_states.pt").read_bytes() == src.read_bytes()
+
+    # A second writer cannot commit a different checkpoint over it (conditional write).
+    cs.store.put_bytes(f"{name}/.ftdist/rank-00001.json", json.dumps(
+        [{"path": "other", "size": 1, "sha256": "0", "rank": 1}]).encode())
+    with pytest.raises(CheckpointError, match="already committed"):
+        cs.commit(name, 2, {"step": 4}, timeout_s=5)
+
+
+def test_corruption_is_an_error_and_uncommitted_folders_are_removed(job_uri, tmp_path):
+    cs = CheckpointStore(job_uri, SMALL_PARTS)
+    for r in (0, 1):
+        cs.upload_rank(_rank_dir(tmp_path, r), "step_00000004", r)
+    cs.commit("step_00000004", 2, {"step": 4}, timeout_s=10)
+    # Same size, different bytes: only the checksum can tell.
+    key = "step_00000004/step_00000004/rng_state_rank1.pt"
+    cs.store.put_bytes(key, os.urandom(64))
+    assert cs.problems("step_00000004") == []  # shallow check: sizes match
+    assert any("SHA-256" in p for p in cs.problems("step_00000004", deep=True))
+    with pytest.raises(CheckpointError, match="checksum mismatch"):
+        cs.fetch_for_rank("step_00000004", 1, str(tmp_path / "f"))
+    cs.fetch_for_rank("step_00000004", 0, str(tmp_path / "f0"))  # rank 0 doesn't need that file
+
+    # A crash mid-upload: a step folder with some files and no manifest (plus, on S3, an open multipart upload).
+    cs.upload_rank(_rank_dir(tmp_path / "later", 0), "step_00000008", 0)
+    if job_uri.startswith("s3://"):
+        st = cs.store
+        st.client.create_multipart_upload(Bucket=st.bucket, Key=st._k("step_00000008/big.pt"))
+    assert [c.name for c in cs.checkpoints(committed_only=False)] == ["step_00000004", "step_00000008"]
+    assert cs.remove_uncommitted() == ["step_00000008"]
+    assert [c.name for c in cs.checkpoints(committed_only=False)] == ["step_00000004"]
+    if job_uri.startswith("s3://"):
+        assert cs.store.abort_uploads("") == 0
+    # Deleting uncommits first; the store is then empty of checkpoints.
+    cs.delete("step_00000004")
+    assert cs.checkpoints(committed_only=False) == []
+
+
+def test_uploads_survive_injected_5xx_and_dropped_connections(s3_server, tmp_path, monkeypatch):
+    bucket = s3_server.make_bucket("flaky-" + os.urandom(4).hex())
+    with FaultProxy(s3_server.endpoint, fail_rate=0.3, seed=1) as proxy:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
+        cs = CheckpointStore(f"s3://{bucket}/j", SMALL_PARTS)
+        for r in (0, 1):
+            cs.upload_rank(_rank_dir(tmp_path, r, big=True), "step_00000004", r)
+        cs.commit("step_00000004", 2, {"step": 4}, timeout_s=30)
+        assert cs.problems("step_00000004", deep=True) == []
+        assert proxy.injected > 3, (proxy.injected, proxy.requests)
+
+
+def test_needed_by():
+    assert needed_by("step_1/zero_pp_rank_3_mp_rank_00_optim_states.pt", 3)
+    assert not needed_by("step_1/bf16_zero_pp_rank_2_mp_rank_00_optim_states.pt", 3)
+    assert not needed_by("step_1/rng_state_rank12.pt", 1)
+    assert needed_by("step_1/mp_rank_00_model_states.pt", 5)
+    assert not needed_by(".ftdist/rank-00000.json", 0) and not needed_by(MANIFEST, 0)
+
+
+# --- bad storage: one line, exit 2, before anything starts --------------------------------------------------------
+
+
+def _cli(args, env, cwd):
+    return subprocess.run([sys.executable, "-m", "ftdist.cli", *args], capture_output=True, text=True, env=env,
+                          cwd=cwd, timeout=120)
+
+
+@pytest.mark.parametrize("case", ["wrong-secret", "unknown-key", "no-bucket", "unreachable", "no-credentials"])
+def test_bad_storage_is_one_line_exit_2(s3_server, write_job, tmp_path, case):
+    bucket = s3_server.make_bucket("bad-" + os.urandom(4).hex())
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env.update(s3_server.env())
+    env["AWS_CONFIG_FILE"] = env["AWS_SHARED_CREDENTIALS_FILE"] = str(tmp_path / "none")
+    storage = f"s3://{bucket}/runs"
+    expect = {"wrong-secret": "credentials were rejected", "unknown-key": "credentials were rejected",
+              "no-bucket": "does not exist", "unreachable": "cannot reach the S3 endpoint",
+              "no-credentials": "no usable AWS credentials"}[case]
+    if case == "wrong-secret":
+        env["AWS_SECRET_ACCESS_KEY"] = "not-the-secret"
+    elif case == "unknown-key":
+        env["AWS_ACCESS_KEY_ID"] = "AKIAUNKNOWN"
+    elif case == "no-bucket":
+        storage = "s3://no-such-bucket-ftdist/runs"
+    elif case == "unreachable":
+        env["AWS_ENDPOINT_URL"] = "http://127.0.0.1:9"
+    else:
+        del env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"]
+        env["AWS_EC2_METADATA_DISABLED"] = "true"
+    job = write_job(tiny_job_dict(storage))
+    r = _cli(["train", str(job)], env, tmp_path)
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and expect in lines[0], r.stderr
+    assert "Traceback" not in r.stderr
+    assert s3_server.secret_key not in r.stderr + r.stdout
+    # Nothing written.
+    assert s3_server.client().list_objects_v2(Bucket=bucket).get("KeyCount", 0) == 0
+
+
+def test_check_access_messages(s3_server):
+    bucket = s3_server.make_bucket("acc-" + os.urandom(4).hex())
+    s3.check_access(f"s3://{bucket}/x")  # fine: leaves nothing behind
+    assert s3_server.client().list_objects_v2(Bucket=bucket).get("KeyCount", 0) == 0
+    with pytest.raises(SpecError, match="does not exist"):
+        s3.check_access("s3://ftdist-missing-bucket/x")
+
+
+def test_job_file_rejects_credentials_in_storage_uri(write_job, tmp_path):
+    from ftdist.config import load_spec
+
+    job = write_job(tiny_job_dict("s3://AKIAXXXX:verysecret@bucket/prefix"))
+    with pytest.raises(SpecError) as e:
+        load_spec(str(job))
+    assert "credentials do not belong" in str(e.value) and "verysecret" not in str(e.value)
