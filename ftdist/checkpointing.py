@@ -173,7 +173,10 @@ class RankCheckpointer:
         try:
             self.store.upload_rank(checkpoint.path, dir_name, self.rank)
             if self.rank == 0:
-                self.store.commit(dir_name, self.world, self._meta, self.spec.checkpoint.upload.commit_timeout_s)
+                c = self.spec.checkpoint
+                self.store.commit(dir_name, self.world, self._meta, c.upload.commit_timeout_s)
+                if c.keep_last:
+                    self.store.apply_retention(c.keep_last, c.keep_best_by, c.best_mode)
             return ray.train.Checkpoint(path=f"{self.exp_path}/{dir_name}", filesystem=self.fs)
         finally:
             self._idle.set()

@@ -140,6 +140,7 @@ def train_fn_per_worker(config: dict) -> None:
 
     start_step = 0
     history: list[dict] = []  # every logged metrics row; travels in each checkpoint's state file
+    resumes: list[int] = []  # steps this run resumed at (a restart after a crash, or a re-run of the job)
     ckpt_io = RankCheckpointer(spec, rank, world)
     resume = ckpt_io.resume_point(ray.train.get_checkpoint())
     if resume is not None:
@@ -148,6 +149,7 @@ def train_fn_per_worker(config: dict) -> None:
         shutil.rmtree(d, ignore_errors=True)
         start_step = state["step"]
         history = [h for h in state.get("history", []) if h["step"] <= start_step]
+        resumes = state.get("resumes", []) + [start_step]
         print0(rank, f"[ftdist] resumed from {ckpt_io.store.store.child(resume)} at step {start_step}")
 
     def evaluate() -> dict:
@@ -220,8 +222,8 @@ def train_fn_per_worker(config: dict) -> None:
         )
         print0(rank, f"[ftdist] step {done}/{total_steps} | {line}")
         if want_ckpt:
-            ckpt_io.save(engine, done, {"metrics": metrics, "world_size": world, "history": history}, metrics,
-                         tokenizer)
+            state = {"metrics": metrics, "world_size": world, "history": history, "resumes": resumes}
+            ckpt_io.save(engine, done, state, metrics, tokenizer)
         else:
             ray.train.report(metrics)
         window.zero_()

@@ -180,3 +180,19 @@ def test_job_file_rejects_credentials_in_storage_uri(write_job, tmp_path):
     with pytest.raises(SpecError) as e:
         load_spec(str(job))
     assert "credentials do not belong" in str(e.value) and "verysecret" not in str(e.value)
+
+
+def test_retention_keeps_newest_and_best(tmp_path):
+    cs = CheckpointStore(str(tmp_path / "job"))
+    losses = {2: 3.0, 4: 1.0, 6: 2.0, 8: 2.5}
+    for step, loss in losses.items():
+        name = f"step_{step:08d}"
+        d = tmp_path / name
+        d.mkdir()
+        (d / "f").write_text(name)
+        cs.upload_rank(str(d), name, 0)
+        cs.commit(name, 1, {"step": step, "metrics": {"eval_loss": loss}}, timeout_s=5)
+    assert cs.apply_retention(2, "eval_loss", "min") == ["step_00000002"]  # best two (4, 6) + newest (8)
+    assert [c.step for c in cs.checkpoints()] == [4, 6, 8]
+    assert cs.apply_retention(1) == ["step_00000004", "step_00000006"]
+    assert [c.step for c in cs.checkpoints()] == [8]

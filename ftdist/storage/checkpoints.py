@@ -223,6 +223,27 @@ class CheckpointStore:
         self.store.abort_uploads("")
         return removed
 
+    def apply_retention(self, keep: int, best_by: Optional[str] = None, mode: str = "min") -> list[str]:
+        """Keep the newest committed checkpoint plus the `keep` newest (or, with best_by, the `keep` best by that
+        metric); delete the rest, manifest first. The same policy as Ray's CheckpointConfig, applied to storage
+        so it also covers a checkpoint committed just before a crash that Ray never registered."""
+        done = self.checkpoints()
+        if len(done) <= keep:
+            return []
+        if best_by:
+            def score(c: CheckpointInfo) -> float:
+                v = c.manifest.get("metrics", {}).get(best_by)
+                worst = float("inf") if mode == "min" else float("-inf")
+                return worst if v is None else v
+            ranked = sorted(done, key=score, reverse=(mode == "max"))
+        else:
+            ranked = sorted(done, key=lambda c: c.step, reverse=True)
+        keep_names = {c.name for c in ranked[:keep]} | {done[-1].name}
+        gone = [c.name for c in done if c.name not in keep_names]
+        for name in gone:
+            self.delete(name)
+        return gone
+
     def delete(self, name: str) -> None:
         """Uncommit first (manifest), then remove the data: a half-deleted checkpoint never looks committed."""
         self.store.delete_prefix(name, first=[f"{name}/{MANIFEST}"])

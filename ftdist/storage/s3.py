@@ -82,7 +82,7 @@ def pyarrow_fs() -> Any:
     from pyarrow import fs
 
     ep = endpoint_url()
-    kwargs: dict = {"region": region()}
+    kwargs: dict = {"region": region(), "retry_strategy": fs.AwsStandardS3RetryStrategy(max_attempts=10)}
     if ep:
         u = urlparse(ep)
         kwargs["endpoint_override"] = u.netloc + u.path.rstrip("/")

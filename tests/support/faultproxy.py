@@ -16,8 +16,10 @@ _ERR = ('<?xml version="1.0" encoding="UTF-8"?><Error><Code>{code}</Code><Messag
 
 
 class FaultProxy:
-    def __init__(self, upstream: str, fail_rate: float = 0.0, seed: int = 0, fail_paths: str | None = None):
+    def __init__(self, upstream: str, fail_rate: float = 0.0, seed: int = 0, fail_paths: str | None = None,
+                 kinds: tuple = ("503", "500", "drop")):
         self.upstream = urlparse(upstream)
+        self.kinds = list(kinds)
         self.fail_rate = fail_rate
         self.fail_paths = re.compile(fail_paths) if fail_paths else None
         self.rng = random.Random(seed)
@@ -33,8 +35,11 @@ class FaultProxy:
                 pass
 
             def _handle(self):
-                length = int(self.headers.get("Content-Length") or 0)
-                body = self.rfile.read(length) if length else b""
+                if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
+                    body = self._read_chunked()  # kept framed; forwarded as-is with the same header
+                else:
+                    length = int(self.headers.get("Content-Length") or 0)
+                    body = self.rfile.read(length) if length else b""
                 with proxy.lock:
                     proxy.requests += 1
                     roll = proxy.rng.random()
@@ -44,7 +49,7 @@ class FaultProxy:
                     if inject:
                         proxy.injected += 1
                 if inject:
-                    kind = proxy.rng.choice(["503", "500", "drop"]) if not forced else "500"
+                    kind = proxy.rng.choice(proxy.kinds) if not forced else "500"
                     if kind == "drop":
                         self.close_connection = True
                         self.connection.close()
@@ -73,6 +78,21 @@ class FaultProxy:
                 if self.command != "HEAD":
                     self.wfile.write(data)
                 conn.close()
+
+            def _read_chunked(self) -> bytes:
+                out = []
+                while True:
+                    line = self.rfile.readline()
+                    out.append(line)
+                    size = int(line.split(b";")[0].strip() or b"0", 16)
+                    if size == 0:
+                        while True:  # trailers (e.g. x-amz-checksum-crc32) up to the blank line
+                            t = self.rfile.readline()
+                            out.append(t)
+                            if t in (b"\r\n", b"\n", b""):
+                                return b"".join(out)
+                    out.append(self.rfile.read(size))
+                    out.append(self.rfile.readline())
 
             do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _handle
 
