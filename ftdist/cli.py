@@ -55,6 +55,77 @@ def _first_line(e: BaseException) -> str:
     return (tail[-1] if tail else type(e).__name__)[:400]
 
 
+def _storage_errors(uri: str):
+    """Storage/checkpoint mistakes as one-line SpecErrors (exit 2)."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def guard():
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        from ftdist.storage.checkpoints import CheckpointError
+        from ftdist.storage.s3 import describe_error
+
+        try:
+            yield
+        except (ClientError, BotoCoreError) as e:
+            raise SpecError(describe_error(e, uri)) from None
+        except (CheckpointError, ValueError, FileNotFoundError, KeyError) as e:
+            raise SpecError(str(e).strip("'\"")) from None
+
+    return guard()
+
+
+def _cmd_checkpoints(args: argparse.Namespace) -> int:
+    from ftdist.storage.checkpoints import CheckpointStore
+
+    with _storage_errors(args.job_uri):
+        cs = CheckpointStore(args.job_uri)
+        found = cs.checkpoints(committed_only=not args.all)
+        if not found:
+            print(f"{args.job_uri}: no committed checkpoints")
+            return 1 if args.verify else 0
+        keys = ("loss", "eval_loss")
+        print(f"{'checkpoint':<16} {'step':>8} {'workers':>7} {'zero':>4} {'method':<6} {'size':>10}  metrics")
+        for c in found:
+            m = c.manifest or {}
+            shown = " ".join(f"{k}={m['metrics'][k]:.4g}" for k in keys if k in m.get("metrics", {}))
+            status = "" if c.committed else "  (uncommitted)"
+            print(f"{c.name:<16} {c.step:>8} {m.get('world_size', '-'):>7} {m.get('zero_stage', '-'):>4} "
+                  f"{m.get('method', '-'):<6} {_human(c.size):>10}  {shown}{status}")
+        if args.verify:
+            name = found[-1].name if args.verify == "latest" else args.verify
+            problems = cs.problems(name, deep=not args.shallow)
+            what = "sizes" if args.shallow else "sizes and SHA-256"
+            if problems:
+                for p in problems:
+                    print(f"{name}: {p}", file=sys.stderr)
+                return 1
+            print(f"{name}: verified ({what} of {len(cs.read_manifest(name)['files'])} files)")
+    return 0
+
+
+def _human(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return str(n)
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from ftdist.export import export_checkpoint
+
+    if args.interpolate is not None and not 0.0 <= args.interpolate <= 1.0:
+        raise SpecError(f"--interpolate {args.interpolate}: alpha must be between 0 (base) and 1 (fine-tuned)")
+    with _storage_errors(args.checkpoint):
+        out = export_checkpoint(args.checkpoint, args.to, interpolate=args.interpolate, base_model=args.base,
+                                merged=args.merged, max_shard_size=args.max_shard_size)
+    for kind, uri in out.items():
+        print(f"ftdist: exported {kind}: {uri}")
+    return 0
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     from ftdist.bench import main as bench_main
 
@@ -74,6 +145,25 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--address", default=None,
                    help="join this Ray cluster (default: RAY_ADDRESS, else start an embedded local Ray)")
     t.set_defaults(fn=_cmd_train)
+
+    c = sub.add_parser("checkpoints", help="list a job's committed checkpoints; verify one")
+    c.add_argument("job_uri", help="<checkpoint.storage>/<job name>, local or s3://")
+    c.add_argument("--verify", nargs="?", const="latest", default=None, metavar="NAME",
+                   help="verify a checkpoint (default: the latest): every file present with its size and SHA-256")
+    c.add_argument("--shallow", action="store_true", help="with --verify: check sizes only (no download)")
+    c.add_argument("--all", action="store_true", help="also list uncommitted (incomplete) checkpoint folders")
+    c.set_defaults(fn=_cmd_checkpoints)
+
+    e = sub.add_parser("export", help="write a Hugging Face model folder (safetensors) from a checkpoint")
+    e.add_argument("checkpoint", help="checkpoint URI: <storage>/<job>/step_NNNNNNNN (see `ftdist checkpoints`)")
+    e.add_argument("--to", required=True, help="destination folder or s3:// prefix")
+    e.add_argument("--interpolate", type=float, default=None, metavar="ALPHA",
+                   help="WiSE-FT: write (1-ALPHA)*base + ALPHA*fine-tuned weights (0 = base, 1 = fine-tuned)")
+    e.add_argument("--base", default=None, help="base model for --interpolate (default: the job's model)")
+    e.add_argument("--merged", action=argparse.BooleanOptionalAction, default=None,
+                   help="LoRA: also write the merged model (default: the job's lora.merge_on_export)")
+    e.add_argument("--max-shard-size", default="5GB")
+    e.set_defaults(fn=_cmd_export)
 
     b = sub.add_parser("bench", help="benchmark ftdist against a bare DeepSpeed loop; prints a table")
     b.add_argument("--steps", type=int, default=30, help="timed optimizer steps per run")

@@ -196,12 +196,17 @@ class CheckpointStore:
                 return c
         return None
 
-    def fetch_for_rank(self, name: str, rank: int, dest: str) -> dict:
-        """Download only the files `rank` needs into dest/ and verify each SHA-256. Returns the manifest."""
+    def fetch_all(self, name: str, dest: str) -> dict:
+        """Download every file of a committed checkpoint (for export), each SHA-256 verified."""
+        return self.fetch_for_rank(name, None, dest)
+
+    def fetch_for_rank(self, name: str, rank: Optional[int], dest: str) -> dict:
+        """Download only the files `rank` needs (None: all) into dest/ and verify each SHA-256. Returns the
+        manifest."""
         m = self.read_manifest(name)
         if m is None:
             raise CheckpointError(f"{self.store.child(name)}: not a committed checkpoint (no {MANIFEST})")
-        want = [f for f in m["files"] if needed_by(f["path"], rank)]
+        want = [f for f in m["files"] if rank is None or needed_by(f["path"], rank)]
         self.store.get_files([(f"{name}/{f['path']}", os.path.join(dest, f["path"])) for f in want])
         for f in want:
             local = os.path.join(dest, f["path"])
@@ -256,5 +261,9 @@ def manifest_meta(spec: Any, step: int, metrics: dict) -> dict:
         "method": spec.method,
         "job_name": spec.name,
         "spec_sha256": spec_hash(spec.model_dump(mode="json")),
+        # Where the base weights live (hub id, path or s3:// prefix; None for a from_config model), for
+        # `ftdist export --interpolate`. An identifier, never a credential.
+        "base_model": spec.model.name_or_path,
+        "merge_on_export": bool(spec.method == "lora" and spec.lora_spec.merge_on_export),
         "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float))},
     }

@@ -1,0 +1,309 @@
+"""Hugging Face model folders (sharded safetensors + index, config, tokenizer) from ftdist checkpoints, written one
+tensor at a time: `ftdist export <checkpoint-uri> --to <uri> [--interpolate ALPHA]`.
+
+Memory stays bounded by one output shard plus one tensor: checkpoint files are memory-mapped (torch.load(mmap=True)),
+ZeRO-3 parameters are stitched from the per-rank flat fp32 partitions one at a time, and shards are flushed as they
+fill. The same streaming writer and method policy (full/freeze weights; LoRA adapter and/or merged; WiSE-FT weight
+interpolation with the base model) serve the end-of-job export in the workers.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import re
+import shutil
+import tempfile
+from typing import Any, Callable, Iterator, Optional
+
+Tensors = Iterator[tuple[str, Any]]
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)i?B?\s*$", re.I)
+
+
+def parse_size(s: str) -> int:
+    m = _SIZE_RE.match(str(s))
+    if not m:
+        raise ValueError(f"not a size: {s!r} (e.g. 5GB, 500MB)")
+    mult = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}[m.group(2).upper()]
+    return int(float(m.group(1)) * mult)
+
+
+class ShardWriter:
+    """Collect tensors into safetensors shards of at most max_shard_size bytes; write the HF index at the end."""
+
+    def __init__(self, out_dir: str, max_shard_size: str = "5GB", prefix: str = "model"):
+        self.out_dir, self.limit, self.prefix = out_dir, parse_size(max_shard_size), prefix
+        os.makedirs(out_dir, exist_ok=True)
+        self.current: dict = {}
+        self.current_bytes = 0
+        self.shards: list[list[str]] = []
+        self.total = 0
+
+    def add(self, name: str, t: Any) -> None:
+        n = t.numel() * t.element_size()
+        if self.current and self.current_bytes + n > self.limit:
+            self._flush()
+        self.current[name] = t.contiguous()
+        self.current_bytes += n
+        self.total += n
+
+    def _flush(self) -> None:
+        from safetensors.torch import save_file
+
+        idx = len(self.shards)
+        save_file(self.current, os.path.join(self.out_dir, f".shard-{idx:05d}.safetensors"), metadata={"format": "pt"})
+        self.shards.append(list(self.current))
+        self.current, self.current_bytes = {}, 0
+
+    def close(self) -> list[str]:
+        if self.current or not self.shards:
+            self._flush()
+        n = len(self.shards)
+        names = ([f"{self.prefix}.safetensors"] if n == 1
+                 else [f"{self.prefix}-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)])
+        for i, fname in enumerate(names):
+            os.replace(os.path.join(self.out_dir, f".shard-{i:05d}.safetensors"), os.path.join(self.out_dir, fname))
+        if n > 1:
+            index = {"metadata": {"total_size": self.total},
+                     "weight_map": {k: names[i] for i, keys in enumerate(self.shards) for k in keys}}
+            with open(os.path.join(self.out_dir, f"{self.prefix}.safetensors.index.json"), "w") as fh:
+                json.dump(index, fh, indent=2, sort_keys=True)
+        return names
+
+
+# --- reading a DeepSpeed checkpoint lazily --------------------------------------------------------------------------
+
+
+def _torch_load(path: str) -> dict:
+    import torch
+
+    return torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+
+
+def iter_checkpoint_tensors(ckpt_dir: str, tag: str, want: Callable[[str], bool] = lambda _: True) -> Tensors:
+    """(name, tensor) of every parameter and buffer of the trained module whose name passes `want`, one at a time.
+    ZeRO 0-2: the module weights saved by rank 0 (memory-mapped). ZeRO-3: fp32 master weights of trainable
+    parameters stitched from each rank's flat partition; frozen ones from each rank's fragments."""
+    import itertools
+
+    import torch
+
+    tag_dir = os.path.join(ckpt_dir, tag)
+
+    def by_rank(pattern: str) -> list[str]:
+        return sorted(glob.glob(os.path.join(tag_dir, pattern)),
+                      key=lambda p: int(re.search(r"zero_pp_rank_(\d+)_", p).group(1)))
+
+    z3_models = by_rank("zero_pp_rank_*_mp_rank_00_model_states.pt")
+    if not z3_models:
+        sd = _torch_load(os.path.join(tag_dir, "mp_rank_00_model_states.pt"))["module"]
+        yield from ((k, v) for k, v in sd.items() if want(k))
+        return
+
+    from deepspeed.utils.zero_to_fp32 import GatheredTensor, zero3_partitioned_param_info
+
+    models = [_torch_load(p) for p in z3_models]
+    world = len(models)
+    optim_files = by_rank("*zero_pp_rank_*_mp_rank_00_optim_states.pt")
+    if len(optim_files) != world:
+        raise RuntimeError(f"{tag_dir}: {len(optim_files)} optimizer shards for {world} ranks")
+    flat = [_torch_load(p)["optimizer_state_dict"]["fp32_flat_groups"] for p in optim_files]
+    m0 = models[0]
+    buffers = set(m0.get("buffer_names", []))
+    for k, v in m0["module"].items():
+        if k in buffers and want(k):
+            yield k, v
+    for name, shape in (m0.get("frozen_param_shapes") or {}).items():
+        if want(name):
+            frags = [m["frozen_param_fragments"][name] for m in models]
+            yield name, torch.cat(frags, 0).narrow(0, 0, shape.numel()).view(shape)
+    shapes = {k: v for d in m0["param_shapes"] for k, v in d.items()}
+    offsets = [0] + list(itertools.accumulate(t.numel() for t in flat[0]))
+    where, offset = {}, 0
+    for name, shape in shapes.items():
+        part, _ = zero3_partitioned_param_info(shape.numel(), world)
+        where[name] = (offset, part, shape)
+        offset += part
+    aliases = {src: alias for alias, src in m0.get("shared_params", {}).items()}
+    for name, (off, part, shape) in where.items():
+        for out in [name] + ([aliases[name]] if name in aliases else []):
+            if want(out):
+                yield out, GatheredTensor(flat, offsets, off, part, shape).contiguous()
+
+
+# --- method policy: stream transforms -------------------------------------------------------------------------------
+
+PEFT_PREFIX = "base_model.model."
+
+
+def lora_scale(adapter_cfg: dict) -> float:
+    r = adapter_cfg["r"]
+    return adapter_cfg["lora_alpha"] / (r ** 0.5 if adapter_cfg.get("use_rslora") else r)
+
+
+def _is_lora(name: str) -> bool:
+    return ".lora_" in name
+
+
+def merged_lora(read: Callable[..., Tensors], adapter_cfg: dict) -> Tensors:
+    """Fold LoRA into the base weights, W' = W + scale * B @ A, under plain HF names. The adapter tensors (small)
+    are read first; then base weights stream by one at a time."""
+    scale = lora_scale(adapter_cfg)
+    fan_in_fan_out = adapter_cfg.get("fan_in_fan_out", False)
+    lora = dict(read(want=_is_lora))
+    for name, t in read(want=lambda n: not _is_lora(n)):
+        if name.endswith(".base_layer.weight"):
+            mod = name[: -len(".base_layer.weight")]
+            a, b = lora.get(f"{mod}.lora_A.default.weight"), lora.get(f"{mod}.lora_B.default.weight")
+            if a is not None and b is not None:
+                delta = (b.float() @ a.float()) * scale
+                t = (t.float() + (delta.T if fan_in_fan_out else delta)).to(t.dtype)
+        name = name[len(PEFT_PREFIX):] if name.startswith(PEFT_PREFIX) else name
+        yield name.replace(".base_layer.", "."), t
+
+
+def adapter_only(stream: Tensors, alpha: Optional[float] = None) -> Tensors:
+    """peft's adapter_model.safetensors naming (no adapter name); WiSE-FT on an adapter scales B by alpha
+    (W + alpha * scale * B @ A is exactly the interpolation between base and merged weights)."""
+    for name, t in stream:
+        out = name.replace(".default.", ".")
+        if alpha is not None and ".lora_B." in name:
+            t = (t.float() * alpha).to(t.dtype)
+        yield out, t
+
+
+def interpolated(stream: Tensors, base: "BaseWeights", alpha: float) -> Tensors:
+    """WiSE-FT (Wortsman et al., 2022): theta = (1 - alpha) * theta_base + alpha * theta_finetuned."""
+    for name, t in stream:
+        if not t.is_floating_point():
+            yield name, t
+            continue
+        b = base.get(name)
+        yield name, ((1 - alpha) * b.float() + alpha * t.float()).to(t.dtype)
+
+
+def cast(stream: Tensors, dtype: Any) -> Tensors:
+    for name, t in stream:
+        yield name, t.to(dtype) if t.is_floating_point() and dtype is not None else t
+
+
+class BaseWeights:
+    """Lazy access to a Hugging Face checkpoint's safetensors by tensor name (for interpolation)."""
+
+    def __init__(self, model_dir: str):
+        from safetensors import safe_open
+
+        files = sorted(glob.glob(os.path.join(model_dir, "*.safetensors")))
+        if not files:
+            raise FileNotFoundError(f"{model_dir}: no *.safetensors weights to interpolate with")
+        self.handles = [safe_open(f, framework="pt") for f in files]
+        self.where = {k: h for h in self.handles for k in h.keys()}
+
+    def get(self, name: str) -> Any:
+        h = self.where.get(name)
+        if h is None:
+            raise KeyError(f"base model has no tensor {name}; is it the model this job fine-tuned?")
+        return h.get_tensor(name)
+
+
+# --- the command ----------------------------------------------------------------------------------------------------
+
+
+def _dtype_of(config: dict) -> Any:
+    import torch
+
+    name = config.get("dtype") or config.get("torch_dtype") or "float32"
+    return getattr(torch, str(name).replace("torch.", ""), torch.float32)
+
+
+def split_checkpoint_uri(uri: str) -> tuple[str, str]:
+    uri = uri.rstrip("/")
+    job, _, name = uri.rpartition("/")
+    from ftdist.storage.checkpoints import STEP_DIR
+
+    if not STEP_DIR.match(name):
+        raise ValueError(f"{uri}: not a checkpoint URI (expected <storage>/<job>/step_NNNNNNNN; list them with "
+                         "`ftdist checkpoints <storage>/<job>`)")
+    return job, name
+
+
+def export_checkpoint(ckpt_uri: str, dest: str, *, interpolate: Optional[float] = None,
+                      base_model: Optional[str] = None, merged: Optional[bool] = None,
+                      max_shard_size: str = "5GB", log: Callable[[str], None] = print) -> dict:
+    """Download a committed checkpoint (verified), write a HF folder to `dest` (local or s3://). Returns
+    {"model"|"adapter"|"merged": uri}."""
+    from ftdist.modeling import resolve_location
+    from ftdist.storage import publish_dir
+    from ftdist.storage.checkpoints import CheckpointStore
+
+    job_uri, name = split_checkpoint_uri(ckpt_uri)
+    cs = CheckpointStore(job_uri)
+    manifest = cs.read_manifest(name)
+    if manifest is None:
+        raise ValueError(f"{ckpt_uri}: not a committed checkpoint (no manifest)")
+    work = tempfile.mkdtemp(prefix="ftdist-export-")
+    try:
+        local = os.path.join(work, "ckpt")
+        cs.fetch_all(name, local)
+        hf_dir = os.path.join(local, "hf")
+        with open(os.path.join(hf_dir, "config.json")) as fh:
+            config = json.load(fh)
+        dtype = _dtype_of(config)
+        state = json.load(open(os.path.join(local, "ftdist_state.json")))
+        tag = state["tag"]
+        method = manifest.get("method", "full")
+        base = None
+        if interpolate is not None:
+            src = base_model or manifest.get("base_model")
+            if not src:
+                raise ValueError("--interpolate needs the base model's weights: this job built its model from a "
+                                 "config; pass --base <hub id | path | s3://...>")
+            base = BaseWeights(resolve_location(src, None))
+        staging = os.path.join(work, "out")
+        written: dict = {}
+
+        def meta_files(out: str, adapter: bool = False) -> None:
+            for f in os.listdir(hf_dir):
+                if f == "adapter_config.json" and not adapter:
+                    continue
+                if adapter and f in ("config.json", "generation_config.json"):
+                    continue
+                shutil.copy(os.path.join(hf_dir, f), os.path.join(out, f))
+
+        if method == "lora":
+            adapter_cfg = json.load(open(os.path.join(hf_dir, "adapter_config.json")))
+            out = os.path.join(staging, "adapter")
+            w = ShardWriter(out, max_shard_size, prefix="adapter_model")
+            for k, t in adapter_only(iter_checkpoint_tensors(local, tag, _is_lora), interpolate):
+                w.add(k, t)
+            w.close()
+            meta_files(out, adapter=True)
+            written["adapter"] = "adapter"
+            if merged if merged is not None else bool(manifest.get("merge_on_export")):
+                out = os.path.join(staging, "merged")
+                w = ShardWriter(out, max_shard_size)
+                stream = merged_lora(lambda want: iter_checkpoint_tensors(local, tag, want), adapter_cfg)
+                if interpolate is not None:
+                    stream = interpolated(stream, base, interpolate)
+                for k, t in cast(stream, dtype):
+                    w.add(k, t)
+                w.close()
+                meta_files(out)
+                written["merged"] = "merged"
+        else:
+            w = ShardWriter(staging, max_shard_size)
+            stream = iter_checkpoint_tensors(local, tag)
+            if interpolate is not None:
+                stream = interpolated(stream, base, interpolate)
+            for k, t in cast(stream, dtype):
+                w.add(k, t)
+            w.close()
+            meta_files(staging)
+            written["model"] = ""
+        shutil.rmtree(local)  # free scratch before the upload
+        publish_dir(staging, dest.rstrip("/"))
+        return {k: (f"{dest.rstrip('/')}/{v}" if v else dest.rstrip("/")) for k, v in written.items()}
+    finally:
+        shutil.rmtree(work, ignore_errors=True)

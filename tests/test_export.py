@@ -1,0 +1,121 @@
+"""`ftdist export` from committed checkpoints in S3 (SeaweedFS) and `ftdist checkpoints`: the exported folder
+loads with transformers/peft and matches the end-of-job export; --interpolate 0 is the base, 1 the fine-tuned."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from ftdist.config import spec_from_dict
+from ftdist.driver import run_training
+from tests.conftest import QS, REPO, TINY_LLAMA, tiny_job_dict
+
+pytestmark = [pytest.mark.ray, pytest.mark.deepspeed, pytest.mark.s3]
+
+
+@pytest.fixture(scope="module")
+def base_model_dir(tmp_path_factory):
+    """A real HF checkpoint folder (safetensors) to fine-tune from, so interpolation has base weights."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    cfg = dict(TINY_LLAMA)
+    torch.manual_seed(11)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(cfg.pop("model_type"), **cfg), dtype=torch.float32)
+    out = tmp_path_factory.mktemp("base")
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(QS / "tokenizer").save_pretrained(out)
+    return str(out)
+
+
+def _cli(*args):
+    r = subprocess.run([sys.executable, "-m", "ftdist.cli", *args], capture_output=True, text=True, cwd=REPO,
+                       timeout=600)
+    return r
+
+
+def _download(s3_server, uri: str, dest) -> str:
+    c = s3_server.client()
+    bucket, _, prefix = uri[len("s3://"):].partition("/")
+    for page in c.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix + "/"):
+        for o in page.get("Contents", []):
+            p = os.path.join(dest, o["Key"][len(prefix) + 1:])
+            os.makedirs(os.path.dirname(p), exist_ok=True)
+            c.download_file(bucket, o["Key"], p)
+    return str(dest)
+
+
+def _weights(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_export_full_zero3_checkpoint_and_interpolate(ray_cluster, bucket, s3_server, base_model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    storage = f"s3://{bucket}/runs"
+    spec = spec_from_dict(tiny_job_dict(storage, name="fullz3", zero={"stage": 3},
+                                        model={"name_or_path": base_model_dir, "from_config": None, "tokenizer": None, "dtype": "fp32"},
+                                        checkpoint={"every_n_steps": 4}))
+    s = run_training(spec)
+    assert s.error is None, s.error
+
+    listing = _cli("checkpoints", f"{storage}/fullz3", "--verify")
+    assert listing.returncode == 0, listing.stderr
+    assert "step_00000004" in listing.stdout and "step_00000008" in listing.stdout
+    assert "step_00000008: verified (sizes and SHA-256" in listing.stdout
+
+    ckpt = f"{storage}/fullz3/step_00000008"
+    outs = {}
+    for label, extra in {"plain": [], "a0": ["--interpolate", "0"], "a1": ["--interpolate", "1"],
+                         "a05": ["--interpolate", "0.5"]}.items():
+        r = _cli("export", ckpt, "--to", f"{storage}/exports/{label}", "--max-shard-size", "200KB", *extra)
+        assert r.returncode == 0, r.stderr
+        outs[label] = _download(s3_server, f"{storage}/exports/{label}", tmp_path / label)
+    assert os.path.exists(os.path.join(outs["plain"], "model.safetensors.index.json"))  # sharded at 200KB
+    assert os.path.exists(os.path.join(outs["plain"], "tokenizer.json"))
+
+    load = lambda d: AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32)  # noqa: E731
+    end_of_job = _weights(load(_download(s3_server, s.export_dir, tmp_path / "eoj")))
+    plain, a0, a1, a05 = (_weights(load(outs[k])) for k in ("plain", "a0", "a1", "a05"))
+    base = _weights(load(base_model_dir))
+    for k in base:
+        torch.testing.assert_close(plain[k], end_of_job[k])  # same weights as the in-job export
+        torch.testing.assert_close(a1[k], plain[k])
+        torch.testing.assert_close(a0[k], base[k])
+        torch.testing.assert_close(a05[k], (base[k] + plain[k]) / 2, rtol=1e-5, atol=1e-6)
+    assert any(not torch.equal(plain[k], base[k]) for k in base)  # it did train
+
+    bad = _cli("export", f"{storage}/fullz3/step_00000005", "--to", str(tmp_path / "x"))
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
+    bad = _cli("export", ckpt, "--to", str(tmp_path / "x"), "--interpolate", "1.5")
+    assert bad.returncode == 2 and "--interpolate" in bad.stderr
+
+
+def test_export_lora_checkpoint_adapter_and_merged(ray_cluster, bucket, s3_server, base_model_dir, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    storage = f"s3://{bucket}/runs"
+    spec = spec_from_dict(tiny_job_dict(storage, name="lora2", method="lora",
+                                        lora={"rank": 4, "alpha": 8, "dropout": 0.0, "merge_on_export": True},
+                                        model={"name_or_path": base_model_dir, "from_config": None, "tokenizer": None, "dtype": "fp32"},
+                                        optim={**tiny_job_dict("x")["optim"], "lr": 1e-2}))
+    s = run_training(spec)
+    assert s.error is None, s.error
+    r = _cli("export", f"{storage}/lora2/step_00000008", "--to", f"{storage}/exports/lora")
+    assert r.returncode == 0, r.stderr
+    out = _download(s3_server, f"{storage}/exports/lora", tmp_path / "lora")
+    eoj = _download(s3_server, s.export_dir, tmp_path / "eoj")
+
+    merged = AutoModelForCausalLM.from_pretrained(os.path.join(out, "merged"), dtype=torch.float32)
+    merged_eoj = AutoModelForCausalLM.from_pretrained(os.path.join(eoj, "merged"), dtype=torch.float32)
+    for k, v in _weights(merged_eoj).items():
+        torch.testing.assert_close(_weights(merged)[k], v)
+    base = AutoModelForCausalLM.from_pretrained(base_model_dir, dtype=torch.float32)
+    with_adapter = PeftModel.from_pretrained(base, os.path.join(out, "adapter")).eval()
+    x = torch.tensor([[1, 5, 9, 22, 40, 7]])
+    with torch.no_grad():
+        torch.testing.assert_close(with_adapter(x).logits, merged.eval()(x).logits, rtol=1e-4, atol=1e-4)
