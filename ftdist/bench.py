@@ -320,7 +320,7 @@ def _mb(b: float) -> str:
 
 def main(args: argparse.Namespace) -> int:
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    parts = args.only or ["throughput", "memory", "load"]
+    parts = args.only or ["throughput", "memory", "load", "checkpoint"]
     lines = ["| measurement | ftdist | reference | ratio | goal |", "|---|---|---|---|---|"]
     with tempfile.TemporaryDirectory(prefix="ftdist-bench-") as tmp:
         if "throughput" in parts:
@@ -336,6 +336,10 @@ def main(args: argparse.Namespace) -> int:
             for r in bench_load(tmp):
                 lines.append(f"| peak RSS of a rank while loading {r['params'] / 1e6:.0f}M params, ZeRO-3, N={WORLD} | "
                              f"{_mb(r['peak'])} | {_mb(r['model_bytes'])} (full model, fp32) | {r['ratio']:.3f} | < 1 |")
+        if "checkpoint" in parts:
+            from ftdist.bench_storage import run as bench_checkpoint
+
+            bench_checkpoint(lines, args.ckpt_mb, args.s3_bucket)
     print("\n".join(lines))
     if args.json:
         with open(args.json, "w") as fh:

@@ -147,24 +147,30 @@ class RankCheckpointer:
         import tempfile
         import time
 
-        import ray.train
-        from ray.train import CheckpointUploadMode
-
-        from ftdist.storage.checkpoints import checkpoint_name, manifest_meta
-
         t0 = time.perf_counter()
         self._idle.wait()  # at most one upload in flight per rank: bounded local disk, no piling up
         tmp = tempfile.mkdtemp(prefix=f"ftdist-ckpt-r{self.rank}-")
         save_per_worker(engine, tmp, step, state, self.rank)
         if self.rank == 0:
             save_hf_metadata(engine.module, tokenizer, os.path.join(tmp, "hf"))
+        self.publish(tmp, step, metrics)
+        self.blocked_s += time.perf_counter() - t0
+
+    def publish(self, local_dir: str, step: int, metrics: dict) -> None:
+        """Hand a locally saved checkpoint folder to Ray Train with ftdist's uploader; async by default. The
+        folder is deleted once uploaded."""
+        import ray.train
+        from ray.train import CheckpointUploadMode
+
+        from ftdist.storage.checkpoints import checkpoint_name, manifest_meta
+
+        self._idle.wait()
         self._meta = manifest_meta(self.spec, step, metrics)
         self._idle.clear()
         mode = CheckpointUploadMode.ASYNC if self.spec.checkpoint.upload.mode == "async" else CheckpointUploadMode.SYNC
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(local_dir),
                          checkpoint_dir_name=checkpoint_name(step), checkpoint_upload_mode=mode,
                          checkpoint_upload_fn=self._upload, delete_local_checkpoint_after_upload=True)
-        self.blocked_s += time.perf_counter() - t0
 
     def _upload(self, checkpoint: Any, dir_name: str) -> Any:
         """Runs in Ray's upload thread (ASYNC) or inline (SYNC): upload this rank's files; rank 0 commits."""

@@ -167,8 +167,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="benchmark ftdist against a bare DeepSpeed loop; prints a table")
     b.add_argument("--steps", type=int, default=30, help="timed optimizer steps per run")
-    b.add_argument("--only", choices=["throughput", "memory", "load"], action="append",
+    b.add_argument("--only", choices=["throughput", "memory", "load", "checkpoint"], action="append",
                    help="run only these parts (repeatable)")
+    b.add_argument("--ckpt-mb", type=int, default=256, help="checkpoint: MiB per rank of the benchmark checkpoint")
+    b.add_argument("--s3-bucket", default=None,
+                   help="checkpoint: use this existing bucket at AWS_ENDPOINT_URL (default: start a local SeaweedFS)")
     b.add_argument("--json", default=None, help="also write the table rows to this file")
     b.set_defaults(fn=_cmd_bench)
     return p

