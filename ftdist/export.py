@@ -272,6 +272,15 @@ def export_checkpoint(ckpt_uri: str, dest: str, *, interpolate: Optional[float] 
                     continue
                 shutil.copy(os.path.join(hf_dir, f), os.path.join(out, f))
 
+        def write_model(stream: Tensors, out: str) -> None:
+            if interpolate is not None:
+                stream = interpolated(stream, base, interpolate)
+            w = ShardWriter(out, max_shard_size)
+            for k, t in cast(stream, dtype):
+                w.add(k, t)
+            w.close()
+            meta_files(out)
+
         if method == "lora":
             adapter_cfg = json.load(open(os.path.join(hf_dir, "adapter_config.json")))
             out = os.path.join(staging, "adapter")
@@ -283,24 +292,10 @@ def export_checkpoint(ckpt_uri: str, dest: str, *, interpolate: Optional[float] 
             written["adapter"] = "adapter"
             if merged if merged is not None else bool(manifest.get("merge_on_export")):
                 out = os.path.join(staging, "merged")
-                w = ShardWriter(out, max_shard_size)
-                stream = merged_lora(lambda want: iter_checkpoint_tensors(local, tag, want), adapter_cfg)
-                if interpolate is not None:
-                    stream = interpolated(stream, base, interpolate)
-                for k, t in cast(stream, dtype):
-                    w.add(k, t)
-                w.close()
-                meta_files(out)
+                write_model(merged_lora(lambda want: iter_checkpoint_tensors(local, tag, want), adapter_cfg), out)
                 written["merged"] = "merged"
         else:
-            w = ShardWriter(staging, max_shard_size)
-            stream = iter_checkpoint_tensors(local, tag)
-            if interpolate is not None:
-                stream = interpolated(stream, base, interpolate)
-            for k, t in cast(stream, dtype):
-                w.add(k, t)
-            w.close()
-            meta_files(staging)
+            write_model(iter_checkpoint_tensors(local, tag), staging)
             written["model"] = ""
         shutil.rmtree(local)  # free scratch before the upload
         publish_dir(staging, dest.rstrip("/"))
