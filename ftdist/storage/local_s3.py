@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import secrets
 import shutil
 import signal
@@ -19,13 +20,11 @@ from pathlib import Path
 
 
 def _free_base() -> int:
-    """A base port b with b, b+1 ... b+5 and each +10000 (SeaweedFS' gRPC offset) free."""
-    for _ in range(200):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            base = s.getsockname()[1]
-        if base > 50000:
-            continue
+    """A base port b with b..b+5 and each +10000 (SeaweedFS' gRPC offset) free, all below Linux's ephemeral range
+    (32768+), so outgoing connections of other processes cannot grab them between this check and the bind."""
+    rng = random.Random()
+    for _ in range(500):
+        base = rng.randrange(10000, 22700)
         ok = True
         for p in [base + i for i in range(6)] + [base + i + 10000 for i in range(6)]:
             with socket.socket() as t:
@@ -82,7 +81,17 @@ def weed_binary() -> str:
     return found
 
 
-def start_seaweedfs(timeout: float = 60.0) -> S3Server:
+def start_seaweedfs(timeout: float = 60.0, attempts: int = 3) -> S3Server:
+    for i in range(attempts):
+        try:
+            return _start(timeout)
+        except RuntimeError as e:
+            if "address already in use" not in str(e) or i == attempts - 1:
+                raise
+    raise AssertionError("unreachable")
+
+
+def _start(timeout: float) -> S3Server:
     workdir = tempfile.mkdtemp(prefix="ftdist-seaweed-")
     access, secret = "ftdist" + secrets.token_hex(4), secrets.token_hex(20)
     cfg = os.path.join(workdir, "s3.json")
