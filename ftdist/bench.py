@@ -305,7 +305,6 @@ def bench_load(tmp: str) -> list[dict]:
     model.save_pretrained(model_dir)
     size = sum(p.numel() * p.element_size() for p in model.parameters())
     del model
-    rows = []
     res = _spawn(_load_peak, model_dir, 3)
     peak = max(r["peak_delta"] for r in res)
     return [{"stage": 3, "model_bytes": size, "peak": peak, "ratio": peak / size, "params": res[0]["params"]}]

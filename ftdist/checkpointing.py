@@ -99,7 +99,6 @@ class RankCheckpointer:
         self._idle = threading.Event()
         self._idle.set()
         self._meta: dict = {}
-        self.blocked_s = 0.0  # time steps spent in save() (local save + waiting for the previous upload)
 
     # --- restart ------------------------------------------------------------------------------------------------
 
@@ -145,16 +144,13 @@ class RankCheckpointer:
 
     def save(self, engine: Any, step: int, state: dict, metrics: dict, tokenizer: Any) -> None:
         import tempfile
-        import time
 
-        t0 = time.perf_counter()
         self._idle.wait()  # at most one upload in flight per rank: bounded local disk, no piling up
         tmp = tempfile.mkdtemp(prefix=f"ftdist-ckpt-r{self.rank}-")
         save_per_worker(engine, tmp, step, state, self.rank)
         if self.rank == 0:
             save_hf_metadata(engine.module, tokenizer, os.path.join(tmp, "hf"))
         self.publish(tmp, step, metrics)
-        self.blocked_s += time.perf_counter() - t0
 
     def publish(self, local_dir: str, step: int, metrics: dict) -> None:
         """Hand a locally saved checkpoint folder to Ray Train with ftdist's uploader; async by default. The
@@ -241,35 +237,11 @@ def _save_hf_folder(state_dict: dict, config: Any, out_dir: str, max_shard_size:
         tokenizer.save_pretrained(out_dir)
 
 
-def merge_lora_state_dict(sd: dict, peft_config: Any) -> dict:
-    """Fold LoRA deltas into base weights: W' = W + (alpha / r) * B @ A (transposed for fan_in_fan_out layers)."""
-    import torch
-
-    scale = peft_config.lora_alpha / (peft_config.r ** 0.5 if peft_config.use_rslora else peft_config.r)
-    prefix = "base_model.model."
-    out = {}
-    lora_a = {k[: -len(".lora_A.default.weight")]: v for k, v in sd.items() if k.endswith(".lora_A.default.weight")}
-    for k, v in sd.items():
-        if ".lora_" in k:
-            continue
-        name = k[len(prefix):] if k.startswith(prefix) else k
-        if ".base_layer." in k:
-            mod = k.split(".base_layer.")[0]
-            name = name.replace(".base_layer.", ".")
-            if k.endswith(".weight") and mod in lora_a:
-                a = lora_a[mod].float()  # [r, in]
-                b = sd[f"{mod}.lora_B.default.weight"].float()  # [out, r]
-                delta = (b @ a) * scale  # [out, in]
-                if peft_config.fan_in_fan_out:
-                    delta = delta.T
-                v = (v.float() + delta).to(v.dtype)
-        out[name] = v.contiguous()
-    return out
-
-
 def export_per_worker(engine: Any, spec: Any, tokenizer: Any, out_dir: str) -> Optional[dict]:
     """All ranks call this (ZeRO-3 gathers are collective); rank 0 writes out_dir. Returns {kind: path} on rank 0."""
     import torch.distributed as dist
+
+    from ftdist.export import merged_lora
 
     rank = dist.get_rank()
     module = engine.module
@@ -289,7 +261,9 @@ def export_per_worker(engine: Any, spec: Any, tokenizer: Any, out_dir: str) -> O
                 peft_cfg = module.peft_config["default"]
                 merged_dir = os.path.join(out_dir, "merged")
                 base = module.get_base_model()
-                _save_hf_folder(merge_lora_state_dict(full, peft_cfg), base.config, merged_dir,
+                merged = dict(merged_lora(lambda want: ((k, v) for k, v in full.items() if want(k)),
+                                          peft_cfg.to_dict()))
+                _save_hf_folder(merged, base.config, merged_dir,
                                 spec.export.max_shard_size, tokenizer, getattr(base, "generation_config", None))
                 written["merged"] = merged_dir
     else:

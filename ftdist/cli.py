@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
-from typing import Optional
+from typing import Iterator, Optional
 
 from ftdist.errors import SpecError
 
@@ -55,25 +56,20 @@ def _first_line(e: BaseException) -> str:
     return (tail[-1] if tail else type(e).__name__)[:400]
 
 
-def _storage_errors(uri: str):
+@contextlib.contextmanager
+def _storage_errors(uri: str) -> Iterator[None]:
     """Storage/checkpoint mistakes as one-line SpecErrors (exit 2)."""
-    import contextlib
+    from botocore.exceptions import BotoCoreError, ClientError
 
-    @contextlib.contextmanager
-    def guard():
-        from botocore.exceptions import BotoCoreError, ClientError
+    from ftdist.storage.checkpoints import CheckpointError
+    from ftdist.storage.s3 import describe_error
 
-        from ftdist.storage.checkpoints import CheckpointError
-        from ftdist.storage.s3 import describe_error
-
-        try:
-            yield
-        except (ClientError, BotoCoreError) as e:
-            raise SpecError(describe_error(e, uri)) from None
-        except (CheckpointError, ValueError, FileNotFoundError, KeyError) as e:
-            raise SpecError(str(e).strip("'\"")) from None
-
-    return guard()
+    try:
+        yield
+    except (ClientError, BotoCoreError) as e:
+        raise SpecError(describe_error(e, uri)) from None
+    except (CheckpointError, ValueError, FileNotFoundError, KeyError) as e:
+        raise SpecError(str(e).strip("'\"")) from None
 
 
 def _cmd_checkpoints(args: argparse.Namespace) -> int:

@@ -3,8 +3,9 @@ tensor at a time: `ftdist export <checkpoint-uri> --to <uri> [--interpolate ALPH
 
 Memory stays bounded by one output shard plus one tensor: checkpoint files are memory-mapped (torch.load(mmap=True)),
 ZeRO-3 parameters are stitched from the per-rank flat fp32 partitions one at a time, and shards are flushed as they
-fill. The same streaming writer and method policy (full/freeze weights; LoRA adapter and/or merged; WiSE-FT weight
-interpolation with the base model) serve the end-of-job export in the workers.
+fill. The method policy (full/freeze weights; LoRA adapter and/or merged; WiSE-FT weight interpolation with the
+base model) is a chain of stream transforms; the end-of-job export in the workers reuses `merged_lora`, but still
+gathers the 16-bit weights on rank 0 under ZeRO-3 (see checkpointing.export_per_worker).
 """
 
 from __future__ import annotations

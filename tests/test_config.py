@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import pytest
-import yaml
 
 from ftdist.config import load_spec, with_overrides
 from ftdist.errors import SpecError

@@ -13,12 +13,6 @@ from ftdist.errors import SpecError
 from ftdist.storage.s3 import is_remote, split_s3  # noqa: F401  (re-exported)
 
 
-def s3_client():
-    from ftdist.storage import s3
-
-    return s3.client()
-
-
 def cache_root() -> Path:
     return Path(os.environ.get("FTDIST_CACHE", Path.home() / ".cache" / "ftdist"))
 
@@ -32,7 +26,9 @@ def download(uri: str, dest: Optional[str] = None) -> str:
     done = target.with_name(target.name + ".complete")
     if done.exists():
         return str(target / Path(key).name) if done.read_text() == "object" else str(target)
-    client = s3_client()
+    from ftdist.storage import s3
+
+    client = s3.client()
     tmp = target.with_name(target.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -78,11 +74,10 @@ def _readable(root: str) -> None:
 def publish_dir(local_dir: str, dest: str, opts=None) -> str:
     """Copy a finished local folder to `dest` (local path or s3:// prefix)."""
     if is_remote(dest):
-        from ftdist.storage.store import S3Store, TransferOptions
+        from ftdist.storage.store import S3Store, TransferOptions, relative_files
 
         store = S3Store(dest, opts or TransferOptions())
-        items = [(os.path.join(root, f), os.path.relpath(os.path.join(root, f), local_dir).replace(os.sep, "/"))
-                 for root, _, files in os.walk(local_dir) for f in files]
+        items = [(os.path.join(local_dir, rel), rel) for rel in relative_files(local_dir)]
         # Replace, don't merge: stale shards of an earlier export must not sit next to the new index.
         store.delete_prefix("")
         store.put_files(items)

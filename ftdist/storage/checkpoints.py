@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from ftdist.storage.store import Store, TransferOptions, open_store, sha256_file
+from ftdist.storage.store import Store, TransferOptions, open_store, relative_files, sha256_file
 
 MANIFEST = "ftdist_manifest.json"
 PARTS = ".ftdist"
@@ -68,16 +68,11 @@ class CheckpointInfo:
         return sum(f["size"] for f in self.manifest["files"]) if self.manifest else 0
 
 
-def _hash_files(local_dir: str) -> list[dict]:
-    paths = []
-    for d, _, files in os.walk(local_dir):
-        for f in files:
-            p = os.path.join(d, f)
-            paths.append((os.path.relpath(p, local_dir).replace(os.sep, "/"), p))
-    paths.sort()
+def _hash_files(local_dir: str, rels: list[str]) -> list[dict]:
+    paths = [os.path.join(local_dir, r) for r in rels]
     with ThreadPoolExecutor(max_workers=4) as ex:  # hashlib releases the GIL on large buffers
-        digests = list(ex.map(lambda rp: sha256_file(rp[1]), paths))
-    return [{"path": rel, "size": os.path.getsize(p), "sha256": h} for (rel, p), h in zip(paths, digests)]
+        digests = list(ex.map(sha256_file, paths))
+    return [{"path": rel, "size": os.path.getsize(p), "sha256": h} for rel, p, h in zip(rels, paths, digests)]
 
 
 class CheckpointStore:
@@ -91,16 +86,13 @@ class CheckpointStore:
 
     def upload_rank(self, local_dir: str, name: str, rank: int) -> list[dict]:
         """Upload one rank's files of checkpoint `name`, then its file list (the rank's part of the commit)."""
-        rels = sorted(os.path.relpath(os.path.join(d, f), local_dir).replace(os.sep, "/")
-                      for d, _, fs in os.walk(local_dir) for f in fs)
+        rels = relative_files(local_dir)
         # Hash while the bytes stream out (hashlib and the HTTP transfers both release the GIL); the file list is
         # written only after both finished.
         with ThreadPoolExecutor(max_workers=1) as ex:
-            hashed = ex.submit(_hash_files, local_dir)
+            hashed = ex.submit(_hash_files, local_dir, rels)
             self.store.put_files([(os.path.join(local_dir, r), f"{name}/{r}") for r in rels])
             files = hashed.result()
-        if [f["path"] for f in files] != rels:
-            raise CheckpointError(f"{local_dir}: files changed during upload")
         for f in files:
             f["rank"] = rank
         self.store.put_bytes(f"{name}/{PARTS}/rank-{rank:05d}.json", json.dumps(files).encode())

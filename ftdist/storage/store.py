@@ -31,6 +31,12 @@ def sha256_file(path: str) -> str:
             h.update(b)
 
 
+def relative_files(local_dir: str) -> list[str]:
+    """Every file under local_dir as a sorted '/'-separated relative path (a key suffix)."""
+    return sorted(os.path.relpath(os.path.join(d, f), local_dir).replace(os.sep, "/")
+                  for d, _, files in os.walk(local_dir) for f in files)
+
+
 @dataclass(frozen=True)
 class TransferOptions:
     part_size: int = 16 << 20
