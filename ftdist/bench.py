@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import socket
 import statistics
 import tempfile
@@ -70,14 +71,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _spawn(fn, *args) -> list:
-    """Run fn(rank, queue, *args) in WORLD fresh processes with a gloo process group; return rank results."""
+def _spawn(fn, *args, world: int = WORLD, backend: str = "gloo") -> list:
+    """Run fn(rank, *args) in `world` fresh processes with a torch process group (gloo on CPU, nccl on GPUs);
+    return the rank results."""
     import torch.multiprocessing as mp
 
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     port = _free_port()
-    procs = [ctx.Process(target=_entry, args=(fn, r, port, q, args)) for r in range(WORLD)]
+    procs = [ctx.Process(target=_entry, args=(fn, r, world, backend, port, q, args)) for r in range(world)]
     for p in procs:
         p.start()
     out = [q.get(timeout=1800) for _ in procs]
@@ -89,18 +91,25 @@ def _spawn(fn, *args) -> list:
     return sorted(out, key=lambda o: o["rank"])
 
 
-def _entry(fn, rank, port, q, args):
+def _entry(fn, rank, world, backend, port, q, args):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                      WORLD_SIZE=str(WORLD), DS_ACCELERATOR="cpu", TOKENIZERS_PARALLELISM="false")
+                      WORLD_SIZE=str(world), TOKENIZERS_PARALLELISM="false")
+    if backend == "gloo":
+        os.environ["DS_ACCELERATOR"] = "cpu"
+    elif os.environ.get("DS_ACCELERATOR") == "cpu":
+        del os.environ["DS_ACCELERATOR"]
     try:
         import torch
         import torch.distributed as dist
 
-        torch.set_num_threads(1)
-        dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+        if backend == "nccl":
+            torch.cuda.set_device(rank)
+        else:
+            torch.set_num_threads(1)
+        dist.init_process_group(backend, rank=rank, world_size=world)
         import deepspeed
 
-        deepspeed.init_distributed(dist_backend="gloo")
+        deepspeed.init_distributed(dist_backend=backend)
         res = fn(rank, *args)
         res["rank"] = rank
         q.put(res)
@@ -126,6 +135,8 @@ def _engine_for(spec_json: dict):
     model = load_model(spec.model, None, ds_cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=spec.optim.lr)
     engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds_cfg, dist_init_required=False)
+    if spec.model.compile:
+        engine.compile()
     return spec, engine
 
 
@@ -133,9 +144,11 @@ def _batches(spec, rank):
     from ftdist.data import ShardedLoader, build_splits, collate
     from ftdist.modeling import load_tokenizer
 
+    import torch.distributed as dist
+
     tok = load_tokenizer(spec.model.tokenizer_path)
     splits = build_splits(spec.data, tok, spec.optim.seed)
-    it = ShardedLoader.for_job(spec, splits.train, rank, WORLD).micro_batches(0)
+    it = ShardedLoader.for_job(spec, splits.train, rank, dist.get_world_size()).micro_batches(0)
     return lambda: collate(next(it), tok.pad_token_id)
 
 
@@ -145,18 +158,25 @@ def _batches(spec, rank):
 
 def _bare_loop(rank: int, spec_json: dict, warmup: int, steps: int) -> dict:
     """The plain DeepSpeed loop: forward, backward, step; no Ray, no metrics, no checkpoints."""
+    import torch
+
     spec, engine = _engine_for(spec_json)
     next_batch = _batches(spec, rank)
     tokens, t0 = 0, 0.0
     for step in range(warmup + steps):
         if step == warmup:
+            if engine.device.type == "cuda":
+                torch.cuda.synchronize()
             t0 = time.perf_counter()
             tokens = 0
         for _ in range(spec.grad_accum):
-            b = next_batch()
+            host = next_batch()
+            tokens += int(host["attention_mask"].sum())  # counted on the host: no device sync
+            b = {k: v.to(engine.device) for k, v in host.items()}
             engine.backward(engine(**b).loss)
             engine.step()
-            tokens += int(b["attention_mask"].sum())
+    if engine.device.type == "cuda":
+        torch.cuda.synchronize()
     return {"tokens": tokens, "seconds": time.perf_counter() - t0}
 
 
@@ -311,6 +331,100 @@ def bench_load(tmp: str) -> list[dict]:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# 4. GPU: a ~1.1B-parameter Llama built from a config, bf16, one GPU
+
+
+GPU_LLAMA = dict(BENCH_LLAMA, vocab_size=32000, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                 num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=4096)
+# Dense bf16 peak of the card (tensor cores, no sparsity), by device name.
+PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "GH200": 989e12, "A100": 312e12, "L40S": 362e12}
+
+
+def gpu_spec(storage: str, data_path: str, steps: int, seq: int, micro_batch: int, name: str = "bench-gpu",
+             compile: bool = False):
+    from ftdist.config import spec_from_dict
+
+    return spec_from_dict({
+        "name": name,
+        "model": {"from_config": GPU_LLAMA, "tokenizer": os.path.join(_repo_data(), "tokenizer"), "dtype": "bf16",
+                  "attn_implementation": "sdpa", "compile": compile},
+        "data": {"train": data_path, "format": "text", "max_length": seq, "packing": True},
+        "zero": {"stage": 2},
+        "optim": {"lr": 1e-4, "micro_batch_size": micro_batch, "global_batch_size": micro_batch, "max_steps": steps,
+                  "schedule": "constant", "seed": 1},
+        "resources": {"num_workers": 1, "cpus_per_worker": 4, "gpus_per_worker": 1, "max_failures": 0},
+        "checkpoint": {"storage": storage, "every_n_steps": None},
+        "logging": {"every_n_steps": 5},
+        "export": {"enabled": False},
+    })
+
+
+def _gpu_text(path: str, tokens_wanted: int) -> None:
+    """Plain-text training data from the quickstart examples, repeated until it holds enough tokens for the run."""
+    rows = [json.loads(line) for line in open(os.path.join(_repo_data(), "train.jsonl"))]
+    texts = [r["prompt"] + r["completion"] for r in rows]
+    chars_wanted = tokens_wanted * 4  # generous: this tokenizer makes more than one token per 4 characters
+    with open(path, "w") as fh:
+        written = 0
+        while written < chars_wanted:
+            for i in range(0, len(texts), 50):
+                line = "\n".join(texts[i:i + 50])
+                fh.write(json.dumps({"text": line}) + "\n")
+                written += len(line)
+
+
+def sum_params(cfg: dict) -> int:
+    h, L, v, ff = cfg["hidden_size"], cfg["num_hidden_layers"], cfg["vocab_size"], cfg["intermediate_size"]
+    kv = h // cfg["num_attention_heads"] * cfg["num_key_value_heads"]
+    return L * (h * h * 2 + h * kv * 2 + 3 * h * ff + 2 * h) + 2 * h * v + h
+
+
+def model_flops_per_token(cfg: dict, seq: int) -> float:
+    """Training FLOPs per token, PaLM appendix B convention: 6N for the matmuls of the N non-embedding parameters
+    (the LM head counts; the embedding lookup does not) + 12·L·h·s for attention scores and values."""
+    h, L, v, ff = cfg["hidden_size"], cfg["num_hidden_layers"], cfg["vocab_size"], cfg["intermediate_size"]
+    kv = h // cfg["num_attention_heads"] * cfg["num_key_value_heads"]
+    per_layer = h * h * 2 + h * kv * 2 + 3 * h * ff  # q, o, k, v; gate, up, down (norm weights are negligible)
+    n = L * per_layer + h * v  # + LM head
+    return 6 * n + 12 * L * h * seq
+
+
+def _bare_gpu(rank: int, spec_json: dict, warmup: int, steps: int) -> dict:
+    import torch
+
+    res = _bare_loop(rank, spec_json, warmup, steps)
+    res["device"] = torch.cuda.get_device_name()
+    res["peak_mem"] = torch.cuda.max_memory_allocated()
+    return res
+
+
+def bench_gpu(steps: int, tmp: str, seq: int = 2048, micro_batch: int = 8, compile: bool = False) -> dict:
+    from ftdist.driver import run_training
+
+    warmup = 10 if compile else 5  # compiled: the first steps also compile (and recompile once for the backward)
+    total = warmup + steps
+    data = os.path.join(tmp, "gpu-text.jsonl")
+    _gpu_text(data, total * micro_batch * seq)
+    spec = gpu_spec(os.path.join(tmp, "gpu-store"), data, total, seq, micro_batch,
+                    name="bench-gpu-compiled" if compile else "bench-gpu", compile=compile)
+    bare = _spawn(_bare_gpu, spec.model_dump(mode="json"), warmup, steps, world=1, backend="nccl")[0]
+    bare_tps = bare["tokens"] / bare["seconds"]
+    s = run_training(spec)
+    if s.error:
+        raise RuntimeError(s.error)
+    windows = [h["tokens_per_s"] for h in s.history if "tokens_per_s" in h and h["step"] > warmup]
+    ftdist_tps = statistics.mean(windows)
+    shutil.rmtree(os.path.join(tmp, "gpu-store"), ignore_errors=True)  # the final checkpoint: ~16 bytes/param
+    flops = model_flops_per_token(GPU_LLAMA, seq)
+    name = bare["device"]
+    peak = next((v for k, v in PEAK_BF16.items() if k in name.split() or f" {k} " in f" {name} "), None)
+    return {"ftdist_tps": ftdist_tps, "bare_tps": bare_tps, "ratio": ftdist_tps / bare_tps, "device": name,
+            "flops_per_token": flops, "peak": peak, "peak_mem": bare["peak_mem"], "seq": seq, "mb": micro_batch,
+            "ftdist_mfu": ftdist_tps * flops / peak if peak else None,
+            "bare_mfu": bare_tps * flops / peak if peak else None}
+
+
+# ---------------------------------------------------------------------------------------------------------------
 
 
 def _mb(b: float) -> str:
@@ -318,10 +432,28 @@ def _mb(b: float) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
     parts = args.only or ["throughput", "memory", "load", "checkpoint"]
     lines = ["| measurement | ftdist | reference | ratio | goal |", "|---|---|---|---|---|"]
     with tempfile.TemporaryDirectory(prefix="ftdist-bench-") as tmp:
+        if "gpu" in parts:
+            import torch
+
+            if not torch.cuda.is_available():
+                raise SystemExit("ftdist bench --only gpu: no CUDA device visible")
+            for compiled in (False, True):
+                g = bench_gpu(args.steps, tmp, compile=compiled)
+                what = (f"1x {g['device']}, {sum_params(GPU_LLAMA) / 1e9:.2f}B Llama bf16, ZeRO-2, seq {g['seq']}, "
+                        f"mb {g['mb']}, {'model.compile' if compiled else 'eager'}")
+                lines.append(f"| training tokens/s, {what} | {g['ftdist_tps']:.0f} | {g['bare_tps']:.0f} (bare "
+                             f"DeepSpeed, no Ray) | {g['ratio']:.3f} | >= 0.95 |")
+                if g["peak"]:
+                    lines.append(f"| model FLOPs utilisation, {'compiled' if compiled else 'eager'} "
+                                 f"({g['flops_per_token'] / 1e9:.2f} GFLOP/token, peak {g['peak'] / 1e12:.0f} TFLOP/s "
+                                 f"bf16) | {100 * g['ftdist_mfu']:.1f}% | {100 * g['bare_mfu']:.1f}% (bare) | "
+                                 f"{g['ratio']:.3f} | >= 45% |")
+                lines.append(f"| peak GPU memory allocated (bare loop, {'compiled' if compiled else 'eager'}) | | "
+                             f"{_mb(g['peak_mem'])} | | |")
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # the CPU parts below
         if "throughput" in parts:
             t = bench_throughput(args.steps, tmp)
             lines.append(f"| training tokens/s, 2 workers ZeRO-2 ({args.steps} steps) | {t['ftdist_tps']:.0f} | "

@@ -163,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="benchmark ftdist against a bare DeepSpeed loop; prints a table")
     b.add_argument("--steps", type=int, default=30, help="timed optimizer steps per run")
-    b.add_argument("--only", choices=["throughput", "memory", "load", "checkpoint"], action="append",
+    b.add_argument("--only", choices=["throughput", "memory", "load", "checkpoint", "gpu"], action="append",
                    help="run only these parts (repeatable)")
     b.add_argument("--ckpt-mb", type=int, default=256, help="checkpoint: MiB per rank of the benchmark checkpoint")
     b.add_argument("--s3-bucket", default=None,

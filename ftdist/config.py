@@ -40,6 +40,8 @@ class ModelSpec(_Spec):
     gradient_checkpointing: bool = False
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flash_attention_3"] = "sdpa"
     trust_remote_code: bool = False
+    compile: bool = False
+    """torch.compile the model (DeepSpeed `engine.compile()`): slower start, faster steps on GPUs."""
 
     @model_validator(mode="after")
     def _one_source(self) -> "ModelSpec":

@@ -65,8 +65,32 @@ def connect_ray(address: Optional[str], num_cpus_hint: int) -> bool:
         return False
     # Embedded default: a local Ray on this machine's CPUs (enough for the requested workers + the controller).
     cpus = max(os.cpu_count() or 1, num_cpus_hint)
+    os.environ[NO_DASHBOARD_ENV] = "1"
+    env["env_vars"][NO_DASHBOARD_ENV] = "1"  # Tune trial actors build their trainers there
     ray.init(num_cpus=cpus, include_dashboard=False, runtime_env=env, logging_level="WARNING", log_to_driver=True)
     return True
+
+
+NO_DASHBOARD_ENV = "FTDIST_RAY_NO_DASHBOARD"
+
+
+def _without_placement_group_cleaner(trainer: Any) -> None:
+    """Ray Train 2.60 starts a PlacementGroupCleaner actor that asks the State API (served by the dashboard) every
+    second whether the controller is alive. The embedded Ray has no dashboard, so it would log a warning every second
+    and never clean anything; and when the driver exits the embedded Ray goes away with its placement groups anyway.
+    On a real cluster (dashboard up) the cleaner stays."""
+    create = getattr(trainer, "_create_default_callbacks", None)
+    if create is None:
+        return
+    try:
+        from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+    except ImportError:
+        return
+
+    def callbacks() -> list:
+        return [c for c in create() if not isinstance(c, PlacementGroupCleanerCallback)]
+
+    trainer._create_default_callbacks = callbacks
 
 
 def build_trainer(spec: JobSpec, *, storage_path: Optional[str] = None, name: Optional[str] = None) -> Any:
@@ -91,7 +115,7 @@ def build_trainer(spec: JobSpec, *, storage_path: Optional[str] = None, name: Op
     if s3.is_remote(storage):
         storage_fs = s3.pyarrow_fs()  # Ray's own files (run state, retention) go to the same endpoint
         storage = storage[len("s3://"):]
-    return TorchTrainer(
+    trainer = TorchTrainer(
         train_fn_per_worker,
         train_loop_config={"spec": spec.model_dump(mode="json"), "export_uri": export_uri(spec)},
         torch_config=TorchConfig(backend="nccl" if r.use_gpu else "gloo"),
@@ -115,6 +139,9 @@ def build_trainer(spec: JobSpec, *, storage_path: Optional[str] = None, name: Op
             logging_config=LoggingConfig(log_level="WARNING"),
         ),
     )
+    if os.environ.get(NO_DASHBOARD_ENV) == "1":
+        _without_placement_group_cleaner(trainer)
+    return trainer
 
 
 def preflight_data(spec: JobSpec) -> Optional[str]:
@@ -171,6 +198,7 @@ def run_training(spec: JobSpec, *, address: Optional[str] = None) -> RunSummary:
     finally:
         if started:
             ray.shutdown()
+            os.environ.pop(NO_DASHBOARD_ENV, None)
     ckpt, history = None, []
     if result.checkpoint is not None:
         import json

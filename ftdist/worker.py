@@ -60,9 +60,14 @@ def _param_groups(model: Any, weight_decay: float) -> list[dict]:
 
 
 def _quiet_libraries() -> None:
-    for name in ("DeepSpeed", "deepspeed", "ray.train", "ray.train.v2._internal.execution.context",
-                 "torch.distributed", "botocore", "boto3", "s3transfer"):
+    for name in ("DeepSpeed", "deepspeed", "ray.train", "torch.distributed", "botocore", "boto3", "s3transfer"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    try:  # Ray Train names this logger by its file path, so the ray.train level filter misses its INFO lines
+        from ray.train.v2._internal.execution import context as train_context
+
+        logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
+    except ImportError:
+        pass
     try:
         from deepspeed.utils import logger as ds_logger
 
@@ -73,8 +78,11 @@ def _quiet_libraries() -> None:
 
 def train_fn_per_worker(config: dict) -> None:
     spec = spec_from_dict(config["spec"], "job spec")
-    if not spec.resources.use_gpu:
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    if spec.resources.use_gpu:
+        if os.environ.get("DS_ACCELERATOR") == "cpu":  # inherited from a CPU run on the same driver
+            del os.environ["DS_ACCELERATOR"]
+    else:
+        os.environ["DS_ACCELERATOR"] = "cpu"
     import numpy as np
     import random
 
@@ -131,6 +139,8 @@ def train_fn_per_worker(config: dict) -> None:
         config=ds_cfg,
         dist_init_required=False,
     )
+    if spec.model.compile:
+        engine.compile()
     device = engine.device
 
     # Per-rank RNG (dropout differs across ranks); restored exactly on resume.
@@ -204,14 +214,15 @@ def train_fn_per_worker(config: dict) -> None:
             continue
         # Same decision on every rank (it depends on the step only): report() stays a barrier in lockstep.
         dist.all_reduce(window)
+        loss_sum, micro_steps, tokens = window.tolist()  # waits for the device, so the window's time covers its work
         elapsed = time.perf_counter() - window_t0
         gn = engine.get_global_grad_norm()
         metrics = {
             "step": done,
-            "loss": (window[0] / window[1]).item(),
+            "loss": loss_sum / micro_steps,
             "lr": scheduler.get_last_lr()[0],
             "grad_norm": float(gn) if gn is not None else float("nan"),
-            "tokens_per_s": window[2].item() / elapsed,
+            "tokens_per_s": tokens / elapsed,
             "step_time_s": elapsed / window_steps,
             "epoch": done / loader.steps_per_epoch,
             "train_time_s": time.perf_counter() - loop_t0,
