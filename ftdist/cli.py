@@ -49,6 +49,53 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_tune(args: argparse.Namespace) -> int:
+    from ftdist.config import check_local_inputs, load_spec
+    from ftdist.tune import validate_sweep
+
+    spec = load_spec(args.job, args.overrides)
+    check_local_inputs(spec)
+    validate_sweep(spec, args.job)
+    from ftdist.driver import preflight_data
+    from ftdist.storage import s3
+    from ftdist.tune import run_sweep
+
+    preflight_data(spec)
+    storage = spec.checkpoint.resolved_storage()
+    if s3.is_remote(storage):
+        s3.check_access(f"{storage}/{spec.name}", extra_args=spec.checkpoint.encryption.extra_args())
+    out = run_sweep(spec, address=args.address, resume=args.resume)
+    _print_sweep(out)
+    return 1 if out.errors or out.report.best is None else 0
+
+
+def _print_sweep(out) -> None:
+    r = out.report
+    print(r.markdown())
+    best = r.best
+    if best is not None:
+        print(f"ftdist: best trial {best.trial_id}: {r.spec.sweep.metric} {best.last(r.spec.sweep.metric):.4g} "
+              f"with {', '.join(f'{k}={v}' for k, v in best.params.items())}")
+    for kind, uri in out.files.items():
+        print(f"ftdist: {kind}: {uri}")
+    if out.deleted:
+        print(f"ftdist: retention deleted {len(out.deleted)} checkpoint(s) of the other trials")
+    for kind, uri in (out.exported or {}).items():
+        print(f"ftdist: best trial exported ({kind}): {uri}")
+    for t in out.errors:
+        print(f"ftdist: trial {t.trial_id} failed: {t.error}", file=sys.stderr)
+
+
+def _cmd_sweep_report(args: argparse.Namespace) -> int:
+    from ftdist.tune import finish, load_saved_spec
+
+    with _storage_errors(args.sweep_uri):
+        spec = load_saved_spec(args.sweep_uri)
+        out = finish(spec, retention=False, export=False)
+    _print_sweep(out)
+    return 0
+
+
 def _first_line(e: BaseException) -> str:
     # Ray wraps the worker error; the last line of its message names the real exception.
     text = str(e).strip().splitlines()
@@ -141,6 +188,18 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--address", default=None,
                    help="join this Ray cluster (default: RAY_ADDRESS, else start an embedded local Ray)")
     t.set_defaults(fn=_cmd_train)
+
+    tu = sub.add_parser("tune", help="hyperparameter sweep (the job's sweep: section) with Ray Tune")
+    _add_job_args(tu)
+    tu.add_argument("--address", default=None,
+                    help="join this Ray cluster (default: RAY_ADDRESS, else start an embedded local Ray)")
+    tu.add_argument("--resume", action="store_true",
+                    help="finish an interrupted sweep of the same name (completed trials are not rerun)")
+    tu.set_defaults(fn=_cmd_tune)
+
+    sr = sub.add_parser("sweep-report", help="rebuild a sweep's results table, CSV/Markdown and plot from storage")
+    sr.add_argument("sweep_uri", help="<checkpoint.storage>/<sweep name>, local or s3://")
+    sr.set_defaults(fn=_cmd_sweep_report)
 
     c = sub.add_parser("checkpoints", help="list a job's committed checkpoints; verify one")
     c.add_argument("job_uri", help="<checkpoint.storage>/<job name>, local or s3://")

@@ -65,35 +65,14 @@ def connect_ray(address: Optional[str], num_cpus_hint: int) -> bool:
         return False
     # Embedded default: a local Ray on this machine's CPUs (enough for the requested workers + the controller).
     cpus = max(os.cpu_count() or 1, num_cpus_hint)
-    os.environ[NO_DASHBOARD_ENV] = "1"
-    env["env_vars"][NO_DASHBOARD_ENV] = "1"  # Tune trial actors build their trainers there
-    ray.init(num_cpus=cpus, include_dashboard=False, runtime_env=env, logging_level="WARNING", log_to_driver=True)
+    # The dashboard (on 127.0.0.1) serves the State API, which Ray Train's PlacementGroupCleaner polls to free the
+    # workers' placement group of a trial that Tune stopped (without it, it warns every second and frees nothing).
+    ray.init(num_cpus=cpus, include_dashboard=True, runtime_env=env, logging_level="WARNING", log_to_driver=True)
     return True
 
 
-NO_DASHBOARD_ENV = "FTDIST_RAY_NO_DASHBOARD"
-
-
-def _without_placement_group_cleaner(trainer: Any) -> None:
-    """Ray Train 2.60 starts a PlacementGroupCleaner actor that asks the State API (served by the dashboard) every
-    second whether the controller is alive. The embedded Ray has no dashboard, so it would log a warning every second
-    and never clean anything; and when the driver exits the embedded Ray goes away with its placement groups anyway.
-    On a real cluster (dashboard up) the cleaner stays."""
-    create = getattr(trainer, "_create_default_callbacks", None)
-    if create is None:
-        return
-    try:
-        from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
-    except ImportError:
-        return
-
-    def callbacks() -> list:
-        return [c for c in create() if not isinstance(c, PlacementGroupCleanerCallback)]
-
-    trainer._create_default_callbacks = callbacks
-
-
-def build_trainer(spec: JobSpec, *, storage_path: Optional[str] = None, name: Optional[str] = None) -> Any:
+def build_trainer(spec: JobSpec, *, storage_path: Optional[str] = None, name: Optional[str] = None,
+                  callbacks: Optional[list] = None) -> Any:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
     from ray.train.v2.api.config import LoggingConfig
@@ -130,17 +109,17 @@ def build_trainer(spec: JobSpec, *, storage_path: Optional[str] = None, name: Op
             storage_path=storage,
             storage_filesystem=storage_fs,
             failure_config=FailureConfig(max_failures=r.max_failures),
+            # No num_to_keep: ftdist's storage-side retention (after each commit, manifest deleted first) is the one
+            # deleter. Two deleters race: Ray's delete of a folder ftdist already removed fails the whole run.
             checkpoint_config=CheckpointConfig(
-                num_to_keep=c.keep_last,
                 checkpoint_score_attribute=c.keep_best_by,
                 checkpoint_score_order=c.best_mode,
             ),
             worker_runtime_env=worker_env,
             logging_config=LoggingConfig(log_level="WARNING"),
+            callbacks=callbacks,
         ),
     )
-    if os.environ.get(NO_DASHBOARD_ENV) == "1":
-        _without_placement_group_cleaner(trainer)
     return trainer
 
 
@@ -198,7 +177,6 @@ def run_training(spec: JobSpec, *, address: Optional[str] = None) -> RunSummary:
     finally:
         if started:
             ray.shutdown()
-            os.environ.pop(NO_DASHBOARD_ENV, None)
     ckpt, history = None, []
     if result.checkpoint is not None:
         import json

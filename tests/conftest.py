@@ -100,8 +100,13 @@ def ray_cluster(s3_server):
     its workers have the same AWS environment as the driver."""
     import ray
 
+    import socket
+
     tmp = tempfile.mkdtemp(prefix="/tmp/ftr")
-    ray.init(num_cpus=3, include_dashboard=False, _temp_dir=tmp, logging_level="WARNING",
+    with socket.socket() as s:  # the dashboard (State API) on its own port: Ray Train's placement-group cleaner needs it
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ray.init(num_cpus=3, include_dashboard=True, dashboard_port=port, _temp_dir=tmp, logging_level="WARNING",
              runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
     yield
     ray.shutdown()
