@@ -343,7 +343,7 @@ class SchedulerSpec(_Spec):
 class SweepSpec(_Spec):
     """`ftdist tune`: Ray Tune over any dotted job key; each trial is the `ftdist train` run with overrides."""
 
-    space: dict[str, Union[list[Any], SearchDim]]
+    space: dict[str, SearchDim]
     search: Literal["random", "grid", "optuna"] = "random"
     num_samples: int = Field(1, ge=1)
     """random/optuna: number of trials; grid: how many times the grid is repeated."""
@@ -364,23 +364,24 @@ class SweepSpec(_Spec):
     seed: Optional[int] = None
     """Seed of the random / Optuna search (the trials' own seed is optim.seed)."""
 
+    @field_validator("space", mode="before")
+    @classmethod
+    def _bare_lists(cls, v: Any) -> Any:
+        if isinstance(v, dict):  # `optim.lr: [1e-4, 3e-4]` is short for `optim.lr: {choice: [1e-4, 3e-4]}`
+            return {k: {"choice": d} if isinstance(d, list) else d for k, d in v.items()}
+        return v
+
     @field_validator("space")
     @classmethod
     def _space(cls, v: dict) -> dict:
         if not v:
             raise ValueError("empty search space: give at least one dotted key, e.g. optim.lr: {loguniform: [1e-5, 1e-3]}")
-        out = {}
-        for key, dim in v.items():
+        for key in v:
             if not re.match(r"^[a-z_][a-z0-9_]*(\.[a-z_][a-z0-9_]*)*$", key):
                 raise ValueError(f"{key!r} is not a dotted job key like optim.lr")
             if key.startswith("sweep.") or key == "name":
                 raise ValueError(f"{key}: the sweep cannot search over {key.split('.')[0]}")
-            if isinstance(dim, list):
-                if not dim:
-                    raise ValueError(f"{key}: empty list")
-                dim = SearchDim(choice=dim)
-            out[key] = dim
-        return out
+        return v
 
 
 class JobSpec(_Spec):

@@ -86,6 +86,8 @@ def validate_sweep(spec: JobSpec, source: str = "job") -> None:
     sw = spec.sweep
     if sw is None:
         raise SpecError(f"{source}: no sweep section: add sweep.space, e.g. sweep: {{space: {{optim.lr: [1e-4, 3e-4]}}}}")
+    if sw.alpha_per_rank is not None and spec.method != "lora" and "method" not in sw.space:
+        raise SpecError(f"sweep.alpha_per_rank: needs method lora (this job is {spec.method})")
     for key, dim in sw.space.items():
         if not _key_exists(JobSpec, key.split(".")):
             raise SpecError(f"sweep.space.{key}: unknown job key")
@@ -99,8 +101,6 @@ def validate_sweep(spec: JobSpec, source: str = "job") -> None:
             raise SpecError(f"sweep.space.{key}: grid search needs a list of values (choice or grid), not {dim.kind}")
         if sw.search == "optuna" and dim.grid is not None:
             raise SpecError(f"sweep.space.{key}: optuna search samples; use choice instead of grid")
-    if sw.alpha_per_rank is not None and spec.method != "lora" and "method" not in sw.space:
-        raise SpecError(f"sweep.alpha_per_rank: needs method lora (this job is {spec.method})")
     known = reported_metrics(spec)
     if sw.metric not in known:
         hint = " (eval metrics need data.eval or data.eval_fraction)" if sw.metric in EVAL_METRICS else ""

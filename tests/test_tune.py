@@ -1,0 +1,217 @@
+"""`ftdist tune`: sweep validation (fast), and real sweeps: Ray Tune over 2-worker DeepSpeed LoRA trials with ASHA,
+results/report/retention/export, and a killed sweep driver finished with --resume."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import yaml
+
+from ftdist.cli import main as cli_main
+from ftdist.config import spec_from_dict
+from ftdist.errors import SpecError
+from ftdist.tune import concurrency, trial_spec, validate_sweep
+from tests.conftest import tiny_job_dict
+
+
+def _sweep_job(storage: str, name: str = "sweep", sweep: dict | None = None, **sections) -> dict:
+    defaults = {"method": "lora", "lora": {"rank": 8, "alpha": 16, "dropout": 0.0},
+                "optim": {**tiny_job_dict("x")["optim"], "lr": 1e-2, "max_steps": 12},
+                "eval": {"every_n_steps": 2, "max_batches": 4}, "logging": {"every_n_steps": 2},
+                "checkpoint": {"every_n_steps": 4, "keep_last": 2}}
+    job = tiny_job_dict(storage, name=name, **{**defaults, **sections})
+    job["sweep"] = sweep or {"search": "grid", "space": {"optim.lr": [1e-2, 3e-3, 1e-4], "lora.rank": [4, 8]},
+                             "alpha_per_rank": 2.0, "scheduler": {"type": "asha", "grace_period": 4,
+                                                                  "reduction_factor": 2}}
+    return job
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# validation: one line before any trial starts
+
+
+@pytest.mark.parametrize("change, match", [
+    (lambda j: j["sweep"]["space"].update({"optim.lrr": [1e-3]}), r"sweep.space.optim.lrr: unknown job key"),
+    (lambda j: (j.update(method="full", lora=None), j["sweep"].pop("alpha_per_rank")),
+     r"sweep.space.lora.rank: value 4 makes an invalid job \(.*lora options are set but method is 'full'"),
+    (lambda j: j.update(method="full", lora=None), r"sweep.alpha_per_rank: needs method lora"),
+    (lambda j: j["sweep"].update(space={}), r"empty search space"),
+    (lambda j: j["sweep"].update(metric="accuracy"), r"sweep.metric: 'accuracy' is not reported"),
+    (lambda j: j["data"].pop("eval"), r"sweep.metric: 'eval_loss' is not reported by the trials \(eval metrics"),
+    (lambda j: j["sweep"]["space"].update({"optim.lr": {"loguniform": [1e-4, 1e-2]}}),
+     r"sweep.space.optim.lr: grid search needs a list of values"),
+    (lambda j: j["eval"].pop("every_n_steps"), r"sweep.scheduler: asha compares trials on eval_loss while they run"),
+    (lambda j: j["sweep"]["space"].update({"optim.micro_batch_size": [3]}),
+     r"sweep.space.optim.micro_batch_size: value 3 makes an invalid job .*global_batch_size"),
+    (lambda j: j["sweep"].update(max_trials=4), r"sweep.max_trials: the grid has 6 trials"),
+])
+def test_bad_sweeps_fail_before_any_trial(tmp_path, change, match):
+    job = _sweep_job(str(tmp_path))
+    change(job)
+    with pytest.raises(SpecError, match=match):
+        validate_sweep(spec_from_dict(job))
+
+
+def test_bad_space_values_are_rejected_by_the_schema(tmp_path):
+    job = _sweep_job(str(tmp_path))
+    job["sweep"]["space"]["optim.lr"] = {"loguniform": [1e-2, 1e-4]}
+    with pytest.raises(SpecError, match="low must be below high"):
+        spec_from_dict(job)
+
+
+def test_cli_tune_bad_sweep_is_one_line_exit_2(tmp_path, capsys):
+    job = _sweep_job(str(tmp_path / "store"))
+    job["sweep"]["space"]["optim.lrr"] = [1e-3]
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(job))
+    assert cli_main(["tune", str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["ftdist: error: sweep.space.optim.lrr: unknown job key"]
+    assert not (tmp_path / "store").exists()  # nothing written
+
+
+def test_trial_spec_and_concurrency(tmp_path):
+    spec = spec_from_dict(_sweep_job(str(tmp_path)))
+    t = trial_spec(spec, {"optim.lr": 3e-3, "lora.rank": 4}, "abc_00001")
+    assert (t.name, t.optim.lr, t.lora.rank, t.lora.alpha) == ("train-abc_00001", 3e-3, 4, 8.0)  # alpha_per_rank 2
+    assert t.sweep is None and not t.export.enabled
+    assert t.checkpoint.storage == f"{tmp_path}/sweep"
+    # 2 workers x 1 CPU per trial: a 7-CPU cluster holds 3 trials' workers at once; the user's cap wins if lower.
+    assert concurrency(spec, {"CPU": 7.0}) == 3
+    capped = spec_from_dict({**_sweep_job(str(tmp_path)), "sweep": {**spec.sweep.model_dump(), "max_concurrent_trials": 2}})
+    assert concurrency(capped, {"CPU": 16.0}) == 2
+    gpu = spec_from_dict({**_sweep_job(str(tmp_path)), "resources": {"num_workers": 2, "gpus_per_worker": 1}})
+    assert concurrency(gpu, {"CPU": 64.0, "GPU": 8.0}) == 4
+    with pytest.raises(SpecError, match="one trial needs 2 CPUs"):
+        concurrency(spec, {"CPU": 1.0})
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# real sweeps
+
+
+def _write(tmp_path: Path, job: dict) -> Path:
+    p = tmp_path / "job.yaml"
+    p.write_text(yaml.safe_dump(job))
+    return p
+
+
+def _tune(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "ftdist.cli", *args], capture_output=True, text=True, timeout=timeout)
+
+
+def _results(sweep_dir: Path) -> dict:
+    """trial id -> rows of Tune's result.json (what Tune recorded, independent of ftdist's report)."""
+    out = {}
+    for d in sweep_dir.glob("trial-*"):
+        f = d / "result.json"
+        rows = [json.loads(line) for line in f.read_text().splitlines() if line.strip()] if f.exists() else []
+        out[d.name[len("trial-"):]] = rows
+    return out
+
+
+@pytest.mark.ray
+@pytest.mark.deepspeed
+@pytest.mark.slow
+def test_sweep_asha_report_retention_export(tmp_path):
+    job = _sweep_job(str(tmp_path / "store"))
+    r = _tune("tune", str(_write(tmp_path, job)))
+    assert r.returncode == 0, r.stderr[-3000:]
+    sweep = tmp_path / "store" / "sweep"
+    tune_rows = _results(sweep)
+    assert len(tune_rows) == 6
+    steps = {t: max(row["step"] for row in rows) for t, rows in tune_rows.items()}
+    assert sorted(steps.values())[-1] == 12
+    early = [t for t, s in steps.items() if s < 12]
+    assert early, steps  # ASHA stopped some trials before max_steps
+    last = {t: rows[-1]["eval_loss"] for t, rows in tune_rows.items()}
+    best = min(last, key=last.get)
+
+    table = list(csv.DictReader((sweep / "report" / "results.csv").open()))
+    assert [row["trial"] for row in table][0] == best  # best first, and it is the lowest reported metric
+    assert {row["trial"]: float(row["eval_loss"]) for row in table} == pytest.approx(last)
+    assert {row["trial"] for row in table if row["stopped_early"] == "yes"} == set(early)
+    assert {row["trial"]: int(row["steps"]) for row in table} == steps
+    for row in table:  # alpha_per_rank: 2.0
+        assert float(row["lora.alpha"]) == 2 * int(row["lora.rank"])
+    md = (sweep / "report" / "results.md").read_text()
+    header = md.splitlines()[0]
+    assert md.count(f"| {best} |") == 1 and header.startswith("| trial |") and "optim.lr" in header
+    assert "lora.rank" in header and "stopped_early" in header and "eval_loss" in header
+    assert (sweep / "report" / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert f"best trial {best}" in r.stdout
+
+    # Sweep-wide retention (keep_best_trials 1): only the best trial keeps checkpoints; its model is exported.
+    kept = {d.parent.name for d in sweep.glob("train-*/step_*")}
+    assert kept == {f"train-{best}"}
+    assert (sweep / "export" / "adapter" / "adapter_model.safetensors").is_file()
+
+    # sweep-report rebuilds the same table from storage.
+    csv_before = (sweep / "report" / "results.csv").read_text()
+    (sweep / "report" / "results.csv").unlink()
+    r2 = _tune("sweep-report", str(sweep), timeout=300)
+    assert r2.returncode == 0, r2.stderr[-2000:]
+    assert (sweep / "report" / "results.csv").read_text() == csv_before
+
+
+def _kill_tree(proc: subprocess.Popen) -> None:
+    parent = psutil.Process(proc.pid)
+    procs = [parent, *parent.children(recursive=True)]
+    for p in procs:
+        try:
+            p.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(procs, timeout=30)
+
+
+@pytest.mark.ray
+@pytest.mark.deepspeed
+@pytest.mark.slow
+def test_killed_sweep_driver_resumes_without_rerunning_finished_trials(tmp_path):
+    job = _sweep_job(str(tmp_path / "store"), name="resume",
+                     sweep={"search": "grid", "space": {"optim.lr": [1e-2, 3e-3], "lora.rank": [4, 8]},
+                            "scheduler": {"type": "fifo"}, "keep_best_trials": 4, "export_best": False},
+                     optim={**tiny_job_dict("x")["optim"], "lr": 1e-2, "max_steps": 8})
+    path = _write(tmp_path, job)
+    sweep = tmp_path / "store" / "resume"
+    env = {**os.environ, "TUNE_GLOBAL_CHECKPOINT_S": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "ftdist.cli", "tune", str(path)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 600
+        while time.time() < deadline:
+            states = list(sweep.glob("experiment_state-*.json"))
+            if states and states[0].read_text().count("TERMINATED") >= 1:
+                break
+            assert proc.poll() is None, "the sweep ended before it could be killed"
+            time.sleep(0.5)
+        else:
+            pytest.fail("no trial finished in time")
+    finally:
+        _kill_tree(proc)
+    before = {t: rows for t, rows in _results(sweep).items()}
+    finished = {t for t, rows in before.items() if rows and rows[-1].get("step") == 8}
+    assert finished and len(finished) < 4
+
+    r = _tune("tune", str(path), "--resume")
+    assert r.returncode == 0, r.stderr[-3000:]
+    after = _results(sweep)
+    assert len(after) == 4 and all(rows[-1]["step"] == 8 for rows in after.values())
+    for t in finished:  # not run again: Tune recorded nothing new for them
+        assert after[t] == before[t]
+    table = list(csv.DictReader((sweep / "report" / "results.csv").open()))
+    assert len(table) == 4 and all(row["status"] == "TERMINATED" for row in table)
+
+    # A second plain `ftdist tune` of the same name refuses instead of mixing two sweeps in one folder.
+    r3 = _tune("tune", str(path), timeout=300)
+    assert r3.returncode == 2 and "already exists there; add --resume" in r3.stderr
