@@ -109,6 +109,14 @@ def _tune(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "ftdist.cli", *args], capture_output=True, text=True, timeout=timeout)
 
 
+def _address() -> list[str]:
+    """The sweeps join the session's Ray cluster (`--address`): a second Ray on the same machine would leave Ray
+    Train's placement-group cleaner unable to tell the two apart (see the issue note)."""
+    import ray
+
+    return ["--address", ray.get_runtime_context().gcs_address]
+
+
 def _results(sweep_dir: Path) -> dict:
     """trial id -> rows of Tune's result.json (what Tune recorded, independent of ftdist's report)."""
     out = {}
@@ -122,9 +130,9 @@ def _results(sweep_dir: Path) -> dict:
 @pytest.mark.ray
 @pytest.mark.deepspeed
 @pytest.mark.slow
-def test_sweep_asha_report_retention_export(tmp_path):
+def test_sweep_asha_report_retention_export(ray_cluster, tmp_path):
     job = _sweep_job(str(tmp_path / "store"))
-    r = _tune("tune", str(_write(tmp_path, job)))
+    r = _tune("tune", str(_write(tmp_path, job)), *_address())
     assert r.returncode == 0, r.stderr[-3000:]
     sweep = tmp_path / "store" / "sweep"
     tune_rows = _results(sweep)
@@ -177,7 +185,7 @@ def _kill_tree(proc: subprocess.Popen) -> None:
 @pytest.mark.ray
 @pytest.mark.deepspeed
 @pytest.mark.slow
-def test_killed_sweep_driver_resumes_without_rerunning_finished_trials(tmp_path):
+def test_killed_sweep_driver_resumes_without_rerunning_finished_trials(ray_cluster, tmp_path):
     job = _sweep_job(str(tmp_path / "store"), name="resume",
                      sweep={"search": "grid", "space": {"optim.lr": [1e-2, 3e-3], "lora.rank": [4, 8]},
                             "scheduler": {"type": "fifo"}, "keep_best_trials": 4, "export_best": False},
@@ -185,7 +193,7 @@ def test_killed_sweep_driver_resumes_without_rerunning_finished_trials(tmp_path)
     path = _write(tmp_path, job)
     sweep = tmp_path / "store" / "resume"
     env = {**os.environ, "TUNE_GLOBAL_CHECKPOINT_S": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "ftdist.cli", "tune", str(path)], env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "ftdist.cli", "tune", str(path), *_address()], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 600
@@ -203,7 +211,7 @@ def test_killed_sweep_driver_resumes_without_rerunning_finished_trials(tmp_path)
     finished = {t for t, rows in before.items() if rows and rows[-1].get("step") == 8}
     assert finished and len(finished) < 4
 
-    r = _tune("tune", str(path), "--resume")
+    r = _tune("tune", str(path), "--resume", *_address())
     assert r.returncode == 0, r.stderr[-3000:]
     after = _results(sweep)
     assert len(after) == 4 and all(rows[-1]["step"] == 8 for rows in after.values())
@@ -213,5 +221,5 @@ def test_killed_sweep_driver_resumes_without_rerunning_finished_trials(tmp_path)
     assert len(table) == 4 and all(row["status"] == "TERMINATED" for row in table)
 
     # A second plain `ftdist tune` of the same name refuses instead of mixing two sweeps in one folder.
-    r3 = _tune("tune", str(path), timeout=300)
+    r3 = _tune("tune", str(path), *_address(), timeout=300)
     assert r3.returncode == 2 and "already exists there; add --resume" in r3.stderr
