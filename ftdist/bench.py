@@ -373,19 +373,25 @@ def _gpu_text(path: str, tokens_wanted: int) -> None:
                 written += len(line)
 
 
-def sum_params(cfg: dict) -> int:
-    h, L, v, ff = cfg["hidden_size"], cfg["num_hidden_layers"], cfg["vocab_size"], cfg["intermediate_size"]
+def _layer_matmul_params(cfg: dict) -> int:
+    """Weights of one Llama decoder layer's matmuls: q, o, k, v (grouped KV heads); gate, up, down."""
+    h, ff = cfg["hidden_size"], cfg["intermediate_size"]
     kv = h // cfg["num_attention_heads"] * cfg["num_key_value_heads"]
-    return L * (h * h * 2 + h * kv * 2 + 3 * h * ff + 2 * h) + 2 * h * v + h
+    return h * h * 2 + h * kv * 2 + 3 * h * ff
+
+
+def sum_params(cfg: dict) -> int:
+    """All parameters of an untied Llama: layers (+ their two norms), embeddings, LM head, final norm."""
+    h, L, v = cfg["hidden_size"], cfg["num_hidden_layers"], cfg["vocab_size"]
+    return L * (_layer_matmul_params(cfg) + 2 * h) + 2 * h * v + h
 
 
 def model_flops_per_token(cfg: dict, seq: int) -> float:
     """Training FLOPs per token, PaLM appendix B convention: 6N for the matmuls of the N non-embedding parameters
-    (the LM head counts; the embedding lookup does not) + 12·L·h·s for attention scores and values."""
-    h, L, v, ff = cfg["hidden_size"], cfg["num_hidden_layers"], cfg["vocab_size"], cfg["intermediate_size"]
-    kv = h // cfg["num_attention_heads"] * cfg["num_key_value_heads"]
-    per_layer = h * h * 2 + h * kv * 2 + 3 * h * ff  # q, o, k, v; gate, up, down (norm weights are negligible)
-    n = L * per_layer + h * v  # + LM head
+    (the LM head counts; the embedding lookup and the norm weights do not) + 12·L·h·s for attention scores and
+    values."""
+    h, L, v = cfg["hidden_size"], cfg["num_hidden_layers"], cfg["vocab_size"]
+    n = L * _layer_matmul_params(cfg) + h * v
     return 6 * n + 12 * L * h * seq
 
 

@@ -56,14 +56,11 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     spec = load_spec(args.job, args.overrides)
     check_local_inputs(spec)
     validate_sweep(spec, args.job)
-    from ftdist.driver import preflight_data
-    from ftdist.storage import s3
+    from ftdist.driver import preflight_data, preflight_storage
     from ftdist.tune import run_sweep
 
     preflight_data(spec)
-    storage = spec.checkpoint.resolved_storage()
-    if s3.is_remote(storage):
-        s3.check_access(f"{storage}/{spec.name}", extra_args=spec.checkpoint.encryption.extra_args())
+    preflight_storage(spec)
     out = run_sweep(spec, address=args.address, resume=args.resume)
     _print_sweep(out)
     return 1 if out.errors or out.report.best is None else 0

@@ -94,7 +94,7 @@ def build_trainer(spec: JobSpec, *, storage_path: Optional[str] = None, name: Op
     if s3.is_remote(storage):
         storage_fs = s3.pyarrow_fs()  # Ray's own files (run state, retention) go to the same endpoint
         storage = storage[len("s3://"):]
-    trainer = TorchTrainer(
+    return TorchTrainer(
         train_fn_per_worker,
         train_loop_config={"spec": spec.model_dump(mode="json"), "export_uri": export_uri(spec)},
         torch_config=TorchConfig(backend="nccl" if r.use_gpu else "gloo"),
@@ -120,7 +120,6 @@ def build_trainer(spec: JobSpec, *, storage_path: Optional[str] = None, name: Op
             callbacks=callbacks,
         ),
     )
-    return trainer
 
 
 def preflight_data(spec: JobSpec) -> Optional[str]:

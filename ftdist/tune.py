@@ -256,20 +256,20 @@ def _trainable(spec: JobSpec):
     return tune.with_resources(fn, {"cpu": 0, "memory": 2**20})
 
 
-def _storage(spec: JobSpec) -> tuple[str, Any]:
+def _storage(spec: JobSpec) -> tuple[str, str, Any]:
+    """(storage path, sweep path, filesystem) as Ray Tune takes them: s3 paths without the scheme, plus our FS."""
     from ftdist.storage import s3
 
-    storage = spec.checkpoint.resolved_storage()
+    storage, fs = spec.checkpoint.resolved_storage(), None
     if s3.is_remote(storage):
-        return storage[len("s3://"):], s3.pyarrow_fs()
-    return storage, None
+        storage, fs = storage[len("s3://"):], s3.pyarrow_fs()
+    return storage, f"{storage}/{spec.name}", fs
 
 
 def build_tuner(spec: JobSpec, max_concurrent: int, resume: bool = False):
     from ray import tune
 
-    storage, fs = _storage(spec)
-    path = f"{storage}/{spec.name}"
+    storage, path, fs = _storage(spec)
     if resume:
         if not tune.Tuner.can_restore(path, storage_filesystem=fs):
             raise SpecError(f"--resume: no sweep state at {sweep_dir(spec)} (run `ftdist tune` without --resume)")
@@ -328,19 +328,22 @@ class SweepReport:
         ok = [t for t in self.trials if t.last(self.spec.sweep.metric) is not None]
         return ok[0] if ok else None
 
-    def columns(self) -> list[str]:
+    def param_columns(self) -> list[str]:
         keys = list(self.spec.sweep.space)
         if self.spec.sweep.alpha_per_rank is not None and "lora.alpha" not in keys:
             keys.append("lora.alpha")
-        return ["trial", *keys, "steps", "stopped_early", self.spec.sweep.metric, "wall_s", "status"]
+        return keys
+
+    def columns(self) -> list[str]:
+        return ["trial", *self.param_columns(), "steps", "stopped_early", self.spec.sweep.metric, "wall_s", "status"]
 
     def table(self) -> list[list[Any]]:
-        sw, out = self.spec.sweep, []
+        sw, keys, out = self.spec.sweep, self.param_columns(), []
         for t in self.trials:
             params = trial_overrides(self.spec, t.params)
             m = t.last(sw.metric)
             early = t.status == "TERMINATED" and t.steps < (self.spec.optim.max_steps or 0)
-            out.append([t.trial_id, *[params.get(k) for k in self.columns()[1:-5]], t.steps, "yes" if early else "no",
+            out.append([t.trial_id, *[params.get(k) for k in keys], t.steps, "yes" if early else "no",
                         m, round(t.wall_s, 1), t.status if not t.error else f"{t.status}: {t.error}"])
         return out
 
@@ -420,8 +423,7 @@ def load_report(spec: JobSpec) -> SweepReport:
     """Read the sweep's trials back from Tune's experiment state in storage."""
     from ray.tune import ExperimentAnalysis
 
-    storage, fs = _storage(spec)
-    path = f"{storage}/{spec.name}"
+    _, path, fs = _storage(spec)
     try:
         ea = ExperimentAnalysis(path, storage_filesystem=fs)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
@@ -528,12 +530,12 @@ def run_sweep(spec: JobSpec, *, address: Optional[str] = None, resume: bool = Fa
 
     from ftdist.driver import connect_ray
 
-    cpus, _ = trial_cost(spec)
+    cpus, gpus = trial_cost(spec)
     started = connect_ray(address, int(math.ceil(cpus)) + 1)
     try:
         n = concurrency(spec, ray.cluster_resources())
-        print(f"[ftdist] sweep {spec.name}: {n} trial(s) at a time, {trial_cost(spec)[0]:g} CPUs / "
-              f"{trial_cost(spec)[1]:g} GPUs each; folder {sweep_dir(spec)}", flush=True)
+        print(f"[ftdist] sweep {spec.name}: {n} trial(s) at a time, {cpus:g} CPUs / {gpus:g} GPUs each; "
+              f"folder {sweep_dir(spec)}", flush=True)
         tuner = build_tuner(spec, n, resume=resume)
         save_spec(spec)
         tuner.fit()
