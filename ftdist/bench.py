@@ -5,6 +5,7 @@
 2. memory: per-rank bytes of parameters + gradients + optimizer state held by the DeepSpeed engine under ZeRO-1/2/3
    / the ZeRO paper's per-rank model-state formula, fp32 variant (see MODEL_STATE_FORMULA).
 3. load: peak resident memory of a rank while ftdist loads a model under ZeRO-3 / the full model's size.
+4. checkpoint (bench_storage.py) and tune (bench_tune.py: ASHA vs full grid; per-trial overhead vs a bare Tune trial).
 """
 
 from __future__ import annotations
@@ -438,7 +439,7 @@ def _mb(b: float) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
-    parts = args.only or ["throughput", "memory", "load", "checkpoint"]
+    parts = args.only or ["throughput", "memory", "load", "checkpoint", "tune"]
     lines = ["| measurement | ftdist | reference | ratio | goal |", "|---|---|---|---|---|"]
     with tempfile.TemporaryDirectory(prefix="ftdist-bench-") as tmp:
         if "gpu" in parts:
@@ -477,6 +478,10 @@ def main(args: argparse.Namespace) -> int:
             from ftdist.bench_storage import run as bench_checkpoint
 
             bench_checkpoint(lines, args.ckpt_mb, args.s3_bucket)
+        if "tune" in parts:
+            from ftdist.bench_tune import run as bench_tune
+
+            bench_tune(lines, tmp)
     print("\n".join(lines))
     if args.json:
         with open(args.json, "w") as fh:

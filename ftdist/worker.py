@@ -76,7 +76,33 @@ def _quiet_libraries() -> None:
         pass
 
 
+class StartupClock:
+    """Where the time from run start (the driver's `fit()`, or a sweep trial's start) to the first optimizer step
+    goes: Ray worker group, imports, data, model, DeepSpeed, restore, first step. Wall clock, so the driver's stamp
+    and the workers' line up (same host, or NTP-synced nodes)."""
+
+    def __init__(self, started_at: float | None) -> None:
+        now = time.time()
+        self.t0 = started_at or now
+        self.phases: dict[str, float] = {"workers": now - self.t0}
+        self._last = now
+
+    def mark(self, phase: str) -> None:
+        now = time.time()
+        self.phases[phase] = self.phases.get(phase, 0.0) + now - self._last
+        self._last = now
+
+    @property
+    def total(self) -> float:
+        return sum(self.phases.values())
+
+    def line(self) -> str:
+        return (f"[ftdist] first step {self.total:.1f} s after start: "
+                + ", ".join(f"{k} {v:.1f}" for k, v in self.phases.items()))
+
+
 def train_fn_per_worker(config: dict) -> None:
+    clock = StartupClock(config.get("started_at"))
     spec = spec_from_dict(config["spec"], "job spec")
     if spec.resources.use_gpu:
         if os.environ.get("DS_ACCELERATOR") == "cpu":  # inherited from a CPU run on the same driver
@@ -99,6 +125,7 @@ def train_fn_per_worker(config: dict) -> None:
     from ftdist.storage.store import TransferOptions
 
     _quiet_libraries()
+    clock.mark("imports")
     ctx = ray.train.get_context()
     rank, world, local_rank = ctx.get_world_rank(), ctx.get_world_size(), ctx.get_local_rank()
     # Ray Train already created the torch process group (gloo on CPU, nccl on GPU); DeepSpeed adopts it.
@@ -119,8 +146,10 @@ def train_fn_per_worker(config: dict) -> None:
     print0(rank, f"[ftdist] data: train {splits.stats.summary()}"
                  + (f"; eval {len(splits.eval)} examples" if splits.eval else "")
                  + f"; {loader.steps_per_epoch} steps/epoch, {total_steps} steps")
+    clock.mark("data")
 
     model = apply_method(load_model(spec.model, model_path, ds_cfg), spec)
+    clock.mark("model")
     trainable, total = count_params(model)
     print0(rank, f"[ftdist] model: {total / 1e6:.2f}M params, {trainable / 1e6:.3f}M trainable "
                  f"({spec.method}, ZeRO-{spec.zero.stage}, {world} workers, grad accum {spec.grad_accum})")
@@ -142,6 +171,7 @@ def train_fn_per_worker(config: dict) -> None:
     if spec.model.compile:
         engine.compile()
     device = engine.device
+    clock.mark("deepspeed")
 
     # Per-rank RNG (dropout differs across ranks); restored exactly on resume.
     random.seed(o.seed + rank)
@@ -161,6 +191,7 @@ def train_fn_per_worker(config: dict) -> None:
         history = [h for h in state.get("history", []) if h["step"] <= start_step]
         resumes = state.get("resumes", []) + [start_step]
         print0(rank, f"[ftdist] resumed from {ckpt_io.store.store.child(resume)} at step {start_step}")
+    clock.mark("restore")
 
     def evaluate() -> dict:
         engine.eval()
@@ -195,7 +226,9 @@ def train_fn_per_worker(config: dict) -> None:
         print0(rank, f"[ftdist] step 0/{total_steps} | eval_loss {metrics['eval_loss']:.4g} | "
                      f"eval_perplexity {metrics['eval_perplexity']:.4g}")
         ray.train.report(metrics)
+        clock.mark("eval")
     engine.train()
+    startup: dict | None = None  # the startup breakdown, sent once with the first report after the first step
 
     for step in range(start_step, total_steps):
         for _ in range(spec.grad_accum):
@@ -206,6 +239,11 @@ def train_fn_per_worker(config: dict) -> None:
             window += torch.stack([loss.detach().double(), torch.ones((), dtype=torch.float64, device=device),
                                    b["attention_mask"].sum().double()])
         window_steps += 1
+        if step == start_step:
+            window[0].item()  # the first step's work is done (GPU: waits for the device)
+            clock.mark("first_step")
+            print0(rank, clock.line())
+            startup = {"s": clock.total, **clock.phases}
         done = step + 1
         last = done == total_steps
         want_ckpt = last or (ck_every is not None and done % ck_every == 0)
@@ -227,11 +265,14 @@ def train_fn_per_worker(config: dict) -> None:
             "epoch": done / loader.steps_per_epoch,
             "train_time_s": time.perf_counter() - loop_t0,
         }
+        if startup is not None:
+            metrics["startup"], startup = startup, None
         if want_eval:
             metrics.update(evaluate())
         history.append(metrics)
         line = " | ".join(
-            f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items() if k != "step"
+            f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()
+            if k not in ("step", "startup")
         )
         print0(rank, f"[ftdist] step {done}/{total_steps} | {line}")
         if want_ckpt:

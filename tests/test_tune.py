@@ -223,3 +223,43 @@ def test_killed_sweep_driver_resumes_without_rerunning_finished_trials(ray_clust
     # A second plain `ftdist tune` of the same name refuses instead of mixing two sweeps in one folder.
     r3 = _tune("tune", str(path), *_address(), timeout=300)
     assert r3.returncode == 2 and "already exists there; add --resume" in r3.stderr
+
+
+@pytest.mark.ray
+@pytest.mark.deepspeed
+@pytest.mark.s3
+@pytest.mark.slow
+def test_optuna_sweep_on_s3_storage(ray_cluster, bucket, s3_server, tmp_path):
+    """A model-based search (Optuna) with the sweep on object storage: trials' checkpoints, Tune's state, the report
+    and the best model all under s3://; retention deletes the losers' checkpoints there; sweep-report rebuilds the
+    table from the s3:// URI."""
+    import boto3
+
+    job = _sweep_job(f"s3://{bucket}/sweeps", name="opt",
+                     sweep={"search": "optuna", "num_samples": 2, "seed": 5,
+                            "space": {"optim.lr": {"loguniform": [1e-3, 3e-2]}, "lora.rank": [4, 8]},
+                            "scheduler": {"type": "fifo"}, "keep_best_trials": 1},
+                     optim={**tiny_job_dict("x")["optim"], "lr": 1e-2, "max_steps": 4},
+                     checkpoint={"every_n_steps": 2, "keep_last": 1})
+    path = _write(tmp_path, job)
+    r = _tune("tune", str(path), *_address())
+    assert r.returncode == 0, r.stderr[-3000:]
+    s3 = boto3.client("s3")
+    keys = [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix="sweeps/opt/")
+            for o in page.get("Contents", [])]
+    trials = sorted({k.split("/")[2][len("train-"):] for k in keys if k.split("/")[2].startswith("train-")})
+    assert len(trials) == 2
+    report = s3.get_object(Bucket=bucket, Key="sweeps/opt/report/results.csv")["Body"].read().decode()
+    table = list(csv.DictReader(report.splitlines()))
+    assert sorted(row["trial"] for row in table) == trials and all(row["status"] == "TERMINATED" for row in table)
+    lrs = [float(row["optim.lr"]) for row in table]
+    assert all(1e-3 <= lr <= 3e-2 for lr in lrs) and len(set(lrs)) == 2  # sampled by Optuna from the range
+    best, loser = table[0]["trial"], table[1]["trial"]
+    assert any(k.startswith(f"sweeps/opt/train-{best}/step_") for k in keys)
+    assert not any(k.startswith(f"sweeps/opt/train-{loser}/step_") for k in keys)  # retention
+    assert any(k.startswith("sweeps/opt/export/adapter/") for k in keys)
+    assert any(k.startswith("sweeps/opt/report/sweep.png") for k in keys)
+    s3.delete_object(Bucket=bucket, Key="sweeps/opt/report/results.csv")
+    r2 = _tune("sweep-report", f"s3://{bucket}/sweeps/opt", timeout=300)
+    assert r2.returncode == 0, r2.stderr[-2000:]
+    assert s3.get_object(Bucket=bucket, Key="sweeps/opt/report/results.csv")["Body"].read().decode() == report
