@@ -10,10 +10,31 @@ from typing import Iterator, Optional
 from ftdist.errors import SpecError
 
 
-def _add_job_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("job", help="job YAML file")
+def _add_job_args(p: argparse.ArgumentParser, inline: bool = False) -> None:
+    if inline:
+        p.add_argument("job", nargs="?", help="job YAML file")
+        p.add_argument("--job-json", default=None, metavar="JSON",
+                       help="the job as JSON instead of a file (how `ftdist k8s render` passes it to the cluster)")
+    else:
+        p.add_argument("job", help="job YAML file")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
                    help="override a job-file key (repeatable), e.g. --set optim.lr=2e-5")
+
+
+def _load(args: argparse.Namespace):
+    """The job spec from the file (or --job-json), with --set applied; local inputs checked."""
+    from ftdist.config import check_local_inputs, load_spec, spec_from_json
+
+    if getattr(args, "job_json", None) is not None:
+        if args.job:
+            raise SpecError("give a job file or --job-json, not both")
+        spec = spec_from_json(args.job_json, args.overrides)
+    elif args.job:
+        spec = load_spec(args.job, args.overrides)
+    else:
+        raise SpecError("give a job file (or --job-json)")
+    check_local_inputs(spec)
+    return spec
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
@@ -27,10 +48,7 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from ftdist.config import check_local_inputs, load_spec
-
-    spec = load_spec(args.job, args.overrides)
-    check_local_inputs(spec)
+    spec = _load(args)
     from ftdist.driver import preflight_data, preflight_storage, run_training
 
     preflight_data(spec)
@@ -50,12 +68,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_tune(args: argparse.Namespace) -> int:
-    from ftdist.config import check_local_inputs, load_spec
     from ftdist.tune import validate_sweep
 
-    spec = load_spec(args.job, args.overrides)
-    check_local_inputs(spec)
-    validate_sweep(spec, args.job)
+    spec = _load(args)
+    validate_sweep(spec, args.job or "--job-json")
     from ftdist.driver import preflight_data, preflight_storage
     from ftdist.tune import run_sweep
 
@@ -172,6 +188,109 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return bench_main(args)
 
 
+def _add_cluster_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--address", default=None,
+                   help="Ray dashboard (Jobs API) address, e.g. http://head:8265 (default: RAY_API_SERVER_ADDRESS, "
+                        "then RAY_ADDRESS); Ray token auth comes from RAY_AUTH_MODE/RAY_AUTH_TOKEN(_PATH)")
+    p.add_argument("--header", action="append", default=[], metavar="'NAME: VALUE'",
+                   help="extra HTTP header for the Jobs API, e.g. a proxy's auth (repeatable; never printed)")
+    p.add_argument("--ca-cert", default=None, help="CA bundle to verify an https:// dashboard")
+    p.add_argument("--insecure", action="store_true", help="do not verify the dashboard's TLS certificate")
+
+
+def _client(args: argparse.Namespace):
+    from ftdist.submit import client
+
+    return client(args.address, args.header, args.ca_cert, args.insecure)
+
+
+def _cmd_submit(args: argparse.Namespace) -> int:
+    from ftdist import submit as sub
+
+    c, sid = sub.submit(args.job, args.overrides, address=args.address, kind="tune" if args.tune else "train",
+                        headers=args.header, ca_cert=args.ca_cert, insecure=args.insecure,
+                        working_dir=args.working_dir, pip=args.pip, image=args.image, env=args.env)
+    print(f"ftdist: submitted {sid}")
+    if not args.follow:
+        print(f"ftdist: follow it with `ftdist logs {sid} --follow`; status: `ftdist status {sid}`")
+        return 0
+    status = sub.follow(c, sid)
+    print(f"ftdist: {sid} {status}")
+    return sub.exit_code(status)
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from ftdist import submit as sub
+
+    j = sub.info(_client(args), args.submission_id)
+    st = sub._status(j)
+    msg = (j.message or "").strip().splitlines()
+    print(f"{args.submission_id}: {st}" + (f" ({msg[0][:200]})" if msg else ""))
+    return 0
+
+
+def _cmd_logs(args: argparse.Namespace) -> int:
+    from ftdist import submit as sub
+
+    c = _client(args)
+    if args.follow:
+        return sub.exit_code(sub.follow(c, args.submission_id))
+    sub.info(c, args.submission_id)
+    sys.stdout.write(c.get_job_logs(args.submission_id))
+    return 0
+
+
+def _cmd_stop(args: argparse.Namespace) -> int:
+    from ftdist import submit as sub
+
+    c = _client(args)
+    if sub.stop(c, args.submission_id):
+        status = sub.wait(c, args.submission_id)
+        print(f"ftdist: {args.submission_id} {status}")
+    else:
+        print(f"ftdist: {args.submission_id} had already ended ({sub._status(sub.info(c, args.submission_id))})")
+    return 0
+
+
+def _cmd_k8s_render(args: argparse.Namespace) -> int:
+    from ftdist import k8s
+    from ftdist.config import load_spec
+
+    spec = load_spec(args.job, args.overrides)
+    kind = "tune" if args.tune else "train"
+    if kind == "tune":
+        from ftdist.tune import validate_sweep
+
+        if spec.sweep is None:
+            raise SpecError(f"{args.job}: --tune needs a sweep: section in the job file")
+        validate_sweep(spec, args.job)
+    notes = k8s.check_portable(args.job, spec, args.overrides)
+    rj = k8s.render(spec, cluster=args.cluster, kind=kind)
+    k = spec.kubernetes
+    if args.cluster == "existing" and k is not None and (k.secret_env or k.secret_env_from):
+        notes.append(f"kubernetes.secret_env: with --cluster existing the RayCluster {k.ray_cluster}'s own pods must "
+                     f"carry these variables (its pod templates), this RayJob cannot add them")
+    for n in notes:
+        print(f"ftdist: note: {n}", file=sys.stderr)
+    if args.apply:
+        from ftdist.k8s_apply import apply
+
+        return apply(rj, wait=args.wait, context=args.context, kubeconfig=args.kubeconfig, poll_s=args.poll)
+    sys.stdout.write(k8s.to_yaml(rj))
+    return 0
+
+
+def _cmd_jobs(args: argparse.Namespace) -> int:
+    from ftdist import submit as sub
+
+    rows = list(sub.rows(sub._list(_client(args)), args.name))
+    cols = ["submission", "job", "kind", "attempt", "status", "started", "ended", "message"]
+    widths = [max([len(c)] + [len(r[i]) for r in rows]) for i, c in enumerate(cols)]
+    for r in [cols, *rows]:
+        print("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ftdist", description="Fine-tune LLMs with Ray Train + DeepSpeed ZeRO.")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -181,13 +300,13 @@ def build_parser() -> argparse.ArgumentParser:
     v.set_defaults(fn=_cmd_validate)
 
     t = sub.add_parser("train", help="run a job with Ray Train + DeepSpeed")
-    _add_job_args(t)
+    _add_job_args(t, inline=True)
     t.add_argument("--address", default=None,
                    help="join this Ray cluster (default: RAY_ADDRESS, else start an embedded local Ray)")
     t.set_defaults(fn=_cmd_train)
 
     tu = sub.add_parser("tune", help="hyperparameter sweep (the job's sweep: section) with Ray Tune")
-    _add_job_args(tu)
+    _add_job_args(tu, inline=True)
     tu.add_argument("--address", default=None,
                     help="join this Ray cluster (default: RAY_ADDRESS, else start an embedded local Ray)")
     tu.add_argument("--resume", action="store_true",
@@ -217,9 +336,60 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-shard-size", default="5GB")
     e.set_defaults(fn=_cmd_export)
 
+    su = sub.add_parser("submit", help="run a job on a remote Ray cluster through the Ray Jobs API")
+    _add_job_args(su)
+    _add_cluster_args(su)
+    su.add_argument("--tune", action="store_true", help="run `ftdist tune` (the job's sweep) instead of train")
+    su.add_argument("--follow", action="store_true", help="stream the logs until the job ends; exit 0 on success")
+    su.add_argument("--working-dir", default=None,
+                    help="folder shipped to the cluster (default: the job file's folder; must contain the job file)")
+    su.add_argument("--pip", action="append", default=None, metavar="REQ",
+                    help="pip requirement installed for the job on the cluster (repeatable), e.g. ftdist==0.1.0")
+    su.add_argument("--image", default=None, help="container image for the job's processes (Ray image_uri)")
+    su.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
+                    help="non-secret environment variable for the job (repeatable); secrets stay on the cluster")
+    su.set_defaults(fn=_cmd_submit)
+
+    st = sub.add_parser("status", help="status of a submitted job")
+    st.add_argument("submission_id")
+    _add_cluster_args(st)
+    st.set_defaults(fn=_cmd_status)
+
+    lo = sub.add_parser("logs", help="logs of a submitted job")
+    lo.add_argument("submission_id")
+    lo.add_argument("--follow", action="store_true", help="stream until the job ends")
+    _add_cluster_args(lo)
+    lo.set_defaults(fn=_cmd_logs)
+
+    sp = sub.add_parser("stop", help="stop a submitted job")
+    sp.add_argument("submission_id")
+    _add_cluster_args(sp)
+    sp.set_defaults(fn=_cmd_stop)
+
+    jb = sub.add_parser("jobs", help="list ftdist jobs on a cluster (every attempt)")
+    jb.add_argument("--name", default=None, help="only this job name")
+    _add_cluster_args(jb)
+    jb.set_defaults(fn=_cmd_jobs)
+
+    k = sub.add_parser("k8s", help="Kubernetes (KubeRay) manifests for a job")
+    ksub = k.add_subparsers(dest="k8s_cmd", required=True)
+    kr = ksub.add_parser("render", help="print a KubeRay RayJob that runs the job (or create it with --apply)")
+    _add_job_args(kr)
+    kr.add_argument("--cluster", choices=["ephemeral", "existing"], default="ephemeral",
+                    help="ephemeral: the RayJob brings its own RayCluster, deleted after the job; existing: run on "
+                         "the RayCluster named by kubernetes.ray_cluster")
+    kr.add_argument("--tune", action="store_true", help="run `ftdist tune` (the job's sweep) instead of train")
+    kr.add_argument("--apply", action="store_true", help="create the RayJob through the Kubernetes API")
+    kr.add_argument("--wait", action="store_true", help="with --apply: poll until the job ends; exit 0 on success")
+    kr.add_argument("--kubeconfig", default=None, help="with --apply: kubeconfig file (default: KUBECONFIG, "
+                                                       "~/.kube/config, else the pod's in-cluster identity)")
+    kr.add_argument("--context", default=None, help="with --apply: kubeconfig context (default: the current one)")
+    kr.add_argument("--poll", type=float, default=5.0, metavar="SECONDS", help="with --wait: status poll interval")
+    kr.set_defaults(fn=_cmd_k8s_render)
+
     b = sub.add_parser("bench", help="benchmark ftdist against a bare DeepSpeed loop; prints a table")
     b.add_argument("--steps", type=int, default=30, help="timed optimizer steps per run")
-    b.add_argument("--only", choices=["throughput", "memory", "load", "checkpoint", "gpu"], action="append",
+    b.add_argument("--only", choices=["throughput", "memory", "load", "checkpoint", "tune", "gpu"], action="append",
                    help="run only these parts (repeatable)")
     b.add_argument("--ckpt-mb", type=int, default=256, help="checkpoint: MiB per rank of the benchmark checkpoint")
     b.add_argument("--s3-bucket", default=None,

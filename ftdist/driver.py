@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 from dataclasses import dataclass, field
 from typing import Any, Optional
 from urllib.parse import urlparse
@@ -96,7 +97,8 @@ def build_trainer(spec: JobSpec, *, storage_path: Optional[str] = None, name: Op
         storage = storage[len("s3://"):]
     return TorchTrainer(
         train_fn_per_worker,
-        train_loop_config={"spec": spec.model_dump(mode="json"), "export_uri": export_uri(spec)},
+        train_loop_config={"spec": spec.model_dump(mode="json"), "export_uri": export_uri(spec),
+                           "started_at": time.time()},
         torch_config=TorchConfig(backend="nccl" if r.use_gpu else "gloo"),
         scaling_config=ScalingConfig(
             num_workers=r.num_workers,
@@ -168,11 +170,20 @@ def run_training(spec: JobSpec, *, address: Optional[str] = None) -> RunSummary:
     """Run one job to the end (resuming from this job name's latest checkpoint if there is one)."""
     import ray
 
-    started = connect_ray(address, spec.resources.num_workers + 1)
+    from ftdist.storage.lease import run_lease
+
+    started = connect_ray(address, spec.resources.num_workers + 1)  # a bad address fails here, nothing written yet
     try:
-        result = build_trainer(spec).fit()
-    except Exception as e:  # Ray raises TrainingFailedError/WorkerGroupError with the worker traceback inside
-        return RunSummary(spec.name, run_dir(spec), None, None, {}, error=e)
+        with run_lease(run_dir(spec)) as lease:  # one live attempt per job: a second is refused here, in one line
+            try:
+                result = build_trainer(spec).fit()
+            except KeyboardInterrupt:
+                if not lease.lost:
+                    raise
+                return RunSummary(spec.name, run_dir(spec), None, None, {},
+                                  error=RuntimeError("stopped: a newer attempt of this job took over the run lease"))
+            except Exception as e:  # Ray raises TrainingFailedError/WorkerGroupError with the worker traceback inside
+                return RunSummary(spec.name, run_dir(spec), None, None, {}, error=e)
     finally:
         if started:
             ray.shutdown()

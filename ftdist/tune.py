@@ -530,15 +530,18 @@ def run_sweep(spec: JobSpec, *, address: Optional[str] = None, resume: bool = Fa
 
     from ftdist.driver import connect_ray
 
+    from ftdist.storage.lease import run_lease
+
     cpus, gpus = trial_cost(spec)
     started = connect_ray(address, int(math.ceil(cpus)) + 1)
     try:
         n = concurrency(spec, ray.cluster_resources())
-        print(f"[ftdist] sweep {spec.name}: {n} trial(s) at a time, {cpus:g} CPUs / {gpus:g} GPUs each; "
-              f"folder {sweep_dir(spec)}", flush=True)
-        tuner = build_tuner(spec, n, resume=resume)
-        save_spec(spec)
-        tuner.fit()
+        with run_lease(sweep_dir(spec)):  # one live driver per sweep (a second would run every trial again)
+            print(f"[ftdist] sweep {spec.name}: {n} trial(s) at a time, {cpus:g} CPUs / {gpus:g} GPUs each; "
+                  f"folder {sweep_dir(spec)}", flush=True)
+            tuner = build_tuner(spec, n, resume=resume)
+            save_spec(spec)
+            tuner.fit()
     finally:
         if started:
             ray.shutdown()

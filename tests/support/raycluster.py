@@ -1,0 +1,128 @@
+"""A real multi-node Ray cluster on loopback for tests: `ray start --head` plus worker nodes, each node with its own
+ports, one temp dir, token auth on. Stopped by PID (the processes whose command line names this temp dir), never by
+`ray stop`, which would kill every Ray on the machine."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _node_ports(node: int) -> list[str]:
+    """Every port a node would otherwise take at a fixed default (two nodes on one host would collide), and a
+    worker-port range of its own (picked from the pid, away from the ephemeral range)."""
+    base = 20000 + (os.getpid() * 401 + node * 200) % 12000
+    return [f"--node-manager-port={free_port()}", f"--object-manager-port={free_port()}",
+            f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+            f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}",
+            f"--min-worker-port={base}", f"--max-worker-port={base + 199}"]
+
+
+@dataclass
+class LocalRayCluster:
+    root: str
+    gcs: str
+    dashboard: str
+    token_path: str
+    env: dict = field(default_factory=dict)
+
+    def client_env(self, **extra: str) -> dict:
+        """Environment for a client of this cluster (the ftdist CLI): token auth, no inherited RAY_ADDRESS."""
+        env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
+        env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=self.token_path)
+        env.pop("RAY_AUTH_TOKEN", None)
+        env.update(extra)
+        return env
+
+    def pids(self) -> list[int]:
+        import psutil
+
+        out = []
+        for p in psutil.process_iter(["pid", "cmdline"]):
+            try:
+                if any(self.root in a for a in (p.info["cmdline"] or [])):
+                    out.append(p.info["pid"])
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
+        return out
+
+    def stop(self) -> None:
+        for sig, wait in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 2.0)):
+            pids = self.pids()
+            for pid in pids:
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    pass
+            deadline = time.monotonic() + wait
+            while pids and self.pids() and time.monotonic() < deadline:
+                time.sleep(0.2)
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+def start_cluster(head_cpus: int = 1, worker_cpus: tuple[int, ...] = (2,)) -> LocalRayCluster:
+    root = tempfile.mkdtemp(prefix="/tmp/ftc")  # short: Ray's socket paths live under it
+    token_path = os.path.join(root, "auth_token")
+    with open(os.open(token_path, os.O_WRONLY | os.O_CREAT, 0o600), "w") as fh:
+        fh.write(secrets.token_hex(32))
+    bindir = os.path.dirname(sys.executable)
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_TOKEN")}
+    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=token_path, PATH=f"{bindir}:{env.get('PATH', '')}",
+               DS_ACCELERATOR="cpu", TOKENIZERS_PARALLELISM="false", RAY_USAGE_STATS_ENABLED="0")
+    ray = os.path.join(bindir, "ray")
+    gcs_port, dash_port = free_port(), free_port()
+    cluster = LocalRayCluster(root, f"127.0.0.1:{gcs_port}", f"http://127.0.0.1:{dash_port}", token_path, env)
+    common = ["--node-ip-address=127.0.0.1", "--disable-usage-stats", f"--temp-dir={root}/tmp"]
+    try:
+        _run([ray, "start", "--head", f"--port={gcs_port}", f"--num-cpus={head_cpus}", "--include-dashboard=true",
+              "--dashboard-host=127.0.0.1", f"--dashboard-port={dash_port}",
+              f"--ray-client-server-port={free_port()}", *common, *_node_ports(0)], env, root, "head")
+        for i, cpus in enumerate(worker_cpus):
+            _run([ray, "start", f"--address={cluster.gcs}", f"--num-cpus={cpus}", *common, *_node_ports(i + 1)],
+                 env, root, f"worker{i}")
+        _wait_for_jobs_api(cluster)
+    except Exception:
+        cluster.stop()
+        raise
+    return cluster
+
+
+def _run(cmd: list[str], env: dict, root: str, what: str) -> None:
+    log = os.path.join(root, f"{what}.log")
+    with open(log, "w") as fh:
+        rc = subprocess.run(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT, timeout=180).returncode
+    if rc != 0:
+        with open(log) as fh:
+            raise RuntimeError(f"ray start ({what}) failed:\n{fh.read()[-3000:]}")
+
+
+def _wait_for_jobs_api(cluster: LocalRayCluster, timeout: float = 90.0) -> None:
+    import urllib.request
+
+    token = open(cluster.token_path).read().strip()
+    req = urllib.request.Request(f"{cluster.dashboard}/api/jobs/", headers={"Authorization": f"Bearer {token}"})
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(req, timeout=5) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the Jobs API at {cluster.dashboard} did not come up in {timeout:.0f}s")
+        time.sleep(1.0)
