@@ -209,7 +209,8 @@ def _cmd_submit(args: argparse.Namespace) -> int:
 
     c, sid = sub.submit(args.job, args.overrides, address=args.address, kind="tune" if args.tune else "train",
                         headers=args.header, ca_cert=args.ca_cert, insecure=args.insecure,
-                        working_dir=args.working_dir, pip=args.pip, image=args.image, env=args.env)
+                        working_dir=args.working_dir, pip=args.pip, image=args.image, env=args.env,
+                        py_modules=args.py_module)
     print(f"ftdist: submitted {sid}")
     if not args.follow:
         print(f"ftdist: follow it with `ftdist logs {sid} --follow`; status: `ftdist status {sid}`")
@@ -345,6 +346,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="folder shipped to the cluster (default: the job file's folder; must contain the job file)")
     su.add_argument("--pip", action="append", default=None, metavar="REQ",
                     help="pip requirement installed for the job on the cluster (repeatable), e.g. ftdist==0.1.0")
+    su.add_argument("--py-module", action="append", default=None, metavar="PATH",
+                    help="local package folder or wheel shipped to every node (repeatable), e.g. ./ftdist")
     su.add_argument("--image", default=None, help="container image for the job's processes (Ray image_uri)")
     su.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
                     help="non-secret environment variable for the job (repeatable); secrets stay on the cluster")

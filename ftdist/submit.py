@@ -175,17 +175,9 @@ def check_paths(job_file: str, spec: JobSpec, working_dir: Path, overrides: Opti
     return notes
 
 
-def build_submission(job_file: str, spec: JobSpec, *, kind: str, attempt: int, overrides: list[str],
-                     working_dir: Optional[str] = None, pip: Optional[list[str]] = None,
-                     image: Optional[str] = None, env: Optional[list[str]] = None) -> Submission:
+def _env_vars(env: Optional[list[str]]) -> dict:
     from ftdist.storage import s3
 
-    jf = Path(job_file).resolve()
-    wd = Path(working_dir).resolve() if working_dir else jf.parent
-    if not wd.is_dir():
-        raise SpecError(f"--working-dir {working_dir}: no such directory")
-    if not _under(str(jf), wd):
-        raise SpecError(f"--working-dir {wd}: the job file {job_file} must be inside it")
     env_vars = dict(s3.forwarded_env())  # endpoint and region only, never credentials
     for item in env or []:
         k, sep, v = item.partition("=")
@@ -195,25 +187,51 @@ def build_submission(job_file: str, spec: JobSpec, *, kind: str, attempt: int, o
             raise SpecError(f"--env {k}: looks like a secret; secrets are never sent in a submission: put it in the "
                             f"cluster's environment (a Kubernetes Secret, see k8s/README.md) and ftdist reads it there")
         env_vars[k] = v
-    runtime_env: dict = {"working_dir": str(wd), "env_vars": env_vars,
-                         "config": {"setup_timeout_seconds": 1800}}
+    return env_vars
+
+
+def build_submission(job_file: str, spec: JobSpec, *, kind: str, attempt: int, overrides: list[str],
+                     working_dir: Optional[str] = None, pip: Optional[list[str]] = None,
+                     image: Optional[str] = None, env: Optional[list[str]] = None,
+                     py_modules: Optional[list[str]] = None) -> Submission:
+    """The Jobs API request. Without --image: the job file's folder is the working dir and the entrypoint names the
+    file. With --image (Ray runs the image as is: no working dir, pip or py_modules next to it), the validated job
+    travels inside the entrypoint (`--job-json`), as in a rendered RayJob."""
+    runtime_env: dict = {"env_vars": _env_vars(env), "config": {"setup_timeout_seconds": 1800}}
+    sid = f"{PREFIX}{_slug(spec.name)}-{attempt}"
+    meta = {META_JOB: spec.name, META_ATTEMPT: str(attempt), META_KIND: kind}
+    if image:
+        if pip or py_modules or working_dir:
+            raise SpecError("--image: Ray runs the image as is and cannot add --pip, --py-module or --working-dir to "
+                            "it; install those in the image (cluster/Dockerfile)")
+        from ftdist.k8s import entrypoint
+
+        runtime_env["image_uri"] = image
+        return Submission(sid, entrypoint(spec, kind), runtime_env, meta)
+    jf = Path(job_file).resolve()
+    wd = Path(working_dir).resolve() if working_dir else jf.parent
+    if not wd.is_dir():
+        raise SpecError(f"--working-dir {working_dir}: no such directory")
+    if not _under(str(jf), wd):
+        raise SpecError(f"--working-dir {wd}: the job file {job_file} must be inside it")
+    runtime_env["working_dir"] = str(wd)
     if pip:
         runtime_env["pip"] = list(pip)
-    if image:
-        runtime_env["image_uri"] = image
-    rel = jf.relative_to(wd).as_posix()
-    args = ["ftdist", kind, rel]
+    if py_modules:  # local packages or wheels shipped to every node, e.g. a development checkout of ftdist itself
+        for m in py_modules:
+            if not os.path.exists(m):
+                raise SpecError(f"--py-module {m}: no such file or directory")
+        runtime_env["py_modules"] = [os.path.abspath(m) for m in py_modules]
+    args = ["ftdist", kind, jf.relative_to(wd).as_posix()]
     for o in overrides:
         args += ["--set", o]
-    sid = f"{PREFIX}{_slug(spec.name)}-{attempt}"
-    return Submission(sid, shlex.join(args), runtime_env,
-                      {META_JOB: spec.name, META_ATTEMPT: str(attempt), META_KIND: kind})
+    return Submission(sid, shlex.join(args), runtime_env, meta)
 
 
 def submit(job_file: str, overrides: list[str], *, address: Optional[str], kind: str = "train",
            headers: Optional[list[str]] = None, ca_cert: Optional[str] = None, insecure: bool = False,
            working_dir: Optional[str] = None, pip: Optional[list[str]] = None, image: Optional[str] = None,
-           env: Optional[list[str]] = None, log=print) -> tuple[Any, str]:
+           env: Optional[list[str]] = None, py_modules: Optional[list[str]] = None, log=print) -> tuple[Any, str]:
     from ftdist.config import check_local_inputs
 
     spec = load_spec(job_file, overrides)
@@ -224,13 +242,19 @@ def submit(job_file: str, overrides: list[str], *, address: Optional[str], kind:
         if spec.sweep is None:
             raise SpecError(f"{job_file}: --tune needs a sweep: section in the job file")
         validate_sweep(spec, job_file)
-    wd = Path(working_dir).resolve() if working_dir else Path(job_file).resolve().parent
-    for note in check_paths(job_file, spec, wd, overrides):
+    if image:  # nothing is shipped: every input must be reachable from the image's processes
+        from ftdist.k8s import check_portable
+
+        notes = check_portable(job_file, spec, overrides)
+    else:
+        wd = Path(working_dir).resolve() if working_dir else Path(job_file).resolve().parent
+        notes = check_paths(job_file, spec, wd, overrides)
+    for note in notes:
         log(f"[ftdist] note: {note}")
     c = client(address, headers, ca_cert, insecure)
     attempt = next_attempt(_list(c), spec.name)
     sub = build_submission(job_file, spec, kind=kind, attempt=attempt, overrides=overrides,
-                           working_dir=working_dir, pip=pip, image=image, env=env)
+                           working_dir=working_dir, pip=pip, image=image, env=env, py_modules=py_modules)
     try:
         sid = c.submit_job(entrypoint=sub.entrypoint, submission_id=sub.submission_id, runtime_env=sub.runtime_env,
                            metadata=sub.metadata, entrypoint_num_cpus=0)

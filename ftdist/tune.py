@@ -206,18 +206,31 @@ def _stopper(spec: JobSpec):
     if budget is None:
         return None
 
+    job = spec.model_dump(mode="json")
+
     class TotalSteps(Stopper):
-        """Ends the sweep once the trials together ran `max_total_steps` optimizer steps."""
+        """Ends the sweep once the trials together ran `max_total_steps` optimizer steps. After `--resume` (Tune
+        restores this object as it was pickled at the start) the steps of the earlier run are read back from the
+        sweep's results on first use, so the budget spans both runs."""
 
         def __init__(self) -> None:
-            self.steps: dict[str, int] = {}
+            self.steps: Optional[dict[str, int]] = None
+
+        def _load(self) -> dict[str, int]:
+            try:
+                report = load_report(spec_from_dict(job, "sweep job"))
+            except SpecError:  # a fresh sweep: nothing recorded yet
+                return {}
+            return {t.trial_id: t.steps for t in report.trials}
 
         def __call__(self, trial_id: str, result: dict) -> bool:
-            self.steps[trial_id] = int(result.get("step", 0))
+            if self.steps is None:
+                self.steps = self._load()
+            self.steps[trial_id] = max(self.steps.get(trial_id, 0), int(result.get("step", 0)))
             return False
 
         def stop_all(self) -> bool:
-            return sum(self.steps.values()) >= budget
+            return sum((self.steps or {}).values()) >= budget
 
     return TotalSteps()
 

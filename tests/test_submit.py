@@ -55,6 +55,17 @@ def test_submission_ships_the_job_folder_and_no_secrets(monkeypatch, tmp_path):
     assert sub.runtime_env["env_vars"] == {"AWS_ENDPOINT_URL": "http://s3.internal:9000", "WANDB_MODE": "offline"}
     payload = json.dumps(sub.__dict__)
     assert "sekrit-value-123" not in payload and "AKIAEXAMPLE" not in payload
+    sweep = REPO / "jobs" / "quickstart-sweep.yaml"
+    tune = build_submission(str(sweep), load_spec(sweep), kind="tune", attempt=1, overrides=[], pip=["ftdist==0.1.0"],
+                            py_modules=[str(REPO / "ftdist")])
+    assert tune.entrypoint == "ftdist tune quickstart-sweep.yaml" and tune.metadata["ftdist_kind"] == "tune"
+    assert tune.runtime_env["pip"] == ["ftdist==0.1.0"] and tune.runtime_env["py_modules"] == [str(REPO / "ftdist")]
+    # with an image nothing is shipped: the job travels in the entrypoint
+    img = build_submission(str(QUICKSTART), spec, kind="train", attempt=1, overrides=over, image="reg/ftdist:0.1.0")
+    assert img.runtime_env["image_uri"] == "reg/ftdist:0.1.0" and "working_dir" not in img.runtime_env
+    assert img.entrypoint.startswith("ftdist train --job-json ")
+    with pytest.raises(SpecError, match=r"--image: Ray runs the image as is and cannot add --pip"):
+        build_submission(str(QUICKSTART), spec, kind="train", attempt=1, overrides=[], image="r/f:1", pip=["x"])
     with pytest.raises(SpecError, match=r"--env HF_TOKEN: looks like a secret"):
         build_submission(str(QUICKSTART), spec, kind="train", attempt=1, overrides=[], env=["HF_TOKEN=hf_x"])
 

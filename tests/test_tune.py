@@ -263,3 +263,26 @@ def test_optuna_sweep_on_s3_storage(ray_cluster, bucket, s3_server, tmp_path):
     r2 = _tune("sweep-report", f"s3://{bucket}/sweeps/opt", timeout=300)
     assert r2.returncode == 0, r2.stderr[-2000:]
     assert s3.get_object(Bucket=bucket, Key="sweeps/opt/report/results.csv")["Body"].read().decode() == report
+
+
+def test_total_steps_budget_spans_a_resumed_sweep(tmp_path, monkeypatch):
+    import ftdist.tune as tune_mod
+    from ftdist.tune import TrialRecord, SweepReport, _stopper
+
+    job = _sweep_job(str(tmp_path), sweep={"search": "grid", "space": {"optim.lr": [1e-2, 3e-3]},
+                                           "scheduler": {"type": "fifo"}, "max_total_steps": 20})
+    spec = spec_from_dict(job)
+    fresh = _stopper(spec)  # no sweep state yet: counting starts at zero
+    fresh("a", {"step": 8})
+    assert not fresh.stop_all()
+    fresh("b", {"step": 12})
+    assert fresh.stop_all()
+    # after --resume Tune hands back the stopper as pickled at the start (empty): it reads the earlier steps back
+    earlier = SweepReport(spec, [TrialRecord("a", {}, "TERMINATED", [{"step": 12}]),
+                                 TrialRecord("b", {}, "RUNNING", [{"step": 4}])])
+    monkeypatch.setattr(tune_mod, "load_report", lambda s: earlier)
+    resumed = _stopper(spec)
+    resumed("b", {"step": 6})
+    assert resumed.steps == {"a": 12, "b": 6} and not resumed.stop_all()
+    resumed("b", {"step": 8})
+    assert resumed.stop_all()
