@@ -165,7 +165,7 @@ def bench_overhead(storage: str, steps: int = 60, every: int = 10) -> dict:
 
 
 def run(lines: list[str], mb: int, bucket: Optional[str] = None) -> None:
-    from ftdist.driver import connect_ray
+    from ftdist.driver import connect_ray, disconnect_ray
 
     server = None
     if bucket is None:
@@ -175,8 +175,6 @@ def run(lines: list[str], mb: int, bucket: Optional[str] = None) -> None:
         os.environ.update(server.env())  # this process and the local Ray it starts
         bucket = server.make_bucket("ftdist-bench")
     tmp = tempfile.mkdtemp(prefix="ftdist-bench-ckpt-")
-    import ray
-
     try:
         srcs = [make_checkpoint_dir(tmp, r, mb) for r in range(WORLD)]
         t = bench_transfer(bucket, srcs[0])
@@ -198,8 +196,7 @@ def run(lines: list[str], mb: int, bucket: Optional[str] = None) -> None:
             lines.append(f"| `ftdist train` wall time, 60 steps, checkpoint to S3 every 10 vs. only at the end | "
                          f"{o['every']:.1f} s | {o['none']:.1f} s | +{100 * o['ratio']:.1f}% | <= +10% |")
         finally:
-            if started:
-                ray.shutdown()
+            disconnect_ray(started)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         if server is not None:

@@ -192,17 +192,14 @@ def bench_overhead(tmp: str) -> dict:
 
 
 def run(lines: list[str], tmp: str) -> None:
-    import ray
-
-    from ftdist.driver import connect_ray
+    from ftdist.driver import connect_ray, disconnect_ray
 
     # One embedded Ray for every sweep here (each sweep joins it), so no side pays a cluster start.
     started = connect_ray(None, 3)
     try:
         _run(lines, tmp)
     finally:
-        if started:
-            ray.shutdown()
+        disconnect_ray(started)
 
 
 def _run(lines: list[str], tmp: str) -> None:

@@ -237,6 +237,12 @@ def _save_hf_folder(state_dict: dict, config: Any, out_dir: str, max_shard_size:
         tokenizer.save_pretrained(out_dir)
 
 
+def export_in_workers(spec: Any) -> bool:
+    """ZeRO 0-2: the workers write the end-of-job export from the live engine. ZeRO-3: never gather the whole model
+    in one process; the driver streams the export from the final checkpoint instead (as `ftdist export` does)."""
+    return spec.zero.stage != 3
+
+
 def export_per_worker(engine: Any, spec: Any, tokenizer: Any, out_dir: str) -> Optional[dict]:
     """All ranks call this (ZeRO-3 gathers are collective); rank 0 writes out_dir. Returns {kind: path} on rank 0."""
     import torch.distributed as dist

@@ -68,8 +68,28 @@ def connect_ray(address: Optional[str], num_cpus_hint: int) -> bool:
     cpus = max(os.cpu_count() or 1, num_cpus_hint)
     # The dashboard (on 127.0.0.1) serves the State API, which Ray Train's PlacementGroupCleaner polls to free the
     # workers' placement group of a trial that Tune stopped (without it, it warns every second and frees nothing).
-    ray.init(num_cpus=cpus, include_dashboard=True, runtime_env=env, logging_level="WARNING", log_to_driver=True)
+    # The cleaner finds the API by auto-detecting "the" local Ray, which fails when another Ray runs on the machine
+    # ("Found multiple active Ray instances"); naming our dashboard in RAY_API_SERVER_ADDRESS (driver and every
+    # actor) points it at this cluster.
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    api = f"http://127.0.0.1:{port}"
+    env["env_vars"]["RAY_API_SERVER_ADDRESS"] = api
+    os.environ["RAY_API_SERVER_ADDRESS"] = api
+    ray.init(num_cpus=cpus, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port, runtime_env=env,
+             logging_level="WARNING", log_to_driver=True)
     return True
+
+
+def disconnect_ray(started: bool) -> None:
+    """Shut down the embedded Ray that connect_ray started (a joined cluster is left alone)."""
+    if not started:
+        return
+    import ray
+
+    ray.shutdown()
+    os.environ.pop("RAY_API_SERVER_ADDRESS", None)
 
 
 def build_trainer(spec: JobSpec, *, storage_path: Optional[str] = None, name: Optional[str] = None,
@@ -168,9 +188,9 @@ def preflight_storage(spec: JobSpec) -> None:
 
 def run_training(spec: JobSpec, *, address: Optional[str] = None) -> RunSummary:
     """Run one job to the end (resuming from this job name's latest checkpoint if there is one)."""
-    import ray
-
     from ftdist.storage.lease import run_lease
+
+    from ftdist.checkpointing import export_in_workers
 
     started = connect_ray(address, spec.resources.num_workers + 1)  # a bad address fails here, nothing written yet
     try:
@@ -184,21 +204,50 @@ def run_training(spec: JobSpec, *, address: Optional[str] = None) -> RunSummary:
                                   error=RuntimeError("stopped: a newer attempt of this job took over the run lease"))
             except Exception as e:  # Ray raises TrainingFailedError/WorkerGroupError with the worker traceback inside
                 return RunSummary(spec.name, run_dir(spec), None, None, {}, error=e)
+            ckpt, history = _final_checkpoint(spec, result)
+            error = result.error
+            if error is None and ckpt and spec.export.enabled and not export_in_workers(spec):
+                error = _streamed_export(spec, ckpt)
     finally:
-        if started:
-            ray.shutdown()
-    ckpt, history = None, []
-    if result.checkpoint is not None:
-        import json
-
-        from ftdist.checkpointing import STATE_FILE
-        from ftdist.storage.checkpoints import CheckpointStore
-
-        store = CheckpointStore(run_dir(spec)).store  # read one small file, not the whole checkpoint
-        name = os.path.basename(result.checkpoint.path.rstrip("/"))
-        ckpt = store.child(name)
-        raw = store.get_bytes(f"{name}/{STATE_FILE}")
-        history = json.loads(raw).get("history", []) if raw else []
+        disconnect_ray(started)
     exp = export_uri(spec) if spec.export.enabled else None
-    return RunSummary(spec.name, run_dir(spec), ckpt, exp, dict(result.metrics or {}), error=result.error,
-                      history=history)
+    return RunSummary(spec.name, run_dir(spec), ckpt, exp, dict(result.metrics or {}), error=error, history=history)
+
+
+def _final_checkpoint(spec: JobSpec, result: Any) -> tuple[Optional[str], list]:
+    """(URI of the run's last checkpoint, the logged metrics history stored with it)."""
+    if result.checkpoint is None:
+        return None, []
+    import json
+
+    from ftdist.checkpointing import STATE_FILE
+    from ftdist.storage.checkpoints import CheckpointStore
+
+    store = CheckpointStore(run_dir(spec)).store  # read one small file, not the whole checkpoint
+    name = os.path.basename(result.checkpoint.path.rstrip("/"))
+    raw = store.get_bytes(f"{name}/{STATE_FILE}")
+    return store.child(name), (json.loads(raw).get("history", []) if raw else [])
+
+
+def _export_task(ckpt: str, dest: str, max_shard_size: str) -> dict:
+    from ftdist.export import export_checkpoint
+
+    return export_checkpoint(ckpt, dest, max_shard_size=max_shard_size, log=lambda m: print(m, flush=True))
+
+
+def _streamed_export(spec: JobSpec, ckpt: str) -> Optional[BaseException]:
+    """The end-of-job export under ZeRO-3: `ftdist export` of the final checkpoint, run as a 1-CPU Ray task on any
+    node (one tensor in memory at a time, shards written as they fill). Returns the error, if any."""
+    import ray
+
+    from ftdist.storage import s3
+
+    env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false", **s3.forwarded_env()}}
+    task = ray.remote(num_cpus=1, runtime_env=env, max_retries=1)(_export_task)
+    try:
+        written = ray.get(task.remote(ckpt, export_uri(spec), spec.export.max_shard_size))
+    except Exception as e:  # noqa: BLE001  (the checkpoint is committed: say how to retry the export alone)
+        return RuntimeError(f"the export from {ckpt} failed ({str(e).strip().splitlines()[-1][:200]}); the "
+                            f"checkpoint is committed: `ftdist export {ckpt} --to {export_uri(spec)}`")
+    print(f"[ftdist] exported {', '.join(sorted(written))} to {export_uri(spec)} (streamed from {ckpt})", flush=True)
+    return None

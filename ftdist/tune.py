@@ -541,7 +541,7 @@ def load_saved_spec(uri: str) -> JobSpec:
 def run_sweep(spec: JobSpec, *, address: Optional[str] = None, resume: bool = False) -> SweepSummary:
     import ray
 
-    from ftdist.driver import connect_ray
+    from ftdist.driver import connect_ray, disconnect_ray
 
     from ftdist.storage.lease import run_lease
 
@@ -556,6 +556,5 @@ def run_sweep(spec: JobSpec, *, address: Optional[str] = None, resume: bool = Fa
             save_spec(spec)
             tuner.fit()
     finally:
-        if started:
-            ray.shutdown()
+        disconnect_ray(started)
     return finish(spec)

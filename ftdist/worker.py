@@ -117,7 +117,7 @@ def train_fn_per_worker(config: dict) -> None:
     import torch
     import torch.distributed as dist
 
-    from ftdist.checkpointing import RankCheckpointer, export_per_worker, restore_per_worker
+    from ftdist.checkpointing import RankCheckpointer, export_in_workers, export_per_worker, restore_per_worker
     from ftdist.data import ShardedLoader, build_splits, collate, eval_batches
     from ftdist.ds_config import to_deepspeed
     from ftdist.modeling import apply_method, count_params, load_model, load_tokenizer, prefetch_per_node
@@ -284,7 +284,10 @@ def train_fn_per_worker(config: dict) -> None:
         window_steps = 0
         window_t0 = time.perf_counter()
 
-    if spec.export.enabled:
+    if spec.export.enabled and not export_in_workers(spec):
+        print0(rank, "[ftdist] export: streamed from the final checkpoint after training (ZeRO-3: the model is never "
+                     "gathered in one process)")
+    elif spec.export.enabled:
         out = tempfile.mkdtemp(prefix="ftdist-export-")
         written = export_per_worker(engine, spec, tokenizer, out)
         if rank == 0:

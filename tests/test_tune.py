@@ -286,3 +286,27 @@ def test_total_steps_budget_spans_a_resumed_sweep(tmp_path, monkeypatch):
     assert resumed.steps == {"a": 12, "b": 6} and not resumed.stop_all()
     resumed("b", {"step": 8})
     assert resumed.stop_all()
+
+
+@pytest.mark.ray
+@pytest.mark.deepspeed
+@pytest.mark.slow
+def test_embedded_sweep_beside_another_local_ray(ray_cluster, tmp_path):
+    """The test session's Ray is a second local Ray on this machine. An embedded `ftdist tune` (no --address) must
+    still free the placement group of a trial that ASHA stopped, so the next trial gets its workers: Ray Train's
+    placement-group cleaner is pointed at ftdist's own dashboard instead of auto-detecting "the" local Ray."""
+    job = _sweep_job(str(tmp_path / "store"), name="beside",
+                     sweep={"search": "grid", "space": {"optim.lr": [1e-2, 1e-6, 3e-3]},
+                            "scheduler": {"type": "asha", "grace_period": 2, "reduction_factor": 2},
+                            "keep_best_trials": 3, "export_best": False},
+                     optim={**tiny_job_dict("x")["optim"], "lr": 1e-2, "max_steps": 6},
+                     method="lora", lora={"rank": 4, "alpha": 8, "dropout": 0.0},
+                     checkpoint={"every_n_steps": None, "keep_last": 1})
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
+    r = subprocess.run([sys.executable, "-m", "ftdist.cli", "tune", str(_write(tmp_path, job))], capture_output=True,
+                       text=True, timeout=600, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    steps = sorted(max(row["step"] for row in rows) for rows in _results(tmp_path / "store" / "beside").values())
+    # all three ran (the third after ASHA stopped the second: its workers were freed), one of them stopped early
+    assert len(steps) == 3 and 2 <= steps[0] < 6 and steps[-1] == 6, steps
+    assert "multiple active Ray instances" not in r.stderr
