@@ -101,7 +101,7 @@ def _security(k: KubernetesSpec) -> tuple[dict, dict]:
     return pod, container
 
 
-def _pod(k: KubernetesSpec, name: str, requests: dict, limits: dict, shm: str, gpu: bool,
+def _pod(k: KubernetesSpec, name: str, requests: dict, limits: dict, shm: str, gpu: bool, worker: bool,
          extra_env: Optional[dict] = None) -> dict:
     pod_sec, c_sec = _security(k)
     container: dict[str, Any] = {
@@ -129,11 +129,14 @@ def _pod(k: KubernetesSpec, name: str, requests: dict, limits: dict, shm: str, g
         spec["imagePullSecrets"] = [{"name": s} for s in k.image_pull_secrets]
     if k.priority_class:
         spec["priorityClassName"] = k.priority_class
-    if gpu:
+    if worker:  # node selection applies to the training pods; the head goes wherever the scheduler likes
         if k.node_selector:
             spec["nodeSelector"] = dict(k.node_selector)
-        tol = list(k.tolerations) or [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
-        spec["tolerations"] = tol
+        tol = list(k.tolerations)
+        if gpu and not tol:
+            tol = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+        if tol:
+            spec["tolerations"] = tol
     return {"metadata": {"labels": _labels(k)}, "spec": spec}
 
 
@@ -161,13 +164,13 @@ def ray_cluster_spec(spec: JobSpec, k: KubernetesSpec) -> dict:
         "headGroupSpec": {
             # the head runs the job driver, Ray Train's controller and Tune: no training workers on it
             "rayStartParams": {"num-cpus": "0", "dashboard-host": "0.0.0.0"},
-            "template": _pod(k, RAY_CONTAINER_HEAD, head_res, head_res, head_shm, gpu=False),
+            "template": _pod(k, RAY_CONTAINER_HEAD, head_res, head_res, head_shm, gpu=False, worker=False),
         },
         "workerGroupSpecs": [{
             "groupName": "gpu-workers" if r.use_gpu else "cpu-workers",
             "replicas": pods, "minReplicas": pods, "maxReplicas": pods,
             "rayStartParams": {},  # Ray reads CPUs, GPUs, memory and the GPU type (accelerator_type:H100) itself
-            "template": _pod(k, RAY_CONTAINER_WORKER, res, res, shm, gpu=r.use_gpu,
+            "template": _pod(k, RAY_CONTAINER_WORKER, res, res, shm, gpu=r.use_gpu, worker=True,
                              extra_env={"NCCL_DEBUG": "WARN"} if r.use_gpu else None),
         }],
     }
