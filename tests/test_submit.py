@@ -43,6 +43,10 @@ def test_bad_addresses(addr, match):
 
 
 def test_submission_ships_the_job_folder_and_no_secrets(monkeypatch, tmp_path):
+    from ftdist.storage.s3 import FORWARDED_ENV
+
+    for k in FORWARDED_ENV:
+        monkeypatch.delenv(k, raising=False)  # (another test's S3 server may have set them in this process)
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://s3.internal:9000")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "sekrit-value-123")
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAEXAMPLE")
