@@ -28,7 +28,7 @@ def _lease_cycle(uri: str) -> None:
     store = open_store(uri)
     a = run_lease(uri, ttl_s=30).acquire()
     assert a.generation == 1 and a.check()
-    with pytest.raises(SpecError, match=r"another attempt of this job is running \(host .*; heartbeat 0 s ago\)"):
+    with pytest.raises(SpecError, match=r"another attempt of this job is running \(host .*; heartbeat \d+ s ago\)"):
         run_lease(uri, ttl_s=30).acquire()
     a.release()  # released: the next attempt may start at once
     b = run_lease(uri, ttl_s=30).acquire()
@@ -43,7 +43,7 @@ def _lease_cycle(uri: str) -> None:
     assert json.loads(store.get_bytes(f"{LEASE_DIR}/00000003.json"))["token"] == c.token
     # a live attempt on another machine blocks; racing for the same generation, exactly one wins
     _foreign(store, 4, age_s=1)
-    with pytest.raises(SpecError, match=r"host gpu-node-7, pid 4242, pod ftdist-x-head; heartbeat 1 s ago"):
+    with pytest.raises(SpecError, match=r"host gpu-node-7, pid 4242, pod ftdist-x-head; heartbeat \d+ s ago"):
         run_lease(uri).acquire()
     _foreign(store, 4, age_s=1, released=True)
     x, y = Lease(store, uri, 30), Lease(store, uri, 30)
