@@ -14,7 +14,6 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import statistics
 import tempfile
 import threading
@@ -66,11 +65,6 @@ def bench_spec(storage: str, steps: int, stage: int = 2, name: str = "bench", lo
     })
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _spawn(fn, *args, world: int = WORLD, backend: str = "gloo") -> list:
     """Run fn(rank, *args) in `world` fresh processes with a torch process group (gloo on CPU, nccl on GPUs);
@@ -79,7 +73,9 @@ def _spawn(fn, *args, world: int = WORLD, backend: str = "gloo") -> list:
 
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
-    port = _free_port()
+    from ftdist.driver import free_port
+
+    port = free_port()
     procs = [ctx.Process(target=_entry, args=(fn, r, world, backend, port, q, args)) for r in range(world)]
     for p in procs:
         p.start()

@@ -262,8 +262,6 @@ def _cmd_k8s_render(args: argparse.Namespace) -> int:
     if kind == "tune":
         from ftdist.tune import validate_sweep
 
-        if spec.sweep is None:
-            raise SpecError(f"{args.job}: --tune needs a sweep: section in the job file")
         validate_sweep(spec, args.job)
     notes = k8s.check_portable(args.job, spec, args.overrides)
     rj = k8s.render(spec, cluster=args.cluster, kind=kind)

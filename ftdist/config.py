@@ -387,7 +387,7 @@ class SweepSpec(_Spec):
 
 
 _QUANTITY_RE = re.compile(r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|Pi|k|M|G|T|P)?$")
-_ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _DNS_LABEL_RE = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 SECRET_ENV_RE = re.compile(r"(SECRET|PASSWORD|PASSWD|TOKEN|CREDENTIAL|PRIVATE|_KEY$|^KEY$|SESSION)", re.I)
 """Environment variable names that hold secrets: never given as values in job files or submissions."""
@@ -412,7 +412,7 @@ class SecretEnvSpec(_Spec):
     @field_validator("name")
     @classmethod
     def _env(cls, v: str) -> str:
-        if not _ENV_NAME_RE.match(v):
+        if not ENV_NAME_RE.match(v):
             raise ValueError(f"{v!r} is not an environment variable name")
         return v
 
@@ -478,7 +478,7 @@ class KubernetesSpec(_Spec):
     @classmethod
     def _plain_env(cls, v: dict[str, str]) -> dict[str, str]:
         for k in v:
-            if not _ENV_NAME_RE.match(k):
+            if not ENV_NAME_RE.match(k):
                 raise ValueError(f"{k!r} is not an environment variable name")
             if SECRET_ENV_RE.search(k):
                 raise ValueError(f"{k} looks like a secret: reference it with kubernetes.secret_env (a Kubernetes "
@@ -720,6 +720,17 @@ def raw_job(path: Union[str, Path], overrides: Optional[list[str]] = None) -> di
     if not isinstance(data, dict):
         return {}
     return apply_overrides(data, {".".join(keys): value for keys, value in map(parse_override, overrides or [])})
+
+
+def local_paths(path: Union[str, Path], spec: JobSpec, overrides: Optional[list[str]] = None):
+    """(dotted key, value as written in the file or --set, value after resolution) for each LOCAL_PATH_KEYS entry
+    that is set: tells paths relative to the job file (this machine only) from absolute paths and hub ids."""
+    raw = raw_job(path, overrides)
+    for section, key in LOCAL_PATH_KEYS:
+        sec = raw.get(section) if isinstance(raw.get(section), dict) else {}
+        written, val = sec.get(key), getattr(getattr(spec, section), key, None)
+        if val:
+            yield f"{section}.{key}", (written if isinstance(written, str) else None), val
 
 
 def with_overrides(spec: JobSpec, overrides: dict[str, Any]) -> JobSpec:

@@ -49,6 +49,13 @@ def _check_reachable(address: str, timeout: float = 3.0) -> None:
         raise SpecError(f"--address {address}: cannot reach a Ray cluster there ({e.strerror or e})") from None
 
 
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def connect_ray(address: Optional[str], num_cpus_hint: int) -> bool:
     """Join `address` / RAY_ADDRESS, or start an embedded local Ray. Returns True when ftdist started Ray."""
     import ray
@@ -71,9 +78,7 @@ def connect_ray(address: Optional[str], num_cpus_hint: int) -> bool:
     # The cleaner finds the API by auto-detecting "the" local Ray, which fails when another Ray runs on the machine
     # ("Found multiple active Ray instances"); naming our dashboard in RAY_API_SERVER_ADDRESS (driver and every
     # actor) points it at this cluster.
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     api = f"http://127.0.0.1:{port}"
     env["env_vars"]["RAY_API_SERVER_ADDRESS"] = api
     os.environ["RAY_API_SERVER_ADDRESS"] = api

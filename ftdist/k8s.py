@@ -20,7 +20,7 @@ import re
 import shlex
 from typing import Any, Optional
 
-from ftdist.config import LOCAL_PATH_KEYS, JobSpec, KubernetesSpec, raw_job
+from ftdist.config import JobSpec, KubernetesSpec, local_paths
 from ftdist.errors import SpecError
 
 MAX_RAYJOB_NAME = 47  # KubeRay: RayJob names are at most 47 characters (derived object names must fit in 63)
@@ -58,17 +58,14 @@ def rayjob_name(spec: JobSpec) -> str:
 def check_portable(job_file: str, spec: JobSpec, overrides: Optional[list[str]] = None) -> list[str]:
     """Inputs must be reachable from a pod: s3://, a hub id, or an absolute path inside the image / a volume.
     A path relative to the job file exists only on this machine. Returns notes for absolute paths."""
-    raw = raw_job(job_file, overrides)
     notes = []
-    for section, key in LOCAL_PATH_KEYS:
-        sec = raw.get(section) if isinstance(raw.get(section), dict) else {}
-        raw_val, val = sec.get(key), getattr(getattr(spec, section), key, None)
-        if not isinstance(raw_val, str) or "://" in raw_val:
+    for key, raw_val, val in local_paths(job_file, spec, overrides):
+        if raw_val is None or "://" in raw_val:
             continue
         if os.path.isabs(raw_val):
-            notes.append(f"{section}.{key}: {raw_val} must exist in the image or a mounted volume")
+            notes.append(f"{key}: {raw_val} must exist in the image or a mounted volume")
         elif val != raw_val or raw_val.startswith((".", "~")):  # was resolved next to the job file: local
-            raise SpecError(f"{section}.{key}: {raw_val} is a file on this machine; a pod cannot read it: upload it "
+            raise SpecError(f"{key}: {raw_val} is a file on this machine; a pod cannot read it: upload it "
                             f"(s3://bucket/...) or bake it into the image and give the absolute path")
     storage = spec.checkpoint.storage
     if "://" not in storage:
@@ -206,8 +203,6 @@ def render(spec: JobSpec, *, cluster: str = "ephemeral", kind: str = "train") ->
     if not k.image:
         raise SpecError("kubernetes.image: not set; build cluster/Dockerfile, push it, and set it (or "
                         "--set kubernetes.image=registry.example.com/ml/ftdist:0.1.0)")
-    if kind == "tune" and spec.sweep is None:
-        raise SpecError("--tune: the job has no sweep: section")
     name = rayjob_name(spec)
     env_yaml = {"env_vars": {"PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false", **k.env}}
     rj: dict[str, Any] = {

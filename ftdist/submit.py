@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Iterator, Optional
 from urllib.parse import urlparse
 
-from ftdist.config import LOCAL_PATH_KEYS, SECRET_ENV_RE, JobSpec, load_spec, raw_job
+from ftdist.config import ENV_NAME_RE, SECRET_ENV_RE, JobSpec, load_spec, local_paths
 from ftdist.errors import SpecError
 
 PREFIX = "ftdist-"
@@ -128,7 +128,7 @@ def attempts(jobs: list, name: str) -> list:
 def next_attempt(jobs: list, name: str) -> int:
     """Refuse while an attempt is pending/running (it would write the same checkpoints); else the next number."""
     prev = attempts(jobs, name)
-    live = [j for j in prev if str(j.status) in ACTIVE or getattr(j.status, "value", None) in ACTIVE]
+    live = [j for j in prev if _status(j) in ACTIVE]
     if live:
         j = live[-1]
         raise SpecError(f"job {name!r} is already {_status(j)} on this cluster as {j.submission_id}; follow it with "
@@ -152,19 +152,16 @@ def check_paths(job_file: str, spec: JobSpec, working_dir: Path, overrides: Opti
     """Local inputs must travel in the working dir (or be absolute paths the cluster nodes have); checkpoints must
     go where every node and every later attempt can reach (s3:// or an absolute shared path), never the working dir,
     which Ray deletes with the job. Returns notes for absolute paths that are not shipped."""
-    raw = raw_job(job_file, overrides)
     notes = []
-    for section, key in LOCAL_PATH_KEYS:  # shipped with the working dir when they sit under it
-        val = getattr(getattr(spec, section), key, None)
-        raw_val = (raw.get(section) or {}).get(key) if isinstance(raw.get(section), dict) else None
-        if not val or "://" in val or val == raw_val and not os.path.isabs(val):
-            continue  # remote URI, hub id, or unset
+    for key, raw_val, val in local_paths(job_file, spec, overrides):  # shipped with the working dir under it
+        if "://" in val or val == raw_val and not os.path.isabs(val):
+            continue  # remote URI or hub id
         if _under(val, working_dir):
             continue  # shipped; resolves the same way next to the job file on the cluster
-        if raw_val is not None and not os.path.isabs(str(raw_val)) and not str(raw_val).startswith("~"):
-            raise SpecError(f"{section}.{key}: {raw_val} is outside the working dir {working_dir} and would not "
+        if raw_val is not None and not os.path.isabs(raw_val) and not raw_val.startswith("~"):
+            raise SpecError(f"{key}: {raw_val} is outside the working dir {working_dir} and would not "
                             f"reach the cluster; move it under the job file's folder, use s3://, or --working-dir")
-        notes.append(f"{section}.{key}: {val} is not shipped; it must exist at that path on the cluster nodes")
+        notes.append(f"{key}: {val} is not shipped; it must exist at that path on the cluster nodes")
     storage = spec.checkpoint.storage
     if "://" not in storage:
         if not os.path.isabs(storage):
@@ -181,7 +178,7 @@ def _env_vars(env: Optional[list[str]]) -> dict:
     env_vars = dict(s3.forwarded_env())  # endpoint and region only, never credentials
     for item in env or []:
         k, sep, v = item.partition("=")
-        if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", k):
+        if not sep or not ENV_NAME_RE.match(k):
             raise SpecError(f"--env {k or item!r}: expected NAME=VALUE")
         if SECRET_ENV_RE.search(k):
             raise SpecError(f"--env {k}: looks like a secret; secrets are never sent in a submission: put it in the "
@@ -239,8 +236,6 @@ def submit(job_file: str, overrides: list[str], *, address: Optional[str], kind:
     if kind == "tune":
         from ftdist.tune import validate_sweep
 
-        if spec.sweep is None:
-            raise SpecError(f"{job_file}: --tune needs a sweep: section in the job file")
         validate_sweep(spec, job_file)
     if image:  # nothing is shipped: every input must be reachable from the image's processes
         from ftdist.k8s import check_portable

@@ -206,8 +206,6 @@ def _stopper(spec: JobSpec):
     if budget is None:
         return None
 
-    job = spec.model_dump(mode="json")
-
     class TotalSteps(Stopper):
         """Ends the sweep once the trials together ran `max_total_steps` optimizer steps. After `--resume` (Tune
         restores this object as it was pickled at the start) the steps of the earlier run are read back from the
@@ -218,7 +216,7 @@ def _stopper(spec: JobSpec):
 
         def _load(self) -> dict[str, int]:
             try:
-                report = load_report(spec_from_dict(job, "sweep job"))
+                report = load_report(spec)
             except SpecError:  # a fresh sweep: nothing recorded yet
                 return {}
             return {t.trial_id: t.steps for t in report.trials}
