@@ -18,7 +18,7 @@ import statistics
 import tempfile
 import threading
 import time
-from typing import Any
+from typing import Any, Optional
 
 # fp32 on CPU: parameters 4 bytes, gradients 4 bytes, optimizer K = 12 bytes per parameter (DeepSpeed keeps an
 # fp32 master copy of its partition even in fp32 mode, plus Adam's exp_avg and exp_avg_sq). The paper's
@@ -120,17 +120,17 @@ def _entry(fn, rank, world, backend, port, q, args):
 
 def _engine_for(spec_json: dict):
     import deepspeed
-    import torch
     import torch.distributed as dist
 
     from ftdist.config import spec_from_dict
     from ftdist.ds_config import to_deepspeed
-    from ftdist.modeling import load_model
+    from ftdist.modeling import apply_kernels, load_model
+    from ftdist.worker import torch_adamw
 
     spec = spec_from_dict(spec_json)
     ds_cfg = to_deepspeed(spec, dist.get_world_size())
-    model = load_model(spec.model, None, ds_cfg)
-    opt = torch.optim.AdamW(model.parameters(), lr=spec.optim.lr)
+    model = apply_kernels(load_model(spec.model, None, ds_cfg), spec)
+    opt = torch_adamw(model, spec)
     engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds_cfg, dist_init_required=False)
     if spec.model.compile:
         engine.compile()
@@ -338,16 +338,17 @@ PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "GH200": 989e12, "A100": 312e12, "L
 
 
 def gpu_spec(storage: str, data_path: str, steps: int, seq: int, micro_batch: int, name: str = "bench-gpu",
-             compile: bool = False):
+             compile: bool = False, liger: bool = False, global_batch: Optional[int] = None):
     from ftdist.config import spec_from_dict
 
     return spec_from_dict({
         "name": name,
         "model": {"from_config": GPU_LLAMA, "tokenizer": os.path.join(_repo_data(), "tokenizer"), "dtype": "bf16",
-                  "attn_implementation": "sdpa", "compile": compile},
+                  "attn_implementation": "sdpa", "compile": compile, "use_liger_kernel": liger},
         "data": {"train": data_path, "format": "text", "max_length": seq, "packing": True},
         "zero": {"stage": 2},
-        "optim": {"lr": 1e-4, "micro_batch_size": micro_batch, "global_batch_size": micro_batch, "max_steps": steps,
+        "optim": {"lr": 1e-4, "micro_batch_size": micro_batch, "global_batch_size": global_batch or micro_batch,
+                  "max_steps": steps,
                   "schedule": "constant", "seed": 1},
         "resources": {"num_workers": 1, "cpus_per_worker": 4, "gpus_per_worker": 1, "max_failures": 0},
         "checkpoint": {"storage": storage, "every_n_steps": None},
@@ -401,15 +402,20 @@ def _bare_gpu(rank: int, spec_json: dict, warmup: int, steps: int) -> dict:
     return res
 
 
-def bench_gpu(steps: int, tmp: str, seq: int = 2048, micro_batch: int = 8, compile: bool = False) -> dict:
+GPU_VARIANTS = ("eager", "compile", "liger")
+
+
+def bench_gpu(steps: int, tmp: str, seq: int = 2048, micro_batch: int = 8, variant: str = "eager",
+              global_batch: Optional[int] = None) -> dict:
     from ftdist.driver import run_training
 
+    compile, liger = variant == "compile", variant == "liger"
     warmup = 10 if compile else 5  # compiled: the first steps also compile (and recompile once for the backward)
     total = warmup + steps
     data = os.path.join(tmp, "gpu-text.jsonl")
-    _gpu_text(data, total * micro_batch * seq)
-    spec = gpu_spec(os.path.join(tmp, "gpu-store"), data, total, seq, micro_batch,
-                    name="bench-gpu-compiled" if compile else "bench-gpu", compile=compile)
+    _gpu_text(data, total * (global_batch or micro_batch) * seq)
+    spec = gpu_spec(os.path.join(tmp, "gpu-store"), data, total, seq, micro_batch, name="bench-gpu-" + variant,
+                    compile=compile, liger=liger, global_batch=global_batch)
     bare = _spawn(_bare_gpu, spec.model_dump(mode="json"), warmup, steps, world=1, backend="nccl")[0]
     bare_tps = bare["tokens"] / bare["seconds"]
     s = run_training(spec)
@@ -423,6 +429,7 @@ def bench_gpu(steps: int, tmp: str, seq: int = 2048, micro_batch: int = 8, compi
     peak = next((v for k, v in PEAK_BF16.items() if k in name.split() or f" {k} " in f" {name} "), None)
     return {"ftdist_tps": ftdist_tps, "bare_tps": bare_tps, "ratio": ftdist_tps / bare_tps, "device": name,
             "flops_per_token": flops, "peak": peak, "peak_mem": bare["peak_mem"], "seq": seq, "mb": micro_batch,
+            "gb": spec.optim.global_batch_size,
             "ftdist_mfu": ftdist_tps * flops / peak if peak else None,
             "bare_mfu": bare_tps * flops / peak if peak else None}
 
@@ -443,19 +450,21 @@ def main(args: argparse.Namespace) -> int:
 
             if not torch.cuda.is_available():
                 raise SystemExit("ftdist bench --only gpu: no CUDA device visible")
-            for compiled in (False, True):
-                g = bench_gpu(args.steps, tmp, compile=compiled)
+            for variant in args.gpu_variants.split(","):
+                if variant not in GPU_VARIANTS:
+                    raise SystemExit(f"ftdist bench --gpu-variants: unknown {variant!r} (choose from "
+                                     f"{', '.join(GPU_VARIANTS)})")
+                g = bench_gpu(args.steps, tmp, variant=variant, global_batch=args.gpu_global_batch)
                 what = (f"1x {g['device']}, {sum_params(GPU_LLAMA) / 1e9:.2f}B Llama bf16, ZeRO-2, seq {g['seq']}, "
-                        f"mb {g['mb']}, {'model.compile' if compiled else 'eager'}")
+                        f"micro batch {g['mb']}, global batch {g['gb']}, {variant}")
                 lines.append(f"| training tokens/s, {what} | {g['ftdist_tps']:.0f} | {g['bare_tps']:.0f} (bare "
                              f"DeepSpeed, no Ray) | {g['ratio']:.3f} | >= 0.95 |")
                 if g["peak"]:
-                    lines.append(f"| model FLOPs utilisation, {'compiled' if compiled else 'eager'} "
-                                 f"({g['flops_per_token'] / 1e9:.2f} GFLOP/token, peak {g['peak'] / 1e12:.0f} TFLOP/s "
-                                 f"bf16) | {100 * g['ftdist_mfu']:.1f}% | {100 * g['bare_mfu']:.1f}% (bare) | "
-                                 f"{g['ratio']:.3f} | >= 45% |")
-                lines.append(f"| peak GPU memory allocated (bare loop, {'compiled' if compiled else 'eager'}) | | "
-                             f"{_mb(g['peak_mem'])} | | |")
+                    lines.append(f"| model FLOPs utilisation, {variant} ({g['flops_per_token'] / 1e9:.2f} GFLOP/token, "
+                                 f"peak {g['peak'] / 1e12:.0f} TFLOP/s bf16) | {100 * g['ftdist_mfu']:.1f}% | "
+                                 f"{100 * g['bare_mfu']:.1f}% (bare) | {g['ratio']:.3f} | >= 45% |")
+                lines.append(f"| peak GPU memory allocated (bare loop, {variant}) | | {_mb(g['peak_mem'])} | | |")
+                print("\n".join(lines[-3:]), flush=True)  # each variant's rows as soon as they are measured
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # the CPU parts below
         if "throughput" in parts:
             t = bench_throughput(args.steps, tmp)

@@ -392,6 +392,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--steps", type=int, default=30, help="timed optimizer steps per run")
     b.add_argument("--only", choices=["throughput", "memory", "load", "checkpoint", "tune", "gpu"], action="append",
                    help="run only these parts (repeatable)")
+    b.add_argument("--gpu-variants", default="eager,liger",
+                   help="gpu: comma-separated model variants to measure (eager, compile, liger)")
+    b.add_argument("--gpu-global-batch", type=int, default=32,
+                   help="gpu: sequences per optimizer step (micro batch 8, the rest by gradient accumulation)")
     b.add_argument("--ckpt-mb", type=int, default=256, help="checkpoint: MiB per rank of the benchmark checkpoint")
     b.add_argument("--s3-bucket", default=None,
                    help="checkpoint: use this existing bucket at AWS_ENDPOINT_URL (default: start a local SeaweedFS)")

@@ -42,6 +42,11 @@ class ModelSpec(_Spec):
     trust_remote_code: bool = False
     compile: bool = False
     """torch.compile the model (DeepSpeed `engine.compile()`): slower start, faster steps on GPUs."""
+    use_liger_kernel: bool = False
+    """GPU only: swap in Liger's fused Triton kernels (RMSNorm, rotary, SwiGLU, and a fused linear + cross-entropy
+    loss that never materialises the logits) for the model types Liger supports (Llama, Mistral, Qwen, Gemma, ...).
+    Needs the `liger-kernel` package on the workers (`pip install 'ftdist[gpu]'`); the same switch as
+    `TrainingArguments.use_liger_kernel` in the Hugging Face Trainer."""
 
     @model_validator(mode="after")
     def _one_source(self) -> "ModelSpec":
@@ -528,6 +533,13 @@ class JobSpec(_Spec):
             )
         if self.model.dtype == "fp16" and not self.resources.use_gpu:
             raise ValueError("model.dtype fp16 needs GPUs (resources.gpus_per_worker > 0); use fp32 or bf16 on CPU")
+        if self.model.use_liger_kernel and not self.resources.use_gpu:
+            raise ValueError("model.use_liger_kernel needs GPUs (resources.gpus_per_worker > 0): Liger's kernels are "
+                             "Triton kernels for CUDA/ROCm devices")
+        if self.model.use_liger_kernel and self.model.compile:
+            # Seen on an H100 (torch 2.11, liger-kernel 0.8.5): an illegal memory access in Inductor's autotuning.
+            raise ValueError("model.use_liger_kernel and model.compile together crash torch.compile's autotuning "
+                             "(illegal memory access); choose one (Liger was the faster on an H100)")
         if self.checkpoint.keep_best_by and not self.checkpoint.keep_best_by.replace("_", "").isalnum():
             raise ValueError("checkpoint.keep_best_by must be a metric name like eval_loss")
         if self.checkpoint.keep_best_by in ("eval_loss", "eval_perplexity") and not self.has_eval:

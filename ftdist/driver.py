@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -78,6 +79,13 @@ def connect_ray(address: Optional[str], num_cpus_hint: int) -> bool:
     # The cleaner finds the API by auto-detecting "the" local Ray, which fails when another Ray runs on the machine
     # ("Found multiple active Ray instances"); naming our dashboard in RAY_API_SERVER_ADDRESS (driver and every
     # actor) points it at this cluster.
+    missing = _dashboard_missing()
+    if missing:  # a minimal Ray (ray[train] without [default]): run without the dashboard rather than fail
+        print(f"[ftdist] starting Ray without its dashboard: {missing} (pip install 'ray[default]'); with another "
+              "Ray on this machine, trials that Tune stops may keep their placement groups", file=sys.stderr)
+        ray.init(num_cpus=cpus, include_dashboard=False, runtime_env=env, logging_level="WARNING",
+                 log_to_driver=True)
+        return True
     port = free_port()
     api = f"http://127.0.0.1:{port}"
     env["env_vars"]["RAY_API_SERVER_ADDRESS"] = api
@@ -85,6 +93,16 @@ def connect_ray(address: Optional[str], num_cpus_hint: int) -> bool:
     ray.init(num_cpus=cpus, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port, runtime_env=env,
              logging_level="WARNING", log_to_driver=True)
     return True
+
+
+def _dashboard_missing() -> Optional[str]:
+    """Why Ray's dashboard cannot start here (a package it needs is missing), or None."""
+    try:
+        from ray._private.utils import get_dashboard_dependency_error
+    except ImportError:  # a Ray without this helper: let ray.init decide
+        return None
+    err = get_dashboard_dependency_error()
+    return str(err) if err else None
 
 
 def disconnect_ray(started: bool) -> None:

@@ -210,6 +210,30 @@ def _final_norm(model: Any) -> Any:
     return None
 
 
+def apply_kernels(model: Any, spec: JobSpec) -> Any:
+    """`model.use_liger_kernel`: Liger's Triton kernels in place of the model's RMSNorm, rotary embedding and SwiGLU
+    MLP, and its fused linear + cross-entropy loss, which computes the loss in chunks without materialising the
+    logits. Applied to the built model before the method (peft wraps the patched modules). Under ZeRO-3 the fused
+    loss would read the LM head's weight outside the head's forward, where ZeRO-3 has not gathered it, so there
+    Liger's plain cross-entropy kernel is used instead."""
+    if not spec.model.use_liger_kernel:
+        return model
+    try:
+        from liger_kernel.transformers import _apply_liger_kernel_to_instance
+        from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
+    except ImportError as e:
+        raise SpecError(f"model.use_liger_kernel: liger-kernel is not importable on this worker ({e}); install it "
+                        "there with pip install 'ftdist[gpu]'") from None
+    model_type = getattr(model.config, "model_type", None)
+    if model_type not in MODEL_TYPE_TO_APPLY_LIGER_FN:
+        raise SpecError(f"model.use_liger_kernel: Liger has no kernels for model type {model_type!r}; it supports "
+                        + ", ".join(sorted(MODEL_TYPE_TO_APPLY_LIGER_FN)))
+    zero3 = spec.zero.stage == 3
+    _apply_liger_kernel_to_instance(model=model, rope=True, rms_norm=True, swiglu=True,
+                                    cross_entropy=zero3, fused_linear_cross_entropy=not zero3)
+    return model
+
+
 def apply_method(model: Any, spec: JobSpec) -> Any:
     """full: everything trains. freeze: embeddings and lower layers frozen, top N layers (+ head, final norm)
     train. lora: peft adapters on the target modules, base frozen."""

@@ -45,6 +45,16 @@ def lr_lambda(spec: JobSpec, total_steps: int):
     return f
 
 
+def torch_adamw(model: Any, spec: JobSpec) -> Any:
+    """torch.optim.AdamW over the trainable parameters. On GPUs its fused CUDA kernel (one launch for all tensors,
+    as the Hugging Face Trainer's default `adamw_torch_fused`); DeepSpeed later points it at its fp32 partitions."""
+    import torch
+
+    o = spec.optim
+    return torch.optim.AdamW(_param_groups(model, o.weight_decay), lr=o.lr, betas=o.betas, eps=o.eps,
+                             fused=True if spec.resources.use_gpu else None)
+
+
 def _param_groups(model: Any, weight_decay: float) -> list[dict]:
     """No weight decay on biases and norm weights (1-D tensors), the usual AdamW practice."""
     decay, no_decay = [], []
@@ -120,7 +130,8 @@ def train_fn_per_worker(config: dict) -> None:
     from ftdist.checkpointing import RankCheckpointer, export_in_workers, export_per_worker, restore_per_worker
     from ftdist.data import ShardedLoader, build_splits, collate, eval_batches
     from ftdist.ds_config import to_deepspeed
-    from ftdist.modeling import apply_method, count_params, load_model, load_tokenizer, prefetch_per_node
+    from ftdist.modeling import (apply_kernels, apply_method, count_params, load_model, load_tokenizer,
+                                 prefetch_per_node)
     from ftdist.storage import publish_dir
     from ftdist.storage.store import TransferOptions
 
@@ -148,15 +159,14 @@ def train_fn_per_worker(config: dict) -> None:
                  + f"; {loader.steps_per_epoch} steps/epoch, {total_steps} steps")
     clock.mark("data")
 
-    model = apply_method(load_model(spec.model, model_path, ds_cfg), spec)
+    model = apply_method(apply_kernels(load_model(spec.model, model_path, ds_cfg), spec), spec)
     clock.mark("model")
     trainable, total = count_params(model)
     print0(rank, f"[ftdist] model: {total / 1e6:.2f}M params, {trainable / 1e6:.3f}M trainable "
                  f"({spec.method}, ZeRO-{spec.zero.stage}, {world} workers, grad accum {spec.grad_accum})")
 
     if o.optimizer == "torch_adamw":
-        optimizer = torch.optim.AdamW(_param_groups(model, o.weight_decay), lr=o.lr, betas=o.betas, eps=o.eps)
-        model_parameters = None
+        optimizer, model_parameters = torch_adamw(model, spec), None
     else:
         optimizer, model_parameters = None, _param_groups(model, o.weight_decay)
     schedule = lr_lambda(spec, total_steps)

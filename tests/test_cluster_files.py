@@ -54,6 +54,8 @@ def test_dockerfile_versions_match_the_lock():
     from ftdist.config import KubernetesSpec
 
     assert KubernetesSpec().ray_version == lock["ray"]  # the RayCluster's rayVersion is the image's Ray
+    (gpu_extra,) = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]["gpu"]
+    assert Requirement(gpu_extra).specifier.contains(args["LIGER_KERNEL_VERSION"]), (gpu_extra, args)
 
 
 def test_lock_covers_every_dependency():

@@ -72,6 +72,9 @@ def test_mistyped_value(write_job, tmp_path):
         ({"data": {"train": "a.jsonl", "eval": "b.jsonl", "eval_fraction": 0.1}}, "not both"),
         ({"lora": {"rank": 0}, "method": "lora"}, "lora.rank"),
         ({"model": {"name_or_path": "x", "dtype": "fp16"}}, "fp16 needs GPUs"),
+        ({"model": {"name_or_path": "x", "use_liger_kernel": True}}, "use_liger_kernel needs GPUs"),
+        ({"model": {"name_or_path": "x", "use_liger_kernel": True, "compile": True},
+          "resources": {"num_workers": 1, "gpus_per_worker": 1}}, "choose one"),
     ],
 )
 def test_impossible_combinations(write_job, tmp_path, patch, needle):

@@ -58,3 +58,51 @@ def test_lora_bf16_on_gpu_merged_export(tmp_path):
                  optim={**tiny_job_dict("x")["optim"], "lr": 1e-2})
     assert os.path.isfile(os.path.join(s.export_dir, "adapter", "adapter_model.safetensors"))
     _generates_on_gpu(os.path.join(s.export_dir, "merged"))
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_liger_kernels_compute_the_same_loss_and_gradients(tmp_path, monkeypatch, stage):
+    """Liger's kernels in place of RMSNorm, rotary, SwiGLU and the loss (fused linear + cross-entropy at ZeRO-2, the
+    plain cross-entropy kernel at ZeRO-3) give the model's own loss and gradients, to bf16 rounding."""
+    pytest.importorskip("liger_kernel", reason="liger-kernel not installed: pip install 'ftdist[gpu]'")
+    from transformers.models.llama import modeling_llama
+
+    from ftdist.modeling import apply_kernels, load_model
+
+    # Liger also patches module globals; put them back afterwards so later tests build the stock model.
+    for name in ("apply_rotary_pos_emb", "LlamaRMSNorm", "LlamaMLP"):
+        monkeypatch.setattr(modeling_llama, name, getattr(modeling_llama, name))
+    monkeypatch.setattr(torch.nn.functional, "cross_entropy", torch.nn.functional.cross_entropy)
+
+    job = tiny_job_dict(str(tmp_path))
+    job["model"].update(dtype="bf16", use_liger_kernel=True)
+    job["resources"] = {"num_workers": 1, "cpus_per_worker": 2, "gpus_per_worker": 1}
+    job["zero"] = {"stage": stage}
+    spec = spec_from_dict(job)
+    torch.manual_seed(3)
+    ids = torch.randint(3, spec.model.from_config["vocab_size"], (4, 64), device="cuda")
+    labels = ids.clone()
+    labels[:, :16] = -100  # prompt tokens carry no loss
+
+    def loss_and_grads(model):
+        model = model.cuda()
+        loss = model(input_ids=ids, labels=labels).loss
+        loss.backward()
+        return loss.float(), {n: p.grad.float() for n, p in model.named_parameters()}
+
+    ref_loss, ref_grads = loss_and_grads(load_model(spec.model, None, None))
+    model = apply_kernels(load_model(spec.model, None, None), spec)
+    assert model.model.norm.forward.__func__.__module__.startswith("liger_kernel")
+    loss, grads = loss_and_grads(model)
+    assert torch.isfinite(loss) and abs(loss - ref_loss) / ref_loss < 1e-2, (loss, ref_loss)
+    for n, g in ref_grads.items():
+        rel = (grads[n] - g).norm() / g.norm().clamp(min=1e-12)
+        assert rel < 5e-2, (n, rel.item())
+
+
+def test_lora_with_liger_kernels_trains_on_gpu(tmp_path):
+    pytest.importorskip("liger_kernel", reason="liger-kernel not installed: pip install 'ftdist[gpu]'")
+    s = _gpu_run(tmp_path, "gpu-lora-liger", method="lora",
+                 lora={"rank": 8, "alpha": 16, "dropout": 0.0},
+                 optim={**tiny_job_dict("x")["optim"], "lr": 1e-2})
+    assert os.path.isfile(os.path.join(s.export_dir, "adapter", "adapter_model.safetensors"))

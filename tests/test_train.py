@@ -66,6 +66,25 @@ def test_freeze_trains_only_top_layers(tmp_path):
     assert trainable == {"3", "model.norm.weight", "lm_head.weight"}
 
 
+def test_liger_kernel_without_the_package_is_a_one_line_error(tmp_path):
+    """`model.use_liger_kernel` on a worker without liger-kernel (CPU CI has no Triton): a SpecError saying how to
+    install it, not an ImportError traceback. The kernels themselves run in tests/test_gpu.py."""
+    try:
+        import liger_kernel.transformers  # noqa: F401
+        pytest.skip("liger-kernel is importable here; tests/test_gpu.py covers it")
+    except ImportError:
+        pass
+    from ftdist.errors import SpecError
+    from ftdist.modeling import apply_kernels, load_model
+
+    job = tiny_job_dict(str(tmp_path))
+    job["model"]["use_liger_kernel"] = True
+    job["resources"] = {**job["resources"], "gpus_per_worker": 1}
+    spec = spec_from_dict(job)
+    with pytest.raises(SpecError, match=r"model.use_liger_kernel: liger-kernel is not importable .*ftdist\[gpu\]"):
+        apply_kernels(load_model(spec.model, None, None), spec)
+
+
 def test_resume_continues_with_identical_loss(ray_cluster, tmp_path):
     """An uninterrupted 8-step run vs. a 4-step run re-run under the same name to 8 steps."""
     _, full = _run(tmp_path, "uninterrupted", export={"enabled": False})
