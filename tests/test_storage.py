@@ -117,6 +117,47 @@ def test_uploads_survive_injected_5xx_and_dropped_connections(s3_server, tmp_pat
         assert proxy.injected > 3, (proxy.injected, proxy.requests)
 
 
+def _download_in_child(uri, q):
+    import time
+
+    from ftdist.storage import download
+
+    t0 = time.perf_counter()
+    path = download(uri)
+    with open(os.path.join(path, "part-0.jsonl"), "rb") as fh:
+        q.put((path, len(fh.read()), t0))
+
+
+def test_ranks_on_one_node_share_one_download(s3_server, tmp_path, monkeypatch):
+    """Four processes (the ranks of a node) read the same s3:// data prefix at once: one downloads, the others
+    reuse its copy; every one reads complete files, and the cache holds one folder and no leftover temp folders."""
+    import multiprocessing as mp
+
+    import boto3
+
+    bucket = s3_server.make_bucket("cache-" + os.urandom(4).hex())
+    client = boto3.client("s3", endpoint_url=s3_server.endpoint, region_name="us-east-1")
+    body = b'{"text": "hello"}\n' * 200_000  # 3.6 MB per file: the downloads overlap
+    for i in range(3):
+        client.put_object(Bucket=bucket, Key=f"data/train/part-{i}.jsonl", Body=body)
+    monkeypatch.setenv("FTDIST_CACHE", str(tmp_path / "cache"))
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    with FaultProxy(s3_server.endpoint) as proxy:  # no faults: it counts the requests that reach the store
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
+        procs = [ctx.Process(target=_download_in_child, args=(f"s3://{bucket}/data/train", q)) for _ in range(4)]
+        for p in procs:
+            p.start()
+        results = [q.get(timeout=120) for _ in procs]
+        for p in procs:
+            p.join(timeout=30)
+            assert p.exitcode == 0
+    assert {r[0] for r in results} == {results[0][0]} and all(r[1] == len(body) for r in results)
+    assert proxy.requests <= 8, proxy.requests  # one listing + HEAD/GET per file, once: not once per process
+    entries = sorted(os.listdir(tmp_path / "cache" / "s3"))
+    assert [e for e in entries if ".tmp" in e] == [] and len([e for e in entries if e.endswith(".complete")]) == 1
+
+
 def test_needed_by():
     assert needed_by("step_1/zero_pp_rank_3_mp_rank_00_optim_states.pt", 3)
     assert not needed_by("step_1/bf16_zero_pp_rank_2_mp_rank_00_optim_states.pt", 3)

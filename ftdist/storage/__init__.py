@@ -3,6 +3,7 @@ environment / credential chain (AWS_ENDPOINT_URL for MinIO, SeaweedFS, ...), nev
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import shutil
@@ -19,10 +20,22 @@ def cache_root() -> Path:
 
 def download(uri: str, dest: Optional[str] = None) -> str:
     """Download an s3:// object or prefix into a node-local cache folder (once; reused after) and return it."""
-    from botocore.exceptions import BotoCoreError, ClientError
-
     bucket, key = split_s3(uri)
     target = Path(dest) if dest else cache_root() / "s3" / hashlib.sha256(uri.encode()).hexdigest()[:20]
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Every rank reads the data: the ranks of a node take turns on a file lock, so one downloads and the others
+    # reuse its copy (without it a later rank replaced the folder while an earlier one was reading it).
+    with open(target.with_name(target.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            return _download_locked(uri, bucket, key, target)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _download_locked(uri: str, bucket: str, key: str, target: Path) -> str:
+    from botocore.exceptions import BotoCoreError, ClientError
+
     done = target.with_name(target.name + ".complete")
     if done.exists():
         return str(target / Path(key).name) if done.read_text() == "object" else str(target)
