@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -171,3 +172,15 @@ def test_cli_train_bad_data_exit_2_nothing_written(write_job, tmp_path, rows, ne
     assert r.returncode == 2, r.stderr
     assert needle in r.stderr and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "store").exists()
+
+
+def test_train_poll_interval_default_and_user_value(monkeypatch):
+    """Ray Train's controller polls every 0.5 s under ftdist (reports stop waiting on its 2 s default); a value the
+    user exported is kept."""
+    from ftdist.driver import TRAIN_POLL_INTERVAL_S, train_poll_env
+
+    monkeypatch.delenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", raising=False)
+    assert train_poll_env() == {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": TRAIN_POLL_INTERVAL_S}
+    assert os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] == TRAIN_POLL_INTERVAL_S
+    monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "3")
+    assert train_poll_env() == {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "3"}
