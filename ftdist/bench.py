@@ -348,8 +348,7 @@ def gpu_spec(storage: str, data_path: str, steps: int, seq: int, micro_batch: in
         "data": {"train": data_path, "format": "text", "max_length": seq, "packing": True},
         "zero": {"stage": 2},
         "optim": {"lr": 1e-4, "micro_batch_size": micro_batch, "global_batch_size": global_batch or micro_batch,
-                  "max_steps": steps,
-                  "schedule": "constant", "seed": 1},
+                  "max_steps": steps, "schedule": "constant", "seed": 1},
         "resources": {"num_workers": 1, "cpus_per_worker": 4, "gpus_per_worker": 1, "max_failures": 0},
         "checkpoint": {"storage": storage, "every_n_steps": None},
         "logging": {"every_n_steps": 5},
@@ -413,9 +412,9 @@ def bench_gpu(steps: int, tmp: str, seq: int = 2048, micro_batch: int = 8, varia
     warmup = 10 if compile else 5  # compiled: the first steps also compile (and recompile once for the backward)
     total = warmup + steps
     data = os.path.join(tmp, "gpu-text.jsonl")
-    _gpu_text(data, total * (global_batch or micro_batch) * seq)
     spec = gpu_spec(os.path.join(tmp, "gpu-store"), data, total, seq, micro_batch, name="bench-gpu-" + variant,
                     compile=compile, liger=liger, global_batch=global_batch)
+    _gpu_text(data, total * spec.optim.global_batch_size * seq)
     bare = _spawn(_bare_gpu, spec.model_dump(mode="json"), warmup, steps, world=1, backend="nccl")[0]
     bare_tps = bare["tokens"] / bare["seconds"]
     s = run_training(spec)
@@ -450,10 +449,12 @@ def main(args: argparse.Namespace) -> int:
 
             if not torch.cuda.is_available():
                 raise SystemExit("ftdist bench --only gpu: no CUDA device visible")
-            for variant in args.gpu_variants.split(","):
-                if variant not in GPU_VARIANTS:
-                    raise SystemExit(f"ftdist bench --gpu-variants: unknown {variant!r} (choose from "
-                                     f"{', '.join(GPU_VARIANTS)})")
+            variants = args.gpu_variants.split(",")
+            unknown = [v for v in variants if v not in GPU_VARIANTS]
+            if unknown:  # before any run, not after the first variants took their minutes
+                raise SystemExit(f"ftdist bench --gpu-variants: unknown {', '.join(unknown)} (choose from "
+                                 f"{', '.join(GPU_VARIANTS)})")
+            for variant in variants:
                 g = bench_gpu(args.steps, tmp, variant=variant, global_batch=args.gpu_global_batch)
                 what = (f"1x {g['device']}, {sum_params(GPU_LLAMA) / 1e9:.2f}B Llama bf16, ZeRO-2, seq {g['seq']}, "
                         f"micro batch {g['mb']}, global batch {g['gb']}, {variant}")

@@ -97,15 +97,14 @@ def connect_ray(address: Optional[str], num_cpus_hint: int) -> bool:
     if missing:  # a minimal Ray (ray[train] without [default]): run without the dashboard rather than fail
         print(f"[ftdist] starting Ray without its dashboard: {missing} (pip install 'ray[default]'); with another "
               "Ray on this machine, trials that Tune stops may keep their placement groups", file=sys.stderr)
-        ray.init(num_cpus=cpus, include_dashboard=False, runtime_env=env, logging_level="WARNING",
-                 log_to_driver=True)
-        return True
-    port = free_port()
-    api = f"http://127.0.0.1:{port}"
-    env["env_vars"]["RAY_API_SERVER_ADDRESS"] = api
-    os.environ["RAY_API_SERVER_ADDRESS"] = api
-    ray.init(num_cpus=cpus, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port, runtime_env=env,
-             logging_level="WARNING", log_to_driver=True)
+        dashboard: dict = {"include_dashboard": False}
+    else:
+        port = free_port()
+        api = f"http://127.0.0.1:{port}"
+        env["env_vars"]["RAY_API_SERVER_ADDRESS"] = api
+        os.environ["RAY_API_SERVER_ADDRESS"] = api
+        dashboard = {"include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": port}
+    ray.init(num_cpus=cpus, runtime_env=env, logging_level="WARNING", log_to_driver=True, **dashboard)
     return True
 
 
