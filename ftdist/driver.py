@@ -98,6 +98,8 @@ def connect_ray(address: Optional[str], num_cpus_hint: int) -> bool:
         print(f"[ftdist] starting Ray without its dashboard: {missing} (pip install 'ray[default]'); with another "
               "Ray on this machine, trials that Tune stops may keep their placement groups", file=sys.stderr)
         dashboard: dict = {"include_dashboard": False}
+        # Ray Train's PlacementGroupCleaner asks the (absent) State API every second and warns each time.
+        env["worker_process_setup_hook"] = "ftdist.driver.quiet_state_api_pollers"
     else:
         port = free_port()
         api = f"http://127.0.0.1:{port}"
@@ -106,6 +108,20 @@ def connect_ray(address: Optional[str], num_cpus_hint: int) -> bool:
         dashboard = {"include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": port}
     ray.init(num_cpus=cpus, runtime_env=env, logging_level="WARNING", log_to_driver=True, **dashboard)
     return True
+
+
+# Loggers of Ray components that poll the State API and warn on every failed poll when Ray runs without its
+# dashboard (which serves that API); the cleaner's one job (freeing a dead controller's placement group) is then
+# impossible anyway, and the stderr line printed at start-up says so.
+_STATE_API_POLLERS = ("ray.train.v2._internal.execution.controller.placement_group_cleaner",)
+
+
+def quiet_state_api_pollers() -> None:
+    """worker_process_setup_hook of a dashboard-less embedded Ray: silence the per-second State API warnings."""
+    import logging
+
+    for name in _STATE_API_POLLERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def _dashboard_missing() -> Optional[str]:
