@@ -53,7 +53,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     preflight_data(spec)
     preflight_storage(spec)
-    summary = run_training(spec, address=args.address)
+    summary = run_training(spec, address=args.address, dashboard=args.dashboard)
     if summary.error is not None:
         print(f"ftdist: training failed: {_first_line(summary.error)}", file=sys.stderr)
         print(f"ftdist: run folder (re-run the same job to resume): {summary.run_dir}", file=sys.stderr)
@@ -302,6 +302,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_job_args(t, inline=True)
     t.add_argument("--address", default=None,
                    help="join this Ray cluster (default: RAY_ADDRESS, else start an embedded local Ray)")
+    t.add_argument("--dashboard", action="store_true",
+                   help="embedded Ray: start Ray's dashboard on 127.0.0.1 and print its URL (off by default: its "
+                        "processes take CPU from the workers)")
     t.set_defaults(fn=_cmd_train)
 
     tu = sub.add_parser("tune", help="hyperparameter sweep (the job's sweep: section) with Ray Tune")
@@ -392,6 +395,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--steps", type=int, default=30, help="timed optimizer steps per run")
     b.add_argument("--only", choices=["throughput", "memory", "load", "checkpoint", "tune", "gpu"], action="append",
                    help="run only these parts (repeatable)")
+    b.add_argument("--rounds", type=int, default=2,
+                   help="throughput: how many times ftdist and the bare loop take turns (the ratio is of the means)")
     b.add_argument("--gpu-variants", default="eager,liger",
                    help="gpu: comma-separated model variants to measure (eager, compile, liger)")
     b.add_argument("--gpu-global-batch", type=int, default=32,

@@ -70,8 +70,22 @@ def train_poll_env() -> dict[str, str]:
     return {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": value}
 
 
-def connect_ray(address: Optional[str], num_cpus_hint: int) -> bool:
-    """Join `address` / RAY_ADDRESS, or start an embedded local Ray. Returns True when ftdist started Ray."""
+# The embedded Ray runs on the same cores as the workers (2 workers on a 2-core laptop is the quickstart), so it
+# leaves out what a single-machine job never uses. Every idle Ray worker process wakes 100 times a second (its
+# signal check), and each wakeup on a busy core preempts a training thread; measured on 2 cores, the training
+# threads were preempted 4x as often under Ray Train as in the bare loop. Left out:
+# - prestarted idle workers: Ray starts one per CPU for the first driver; Ray Train's actors, which carry the job's
+#   runtime env, never use them;
+# - the preemption watcher (RAY_TRAIN_ENABLE_PREEMPTION_WATCHER): it watches for a cloud node being reclaimed;
+# - the dashboard (a head process, 9 module processes and more wakeups in the agent), unless asked for
+#   (`ftdist train --dashboard`; `ftdist tune` needs it, see below).
+EMBEDDED_TRAIN_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+_embedded_env_set: list[str] = []  # the names connect_ray put into os.environ, taken out again by disconnect_ray
+
+
+def connect_ray(address: Optional[str], num_cpus_hint: int, *, dashboard: bool = False) -> bool:
+    """Join `address` / RAY_ADDRESS, or start an embedded local Ray (with its dashboard when `dashboard`). Returns
+    True when ftdist started Ray."""
     import ray
 
     poll = train_poll_env()  # in this process too: Ray Train passes it on to the controller it starts from here
@@ -88,31 +102,41 @@ def connect_ray(address: Optional[str], num_cpus_hint: int) -> bool:
         return False
     # Embedded default: a local Ray on this machine's CPUs (enough for the requested workers + the controller).
     cpus = max(os.cpu_count() or 1, num_cpus_hint)
+    for name, value in EMBEDDED_TRAIN_ENV.items():  # a value the user exported is kept
+        if name not in os.environ:
+            os.environ[name] = value
+            _embedded_env_set.append(name)
+        env["env_vars"][name] = os.environ[name]
     # The dashboard (on 127.0.0.1) serves the State API, which Ray Train's PlacementGroupCleaner polls to free the
     # workers' placement group of a trial that Tune stopped (without it, it warns every second and frees nothing).
     # The cleaner finds the API by auto-detecting "the" local Ray, which fails when another Ray runs on the machine
     # ("Found multiple active Ray instances"); naming our dashboard in RAY_API_SERVER_ADDRESS (driver and every
     # actor) points it at this cluster.
-    missing = _dashboard_missing()
+    missing = _dashboard_missing() if dashboard else None
     if missing:  # a minimal Ray (ray[train] without [default]): run without the dashboard rather than fail
         print(f"[ftdist] starting Ray without its dashboard: {missing} (pip install 'ray[default]'); with another "
               "Ray on this machine, trials that Tune stops may keep their placement groups", file=sys.stderr)
-        dashboard: dict = {"include_dashboard": False}
-        # Ray Train's PlacementGroupCleaner asks the (absent) State API every second and warns each time.
-        env["worker_process_setup_hook"] = "ftdist.driver.quiet_state_api_pollers"
-    else:
-        port = free_port()
+    port = free_port() if dashboard and not missing else None
+    if port:
         api = f"http://127.0.0.1:{port}"
         env["env_vars"]["RAY_API_SERVER_ADDRESS"] = api
         os.environ["RAY_API_SERVER_ADDRESS"] = api
-        dashboard = {"include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": port}
-    ray.init(num_cpus=cpus, runtime_env=env, logging_level="WARNING", log_to_driver=True, **dashboard)
+        opts: dict = {"include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": port}
+    else:
+        opts = {"include_dashboard": False}
+        # Ray Train's PlacementGroupCleaner asks the (absent) State API every second and warns each time.
+        env["worker_process_setup_hook"] = "ftdist.driver.quiet_state_api_pollers"
+    ray.init(num_cpus=cpus, runtime_env=env, logging_level="WARNING", log_to_driver=True,
+             _system_config={"prestart_worker_first_driver": False}, **opts)
+    if port:
+        print(f"[ftdist] Ray dashboard: http://127.0.0.1:{port}", file=sys.stderr, flush=True)
     return True
 
 
 # Loggers of Ray components that poll the State API and warn on every failed poll when Ray runs without its
-# dashboard (which serves that API); the cleaner's one job (freeing a dead controller's placement group) is then
-# impossible anyway, and the stderr line printed at start-up says so.
+# dashboard (which serves that API). The cleaner frees the placement group of a controller that died; in an embedded
+# Ray, which ends with the job, that matters only for trials that Tune stops (so `ftdist tune` keeps the dashboard,
+# and says so when it cannot start one).
 _STATE_API_POLLERS = ("ray.train.v2._internal.execution.controller.placement_group_cleaner",)
 
 
@@ -142,6 +166,8 @@ def disconnect_ray(started: bool) -> None:
 
     ray.shutdown()
     os.environ.pop("RAY_API_SERVER_ADDRESS", None)
+    while _embedded_env_set:
+        os.environ.pop(_embedded_env_set.pop(), None)
 
 
 def build_trainer(spec: JobSpec, *, storage_path: Optional[str] = None, name: Optional[str] = None,
@@ -238,13 +264,14 @@ def preflight_storage(spec: JobSpec) -> None:
                         f"`ftdist export {latest.uri} --to ...`")
 
 
-def run_training(spec: JobSpec, *, address: Optional[str] = None) -> RunSummary:
-    """Run one job to the end (resuming from this job name's latest checkpoint if there is one)."""
+def run_training(spec: JobSpec, *, address: Optional[str] = None, dashboard: bool = False) -> RunSummary:
+    """Run one job to the end (resuming from this job name's latest checkpoint if there is one). `dashboard`: start
+    the embedded Ray with its dashboard (ignored when joining a cluster)."""
     from ftdist.storage.lease import run_lease
 
     from ftdist.checkpointing import export_in_workers
 
-    started = connect_ray(address, spec.resources.num_workers + 1)  # a bad address fails here, nothing written yet
+    started = connect_ray(address, spec.resources.num_workers + 1, dashboard=dashboard)  # a bad address fails here, nothing written yet
     try:
         with run_lease(run_dir(spec)) as lease:  # one live attempt per job: a second is refused here, in one line
             try:

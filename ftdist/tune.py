@@ -544,7 +544,7 @@ def run_sweep(spec: JobSpec, *, address: Optional[str] = None, resume: bool = Fa
     from ftdist.storage.lease import run_lease
 
     cpus, gpus = trial_cost(spec)
-    started = connect_ray(address, int(math.ceil(cpus)) + 1)
+    started = connect_ray(address, int(math.ceil(cpus)) + 1, dashboard=True)  # for the PG cleaner: see connect_ray
     try:
         n = concurrency(spec, ray.cluster_resources())
         with run_lease(sweep_dir(spec)):  # one live driver per sweep (a second would run every trial again)

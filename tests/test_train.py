@@ -165,19 +165,24 @@ def test_quickstart_end_to_end(tmp_path):
     assert (QS / "train.jsonl").is_file()
 
 
-def test_embedded_ray_without_dashboard_packages_trains_quietly(tmp_path, write_job):
-    """A minimal Ray (`ray[train]` without `[default]`, as on some GPU images) cannot run the dashboard: the embedded
-    Ray starts without it, says so in one line, and Ray Train's placement-group cleaner does not warn every second
-    that the State API (served by the dashboard) is unreachable."""
-    job = write_job(tiny_job_dict(str(tmp_path / "store"), name="nodash", optim={"max_steps": 4},
+@pytest.mark.parametrize("mode", ["default", "dashboard", "dashboard-packages-missing"])
+def test_embedded_ray_dashboard_modes(tmp_path, write_job, mode):
+    """`ftdist train` starts its embedded Ray without the dashboard unless --dashboard asks for it (then it prints the
+    URL). A minimal Ray (`ray[train]` without `[default]`, as on some GPU images) cannot run the dashboard: the
+    embedded Ray starts without it and says so in one line. Without a dashboard, Ray Train's placement-group
+    cleaner must not warn every second that the State API (which the dashboard serves) is unreachable."""
+    job = write_job(tiny_job_dict(str(tmp_path / "store"), name="dash", optim={"max_steps": 4},
                                   checkpoint={"every_n_steps": 4}, export={"enabled": False}))
-    code = ("import sys, ftdist.driver as d; d._dashboard_missing = lambda: 'No module named aiohttp'; "
-            "from ftdist.cli import main; sys.exit(main(['train', sys.argv[1]]))")
+    patch = "d._dashboard_missing = lambda: 'No module named aiohttp'; " if mode.endswith("missing") else ""
+    code = (f"import sys, ftdist.driver as d; {patch}"
+            "from ftdist.cli import main; sys.exit(main(['train'] + sys.argv[1:]))")
+    args = [str(job)] + (["--dashboard"] if mode != "default" else [])
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    r = subprocess.run([sys.executable, "-c", code, str(job)], cwd=tmp_path, capture_output=True, text=True,
+    r = subprocess.run([sys.executable, "-c", code, *args], cwd=tmp_path, capture_output=True, text=True,
                        timeout=600, env=env)
     out = r.stdout + r.stderr
     assert r.returncode == 0, out[-3000:]
-    assert "starting Ray without its dashboard: No module named aiohttp" in out
     assert "[ftdist] step 4" in out
+    assert ("[ftdist] Ray dashboard: http://127.0.0.1:" in out) == (mode == "dashboard"), out[-3000:]
+    assert ("starting Ray without its dashboard: No module named aiohttp" in out) == mode.endswith("missing")
     assert "State API" not in out, out[-3000:]
