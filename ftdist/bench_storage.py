@@ -105,7 +105,7 @@ def bench_transfer(bucket: str, src: str, reps: int = 5, server_pgid: Optional[i
             if server_pgid:
                 server_cpu[name].append(_cpu_seconds(server_pgid) - c0)
     out: dict = {name: size / statistics.median(t) for name, t in times.items()}
-    out["bytes"] = size
+    out["bytes"], out["reps"] = size, reps
     if server_pgid:  # CPU the S3 server spent per upload: on loopback it, not the client, sets the pace
         out["server_cpu"] = {name: statistics.median(c) for name, c in server_cpu.items()}
     return out
@@ -206,7 +206,7 @@ def run(lines: list[str], mb: int, bucket: Optional[str] = None) -> None:
         srcs = [make_checkpoint_dir(tmp, r, mb) for r in range(WORLD)]
         t = bench_transfer(bucket, srcs[0], server_pgid=os.getpgid(server.proc.pid) if server else None)
         mbps = lambda b: f"{b / 2**20:.0f} MiB/s"  # noqa: E731
-        what = f"{t['bytes'] / 2**20:.0f} MiB, 3 files, median of 5"
+        what = f"{t['bytes'] / 2**20:.0f} MiB, 3 files, median of {t['reps']}"
         lines.append(f"| checkpoint upload throughput, one rank ({what}) | {mbps(t['ftdist'])} | "
                      f"{mbps(t['pyarrow'])} (Ray default: pyarrow copy_files) | {t['ftdist'] / t['pyarrow']:.2f} | "
                      ">= 1.0 |")

@@ -116,8 +116,9 @@ def connect_ray(address: Optional[str], num_cpus_hint: int, *, dashboard: bool =
     if missing:  # a minimal Ray (ray[train] without [default]): run without the dashboard rather than fail
         print(f"[ftdist] starting Ray without its dashboard: {missing} (pip install 'ray[default]'); with another "
               "Ray on this machine, trials that Tune stops may keep their placement groups", file=sys.stderr)
-    port = free_port() if dashboard and not missing else None
-    if port:
+    api = None
+    if dashboard and not missing:
+        port = free_port()
         api = f"http://127.0.0.1:{port}"
         env["env_vars"]["RAY_API_SERVER_ADDRESS"] = api
         os.environ["RAY_API_SERVER_ADDRESS"] = api
@@ -128,8 +129,8 @@ def connect_ray(address: Optional[str], num_cpus_hint: int, *, dashboard: bool =
         env["worker_process_setup_hook"] = "ftdist.driver.quiet_state_api_pollers"
     ray.init(num_cpus=cpus, runtime_env=env, logging_level="WARNING", log_to_driver=True,
              _system_config={"prestart_worker_first_driver": False}, **opts)
-    if port:
-        print(f"[ftdist] Ray dashboard: http://127.0.0.1:{port}", file=sys.stderr, flush=True)
+    if api:
+        print(f"[ftdist] Ray dashboard: {api}", file=sys.stderr, flush=True)
     return True
 
 
@@ -271,7 +272,8 @@ def run_training(spec: JobSpec, *, address: Optional[str] = None, dashboard: boo
 
     from ftdist.checkpointing import export_in_workers
 
-    started = connect_ray(address, spec.resources.num_workers + 1, dashboard=dashboard)  # a bad address fails here, nothing written yet
+    # A bad address fails here, before anything is written.
+    started = connect_ray(address, spec.resources.num_workers + 1, dashboard=dashboard)
     try:
         with run_lease(run_dir(spec)) as lease:  # one live attempt per job: a second is refused here, in one line
             try:
