@@ -17,19 +17,44 @@ from dataclasses import dataclass, field
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
 
 
-def _node_ports(node: int) -> list[str]:
-    """Every port a node would otherwise take at a fixed default (two nodes on one host would collide), and a
-    worker-port range of its own (picked from the pid, away from the ephemeral range)."""
-    base = 20000 + (os.getpid() * 401 + node * 200) % 12000
-    return [f"--node-manager-port={free_port()}", f"--object-manager-port={free_port()}",
-            f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
-            f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}",
-            f"--min-worker-port={base}", f"--max-worker-port={base + 199}"]
+def free_ports(n: int) -> list[int]:
+    """n distinct ports on 127.0.0.1 that nothing listens on. The sockets stay bound until all n are picked: asked
+    one at a time, the OS may hand out the same just-released port twice, and `ray start` refuses two components on
+    one port (a CI run failed that way)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+_NODE_PORTS = ("node-manager-port", "object-manager-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+               "runtime-env-agent-port", "metrics-export-port")
+_HEAD_PORTS = ("port", "dashboard-port", "ray-client-server-port")
+
+
+def _cluster_ports(nodes: int) -> list[dict[str, int]]:
+    """`ray start` port flags of each node (the head first): every port a node would otherwise take at a fixed
+    default (two nodes on one host would collide), picked in one go so that no two components share one, and a
+    worker-port range of its own (from the pid, away from the ephemeral range)."""
+    names = [_HEAD_PORTS + _NODE_PORTS] + [_NODE_PORTS] * (nodes - 1)
+    picked = iter(free_ports(sum(len(n) for n in names)))
+    out = []
+    for node, node_names in enumerate(names):
+        base = 20000 + (os.getpid() * 401 + node * 200) % 12000
+        out.append({**{name: next(picked) for name in node_names},
+                    "min-worker-port": base, "max-worker-port": base + 199})
+    return out
+
+
+def _flags(ports: dict[str, int]) -> list[str]:
+    return [f"--{name}={port}" for name, port in ports.items()]
 
 
 @dataclass
@@ -84,15 +109,15 @@ def start_cluster(head_cpus: int = 1, worker_cpus: tuple[int, ...] = (2,)) -> Lo
     env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=token_path, PATH=f"{bindir}:{env.get('PATH', '')}",
                DS_ACCELERATOR="cpu", TOKENIZERS_PARALLELISM="false", RAY_USAGE_STATS_ENABLED="0")
     ray = os.path.join(bindir, "ray")
-    gcs_port, dash_port = free_port(), free_port()
-    cluster = LocalRayCluster(root, f"127.0.0.1:{gcs_port}", f"http://127.0.0.1:{dash_port}", token_path, env)
+    head, *workers = _cluster_ports(1 + len(worker_cpus))
+    cluster = LocalRayCluster(root, f"127.0.0.1:{head['port']}", f"http://127.0.0.1:{head['dashboard-port']}",
+                              token_path, env)
     common = ["--node-ip-address=127.0.0.1", "--disable-usage-stats", f"--temp-dir={root}/tmp"]
     try:
-        _run([ray, "start", "--head", f"--port={gcs_port}", f"--num-cpus={head_cpus}", "--include-dashboard=true",
-              "--dashboard-host=127.0.0.1", f"--dashboard-port={dash_port}",
-              f"--ray-client-server-port={free_port()}", *common, *_node_ports(0)], env, root, "head")
-        for i, cpus in enumerate(worker_cpus):
-            _run([ray, "start", f"--address={cluster.gcs}", f"--num-cpus={cpus}", *common, *_node_ports(i + 1)],
+        _run([ray, "start", "--head", f"--num-cpus={head_cpus}", "--include-dashboard=true",
+              "--dashboard-host=127.0.0.1", *common, *_flags(head)], env, root, "head")
+        for i, (cpus, ports) in enumerate(zip(worker_cpus, workers)):
+            _run([ray, "start", f"--address={cluster.gcs}", f"--num-cpus={cpus}", *common, *_flags(ports)],
                  env, root, f"worker{i}")
         _wait_for_jobs_api(cluster)
     except Exception:
