@@ -204,7 +204,7 @@ def run(lines: list[str], mb: int, bucket: Optional[str] = None) -> None:
     if bucket is None:
         from ftdist.storage.local_s3 import start_seaweedfs
 
-        server = start_seaweedfs()
+        server = start_seaweedfs(volume_mb=1024)  # GiB of writes: no volume switch every 64 MiB
         os.environ.update(server.env())  # this process and the local Ray it starts
         bucket = server.make_bucket("ftdist-bench")
     tmp = tempfile.mkdtemp(prefix="ftdist-bench-ckpt-")
