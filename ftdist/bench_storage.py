@@ -3,7 +3,7 @@ side in one run against the same S3-compatible server (a local SeaweedFS unless 
 point elsewhere):
 
 1. upload throughput of one rank's checkpoint folder: ftdist's uploader (s3transfer, all files at once, parts in
-   parallel, SHA-256 manifest) / Ray's default upload (pyarrow.fs.copy_files, what Ray Train does without a
+   parallel, BLAKE3 manifest) / Ray's default upload (pyarrow.fs.copy_files, what Ray Train does without a
    checkpoint_upload_fn) and / a plain single-stream boto3 upload_file per file;
 2. step blocking time per checkpoint in a 2-worker Ray Train run: ftdist (async upload) / Ray's default
    synchronous upload of the same files. Both include the same local save;

@@ -152,7 +152,7 @@ def _cmd_checkpoints(args: argparse.Namespace) -> int:
         if args.verify:
             name = found[-1].name if args.verify == "latest" else args.verify
             problems = cs.problems(name, deep=not args.shallow)
-            what = "sizes" if args.shallow else "sizes and SHA-256"
+            what = "sizes" if args.shallow else "sizes and hashes"
             if problems:
                 for p in problems:
                     print(f"{name}: {p}", file=sys.stderr)
@@ -322,7 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("checkpoints", help="list a job's committed checkpoints; verify one")
     c.add_argument("job_uri", help="<checkpoint.storage>/<job name>, local or s3://")
     c.add_argument("--verify", nargs="?", const="latest", default=None, metavar="NAME",
-                   help="verify a checkpoint (default: the latest): every file present with its size and SHA-256")
+                   help="verify a checkpoint (default: the latest): every file present with its size and hash (BLAKE3)")
     c.add_argument("--shallow", action="store_true", help="with --verify: check sizes only (no download)")
     c.add_argument("--all", action="store_true", help="also list uncommitted (incomplete) checkpoint folders")
     c.set_defaults(fn=_cmd_checkpoints)

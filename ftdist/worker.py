@@ -194,7 +194,7 @@ def train_fn_per_worker(config: dict) -> None:
     ckpt_io = RankCheckpointer(spec, rank, world)
     resume = ckpt_io.resume_point(ray.train.get_checkpoint())
     if resume is not None:
-        d = ckpt_io.fetch(resume)  # only this rank's shard files, each SHA-256 verified
+        d = ckpt_io.fetch(resume)  # only this rank's shard files, each hash-verified
         state = restore_per_worker(engine, d, rank)
         shutil.rmtree(d, ignore_errors=True)
         start_step = state["step"]

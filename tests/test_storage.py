@@ -71,9 +71,33 @@ def test_two_ranks_commit_and_each_fetches_only_its_files(job_uri, tmp_path):
 
     # A second writer cannot commit a different checkpoint over it (conditional write).
     cs.store.put_bytes(f"{name}/.ftdist/rank-00001.json", json.dumps(
-        [{"path": "other", "size": 1, "sha256": "0", "rank": 1}]).encode())
+        [{"path": "other", "size": 1, "blake3": "0", "rank": 1}]).encode())
     with pytest.raises(CheckpointError, match="already committed"):
         cs.commit(name, 2, {"step": 4}, timeout_s=5)
+
+
+def test_checkpoints_from_before_blake3_still_verify(job_uri, tmp_path):
+    """Manifests written before ftdist hashed with BLAKE3 list a SHA-256 per file: resume, export and
+    `ftdist checkpoints --verify` check those with SHA-256."""
+    from ftdist.storage.store import file_digest
+
+    cs = CheckpointStore(job_uri, SMALL_PARTS)
+    name = "step_00000004"
+    for r in (0, 1):
+        local = _rank_dir(tmp_path, r)
+        files = cs.upload_rank(local, name, r)
+        for f in files:  # rewrite this rank's file list as the older ftdist wrote it
+            del f["blake3"]
+            f["sha256"] = file_digest(os.path.join(local, f["path"]), "sha256")
+        cs.store.put_bytes(f"{name}/.ftdist/rank-{r:05d}.json", json.dumps(files).encode())
+    m = cs.commit(name, 2, {"step": 4}, timeout_s=10)
+    assert all("sha256" in f and "blake3" not in f for f in m["files"])
+    assert cs.problems(name, deep=True) == []
+    cs.fetch_for_rank(name, 1, str(tmp_path / "f1"))
+    cs.store.put_bytes(f"{name}/step_00000004/rng_state_rank1.pt", os.urandom(64))
+    assert any("SHA-256 mismatch" in p for p in cs.problems(name, deep=True))
+    with pytest.raises(CheckpointError, match="checksum mismatch"):
+        cs.fetch_for_rank(name, 1, str(tmp_path / "f2"))
 
 
 def test_corruption_is_an_error_and_uncommitted_folders_are_removed(job_uri, tmp_path):
@@ -85,7 +109,7 @@ def test_corruption_is_an_error_and_uncommitted_folders_are_removed(job_uri, tmp
     key = "step_00000004/step_00000004/rng_state_rank1.pt"
     cs.store.put_bytes(key, os.urandom(64))
     assert cs.problems("step_00000004") == []  # shallow check: sizes match
-    assert any("SHA-256" in p for p in cs.problems("step_00000004", deep=True))
+    assert any("BLAKE3 mismatch" in p for p in cs.problems("step_00000004", deep=True))
     with pytest.raises(CheckpointError, match="checksum mismatch"):
         cs.fetch_for_rank("step_00000004", 1, str(tmp_path / "f"))
     cs.fetch_for_rank("step_00000004", 0, str(tmp_path / "f0"))  # rank 0 doesn't need that file

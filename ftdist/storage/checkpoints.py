@@ -1,11 +1,11 @@
 """Committed, verifiable checkpoints in a job folder (local or s3://), one sub-folder per checkpoint:
 
     <job>/step_00000040/                      DeepSpeed shards, RNG states, ftdist_state.json, hf/ (config, tokenizer)
-    <job>/step_00000040/.ftdist/rank-00001.json   what rank 1 uploaded (path, size, sha256)
+    <job>/step_00000040/.ftdist/rank-00001.json   what rank 1 uploaded (path, size, blake3)
     <job>/step_00000040/ftdist_manifest.json      the commit marker, written last with a conditional write
 
 Every rank uploads its own files and its file list; rank 0 waits for all lists, merges them into the manifest
-(files with size + SHA-256, step, world size, ZeRO stage, method, job-spec hash, metrics) and writes it with
+(files with size + BLAKE3 hash, step, world size, ZeRO stage, method, job-spec hash, metrics) and writes it with
 If-None-Match: * (create-if-absent). A folder without a manifest is not a checkpoint: it is never resumed from and
 is removed at the next start. Nothing secret is in a manifest: the job spec is hashed, not copied, and holds no
 credentials anyway.
@@ -22,7 +22,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from ftdist.storage.store import Store, TransferOptions, open_store, relative_files, sha256_file
+from ftdist.storage.store import (DIGEST, DIGEST_NAMES, DIGESTS, Store, TransferOptions, file_digest, open_store,
+                                  relative_files)
 
 MANIFEST = "ftdist_manifest.json"
 PARTS = ".ftdist"
@@ -70,9 +71,22 @@ class CheckpointInfo:
 
 def _hash_files(local_dir: str, rels: list[str]) -> list[dict]:
     paths = [os.path.join(local_dir, r) for r in rels]
-    with ThreadPoolExecutor(max_workers=4) as ex:  # hashlib releases the GIL on large buffers
-        digests = list(ex.map(sha256_file, paths))
-    return [{"path": rel, "size": os.path.getsize(p), "sha256": h} for rel, p, h in zip(rels, paths, digests)]
+    with ThreadPoolExecutor(max_workers=4) as ex:  # the hashes release the GIL on large buffers
+        digests = list(ex.map(file_digest, paths))
+    return [{"path": rel, "size": os.path.getsize(p), DIGEST: h} for rel, p, h in zip(rels, paths, digests)]
+
+
+def digest_of(entry: dict) -> tuple[str, str]:
+    """(algorithm, hex digest) of a manifest file entry: BLAKE3, or SHA-256 in manifests from before BLAKE3."""
+    for algo in DIGESTS:
+        if algo in entry:
+            return algo, entry[algo]
+    raise CheckpointError(f"manifest entry {entry.get('path')!r} has no checksum")
+
+
+def verify_file(local: str, entry: dict) -> bool:
+    algo, want = digest_of(entry)
+    return os.path.getsize(local) == entry["size"] and file_digest(local, algo) == want
 
 
 class CheckpointStore:
@@ -118,7 +132,7 @@ class CheckpointStore:
                 raise CheckpointError(f"{self.store.child(name)}: file list of rank {r} missing")
             for f in json.loads(raw):
                 prev = files.get(f["path"])
-                if prev is not None and prev["sha256"] != f["sha256"]:
+                if prev is not None and digest_of(prev) != digest_of(f):
                     raise CheckpointError(f"{self.store.child(name)}: ranks {prev['rank']} and {f['rank']} wrote "
                                           f"different {f['path']}")
                 files.setdefault(f["path"], f)
@@ -165,7 +179,7 @@ class CheckpointStore:
 
     def problems(self, name: str, deep: bool = False, scratch: Optional[str] = None) -> list[str]:
         """What is wrong with a checkpoint ([] = verified). Shallow: every listed file exists with its size.
-        Deep: also download each file and compare its SHA-256."""
+        Deep: also download each file and compare its hash."""
         m = self.read_manifest(name)
         if m is None:
             return [f"{self.store.child(name)}: no committed manifest"]
@@ -184,8 +198,8 @@ class CheckpointStore:
                 for f in m["files"]:
                     local = os.path.join(tmp, "f")
                     self.store.get_files([(f"{name}/{f['path']}", local)])
-                    if sha256_file(local) != f["sha256"]:
-                        bad.append(f"{f['path']}: SHA-256 mismatch")
+                    if not verify_file(local, f):
+                        bad.append(f"{f['path']}: {DIGEST_NAMES[digest_of(f)[0]]} mismatch")
                     os.unlink(local)
         return bad
 
@@ -197,11 +211,11 @@ class CheckpointStore:
         return None
 
     def fetch_all(self, name: str, dest: str) -> dict:
-        """Download every file of a committed checkpoint (for export), each SHA-256 verified."""
+        """Download every file of a committed checkpoint (for export), each hash verified."""
         return self.fetch_for_rank(name, None, dest)
 
     def fetch_for_rank(self, name: str, rank: Optional[int], dest: str) -> dict:
-        """Download only the files `rank` needs (None: all) into dest/ and verify each SHA-256. Returns the
+        """Download only the files `rank` needs (None: all) into dest/ and verify each hash. Returns the
         manifest."""
         m = self.read_manifest(name)
         if m is None:
@@ -210,7 +224,7 @@ class CheckpointStore:
         self.store.get_files([(f"{name}/{f['path']}", os.path.join(dest, f["path"])) for f in want])
         for f in want:
             local = os.path.join(dest, f["path"])
-            if os.path.getsize(local) != f["size"] or sha256_file(local) != f["sha256"]:
+            if not verify_file(local, f):
                 raise CheckpointError(f"{self.store.child(name)}/{f['path']}: checksum mismatch after download "
                                       "(corrupt or overwritten checkpoint); refusing to resume from it")
         return m

@@ -68,10 +68,10 @@ def client(opts: ClientOptions = ClientOptions()) -> Any:
         max_pool_connections=opts.max_pool_connections,
         # No SHA-256 of the body for the SigV4 signature (UNSIGNED-PAYLOAD): botocore would otherwise hash every
         # byte once more whenever the request is plain http or carries no checksum header (our case, see below).
-        # Content is verified end to end by ftdist's SHA-256 manifest; TLS protects it in transit on https.
+        # Content is verified end to end by ftdist's manifest hashes; TLS protects it in transit on https.
         s3={"payload_signing_enabled": False, **({"addressing_style": "path"} if endpoint_url() else {})},
         # Only send/require flexible checksums where an operation needs them: not every S3-compatible server
-        # accepts the aws-chunked trailer. ftdist verifies content with its own SHA-256 manifest.
+        # accepts the aws-chunked trailer. ftdist verifies content with its own manifest hashes.
         request_checksum_calculation="when_required",
         response_checksum_validation="when_required",
     )
