@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from ftdist.storage.store import (DIGEST, DIGEST_NAMES, DIGESTS, Store, TransferOptions, file_digest, open_store,
+from ftdist.storage.store import (DIGEST, DIGEST_NAMES, Store, TransferOptions, file_digest, open_store,
                                   relative_files)
 
 MANIFEST = "ftdist_manifest.json"
@@ -78,7 +78,7 @@ def _hash_files(local_dir: str, rels: list[str]) -> list[dict]:
 
 def digest_of(entry: dict) -> tuple[str, str]:
     """(algorithm, hex digest) of a manifest file entry: BLAKE3, or SHA-256 in manifests from before BLAKE3."""
-    for algo in DIGESTS:
+    for algo in DIGEST_NAMES:
         if algo in entry:
             return algo, entry[algo]
     raise CheckpointError(f"manifest entry {entry.get('path')!r} has no checksum")

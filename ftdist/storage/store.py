@@ -26,8 +26,7 @@ CHUNK = 8 << 20
 # node whose cores train, hashing every checkpoint byte at upload and at resume is CPU taken from training.
 # Manifests written before BLAKE3 carry "sha256" per file and still verify.
 DIGEST = "blake3"
-DIGESTS = ("blake3", "sha256")
-DIGEST_NAMES = {"blake3": "BLAKE3", "sha256": "SHA-256"}
+DIGEST_NAMES = {"blake3": "BLAKE3", "sha256": "SHA-256"}  # every algorithm a manifest may carry, newest first
 
 
 def file_digest(path: str, algo: str = DIGEST) -> str:
