@@ -44,7 +44,8 @@ def _repo_data() -> str:
     return os.path.join(here, "jobs", "data", "quickstart")
 
 
-def bench_spec(storage: str, steps: int, stage: int = 2, name: str = "bench", log_every: int = 5):
+def bench_spec(storage: str, steps: int, stage: int = 2, name: str = "bench", log_every: int = 5,
+               workers: int = WORLD):
     from ftdist.config import spec_from_dict
 
     qs = _repo_data()
@@ -58,7 +59,7 @@ def bench_spec(storage: str, steps: int, stage: int = 2, name: str = "bench", lo
                  "stage3_param_persistence_threshold": 0},
         "optim": {"lr": 1e-3, "micro_batch_size": 16, "global_batch_size": 64, "max_steps": steps,
                   "schedule": "constant", "seed": 1},
-        "resources": {"num_workers": WORLD, "cpus_per_worker": 1, "max_failures": 0},
+        "resources": {"num_workers": workers, "cpus_per_worker": 1, "max_failures": 0},
         "checkpoint": {"storage": storage, "every_n_steps": None},
         "logging": {"every_n_steps": log_every},
         "export": {"enabled": False},
@@ -187,16 +188,13 @@ def bench_throughput(steps: int, tmp: str, rounds: int = 2, workers: int = WORLD
     """Tokens/s of `ftdist train` and of the bare loop, the two taking turns `rounds` times (on a small shared machine
     a single pair swings by several percent); the ratio is of the means over the rounds. `workers` below WORLD
     keeps the global batch (more accumulation per worker)."""
-    from ftdist.config import with_overrides
     from ftdist.driver import run_training
 
     warmup, log_every = 5, 5
     total = warmup + steps
     bare_runs, ftdist_runs = [], []
     for i in range(rounds):
-        spec = bench_spec(os.path.join(tmp, f"store-{workers}-{i}"), total, log_every=log_every)
-        if workers != WORLD:
-            spec = with_overrides(spec, {"resources.num_workers": workers})
+        spec = bench_spec(os.path.join(tmp, f"store-{workers}-{i}"), total, log_every=log_every, workers=workers)
         bare = _spawn(_bare_loop, spec.model_dump(mode="json"), warmup, steps, world=workers)
         bare_runs.append(sum(r["tokens"] for r in bare) / max(r["seconds"] for r in bare))
         s = run_training(spec)
