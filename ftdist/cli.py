@@ -1,13 +1,22 @@
-"""The `ftdist` command: parse argv, load the job file, hand off. No logic here, and no torch/ray at import time."""
+"""The `ftdist` command: parse argv, load the job file, hand off. No logic here.
+
+No torch, Ray or DeepSpeed at import time: each command imports what it runs inside its own function (the only
+function-local imports in the product code besides optional packages), so `ftdist validate` and `--help` answer at
+once.
+"""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import sys
 from typing import Iterator, Optional
 
 from ftdist.errors import SpecError
+from ftdist.spec import check_local_inputs, load_spec, missing_local_inputs, spec_from_json
+from ftdist.storage.uri import is_remote
+from ftdist.sweep.space import validate_sweep
 
 
 def _add_job_args(p: argparse.ArgumentParser, inline: bool = False) -> None:
@@ -23,8 +32,6 @@ def _add_job_args(p: argparse.ArgumentParser, inline: bool = False) -> None:
 
 def _load(args: argparse.Namespace):
     """The job spec from the file (or --job-json), with --set applied; local inputs checked."""
-    from ftdist.config import check_local_inputs, load_spec, spec_from_json
-
     if getattr(args, "job_json", None) is not None:
         if args.job:
             raise SpecError("give a job file or --job-json, not both")
@@ -38,10 +45,14 @@ def _load(args: argparse.Namespace):
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
-    from ftdist.config import check_local_inputs, load_spec
-
     spec = load_spec(args.job, args.overrides)
-    check_local_inputs(spec)
+    if args.no_local_check:  # a cluster job names paths on its nodes (/mnt/data/...): say which, don't fail
+        for key, path, problem in missing_local_inputs(spec):
+            print(f"ftdist: note: {key}: {path}: {problem} here (not checked: --no-local-check)", file=sys.stderr)
+    else:
+        check_local_inputs(spec)
+    if spec.sweep is not None:
+        validate_sweep(spec, args.job)
     print(f"{args.job}: ok ({spec.name}: method {spec.method}, ZeRO-{spec.zero.stage}, "
           f"{spec.resources.num_workers} workers, grad accum {spec.grad_accum})")
     return 0
@@ -49,7 +60,7 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     spec = _load(args)
-    from ftdist.driver import preflight_data, preflight_storage, run_training
+    from ftdist.train.driver import preflight_data, preflight_storage, run_training
 
     preflight_data(spec)
     preflight_storage(spec)
@@ -68,12 +79,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_tune(args: argparse.Namespace) -> int:
-    from ftdist.tune import validate_sweep
-
     spec = _load(args)
     validate_sweep(spec, args.job or "--job-json")
-    from ftdist.driver import preflight_data, preflight_storage
-    from ftdist.tune import run_sweep
+    from ftdist.sweep.tune import run_sweep
+    from ftdist.train.driver import preflight_data, preflight_storage
 
     preflight_data(spec)
     preflight_storage(spec)
@@ -100,7 +109,7 @@ def _print_sweep(out) -> None:
 
 
 def _cmd_sweep_report(args: argparse.Namespace) -> int:
-    from ftdist.tune import finish, load_saved_spec
+    from ftdist.sweep.report import finish, load_saved_spec
 
     with _storage_errors(args.sweep_uri):
         spec = load_saved_spec(args.sweep_uri)
@@ -135,6 +144,8 @@ def _storage_errors(uri: str) -> Iterator[None]:
 def _cmd_checkpoints(args: argparse.Namespace) -> int:
     from ftdist.storage.checkpoints import CheckpointStore
 
+    if not is_remote(args.job_uri) and not os.path.isdir(args.job_uri):
+        raise SpecError(f"{args.job_uri}: no such folder (give <checkpoint.storage>/<job name>)")
     with _storage_errors(args.job_uri):
         cs = CheckpointStore(args.job_uri)
         found = cs.checkpoints(committed_only=not args.all)
@@ -144,11 +155,13 @@ def _cmd_checkpoints(args: argparse.Namespace) -> int:
         keys = ("loss", "eval_loss")
         print(f"{'checkpoint':<16} {'step':>8} {'workers':>7} {'zero':>4} {'method':<6} {'size':>10}  metrics")
         for c in found:
-            m = c.manifest or {}
-            shown = " ".join(f"{k}={m['metrics'][k]:.4g}" for k in keys if k in m.get("metrics", {}))
+            m = c.manifest
+            metrics = m.metrics if m else {}
+            shown = " ".join(f"{k}={metrics[k]:.4g}" for k in keys if k in metrics)
             status = "" if c.committed else "  (uncommitted)"
-            print(f"{c.name:<16} {c.step:>8} {m.get('world_size', '-'):>7} {m.get('zero_stage', '-'):>4} "
-                  f"{m.get('method', '-'):<6} {_human(c.size):>10}  {shown}{status}")
+            workers, stage, method = (m.world_size, m.zero_stage, m.method) if m else ("-", "-", "-")
+            print(f"{c.name:<16} {c.step:>8} {workers:>7} {stage:>4} {method:<6} {_human(c.size):>10}  "
+                  f"{shown}{status}")
         if args.verify:
             name = found[-1].name if args.verify == "latest" else args.verify
             problems = cs.problems(name, deep=not args.shallow)
@@ -157,7 +170,7 @@ def _cmd_checkpoints(args: argparse.Namespace) -> int:
                 for p in problems:
                     print(f"{name}: {p}", file=sys.stderr)
                 return 1
-            print(f"{name}: verified ({what} of {len(cs.read_manifest(name)['files'])} files)")
+            print(f"{name}: verified ({what} of {len(cs.read_manifest(name).files)} files)")
     return 0
 
 
@@ -170,7 +183,7 @@ def _human(n: int) -> str:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from ftdist.export import export_checkpoint
+    from ftdist.train.export import export_checkpoint
 
     if args.interpolate is not None and not 0.0 <= args.interpolate <= 1.0:
         raise SpecError(f"--interpolate {args.interpolate}: alpha must be between 0 (base) and 1 (fine-tuned)")
@@ -183,7 +196,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from ftdist.bench import main as bench_main
+    from ftdist.bench.core import main as bench_main
 
     return bench_main(args)
 
@@ -199,13 +212,13 @@ def _add_cluster_args(p: argparse.ArgumentParser) -> None:
 
 
 def _client(args: argparse.Namespace):
-    from ftdist.submit import client
+    from ftdist.remote.submit import client
 
     return client(args.address, args.header, args.ca_cert, args.insecure)
 
 
 def _cmd_submit(args: argparse.Namespace) -> int:
-    from ftdist import submit as sub
+    from ftdist.remote import submit as sub
 
     c, sid = sub.submit(args.job, args.overrides, address=args.address, kind="tune" if args.tune else "train",
                         headers=args.header, ca_cert=args.ca_cert, insecure=args.insecure,
@@ -221,7 +234,7 @@ def _cmd_submit(args: argparse.Namespace) -> int:
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    from ftdist import submit as sub
+    from ftdist.remote import submit as sub
 
     j = sub.info(_client(args), args.submission_id)
     st = sub._status(j)
@@ -231,7 +244,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 
 def _cmd_logs(args: argparse.Namespace) -> int:
-    from ftdist import submit as sub
+    from ftdist.remote import submit as sub
 
     c = _client(args)
     if args.follow:
@@ -242,7 +255,7 @@ def _cmd_logs(args: argparse.Namespace) -> int:
 
 
 def _cmd_stop(args: argparse.Namespace) -> int:
-    from ftdist import submit as sub
+    from ftdist.remote import submit as sub
 
     c = _client(args)
     if sub.stop(c, args.submission_id):
@@ -254,16 +267,14 @@ def _cmd_stop(args: argparse.Namespace) -> int:
 
 
 def _cmd_k8s_render(args: argparse.Namespace) -> int:
-    from ftdist import k8s
-    from ftdist.config import load_spec
+    from ftdist.remote import k8s_render as k8s
+    from ftdist.remote.portability import check_portable
 
     spec = load_spec(args.job, args.overrides)
     kind = "tune" if args.tune else "train"
     if kind == "tune":
-        from ftdist.tune import validate_sweep
-
         validate_sweep(spec, args.job)
-    notes = k8s.check_portable(args.job, spec, args.overrides)
+    notes = check_portable(args.job, spec, args.overrides)
     rj = k8s.render(spec, cluster=args.cluster, kind=kind)
     k = spec.kubernetes
     if args.cluster == "existing" and k is not None and (k.secret_env or k.secret_env_from):
@@ -272,7 +283,7 @@ def _cmd_k8s_render(args: argparse.Namespace) -> int:
     for n in notes:
         print(f"ftdist: note: {n}", file=sys.stderr)
     if args.apply:
-        from ftdist.k8s_apply import apply
+        from ftdist.remote.k8s_apply import apply
 
         return apply(rj, wait=args.wait, context=args.context, kubeconfig=args.kubeconfig, poll_s=args.poll)
     sys.stdout.write(k8s.to_yaml(rj))
@@ -280,7 +291,7 @@ def _cmd_k8s_render(args: argparse.Namespace) -> int:
 
 
 def _cmd_jobs(args: argparse.Namespace) -> int:
-    from ftdist import submit as sub
+    from ftdist.remote import submit as sub
 
     rows = list(sub.rows(sub._list(_client(args)), args.name))
     cols = ["submission", "job", "kind", "attempt", "status", "started", "ended", "message"]
@@ -296,6 +307,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     v = sub.add_parser("validate", help="check a job file (fast: no torch, no Ray)")
     _add_job_args(v)
+    v.add_argument("--no-local-check", action="store_true",
+                   help="do not require the job's data/model paths on this machine (a cluster job's /mnt/... paths); "
+                        "missing ones are listed as notes")
     v.set_defaults(fn=_cmd_validate)
 
     t = sub.add_parser("train", help="run a job with Ray Train + DeepSpeed")
@@ -335,7 +349,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--base", default=None, help="base model for --interpolate (default: the job's model)")
     e.add_argument("--merged", action=argparse.BooleanOptionalAction, default=None,
                    help="LoRA: also write the merged model (default: the job's lora.merge_on_export)")
-    e.add_argument("--max-shard-size", default="5GB")
+    e.add_argument("--max-shard-size", default=None,
+                   help="largest safetensors shard, e.g. 5GB or 4GiB (default: the job's export.max_shard_size)")
     e.set_defaults(fn=_cmd_export)
 
     su = sub.add_parser("submit", help="run a job on a remote Ray cluster through the Ray Jobs API")

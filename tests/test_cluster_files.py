@@ -51,7 +51,7 @@ def test_dockerfile_versions_match_the_lock():
     torch_line = (CLUSTER / "requirements.lock").read_text().splitlines()[1]
     assert f"torch=={args['TORCH_VERSION']}" in torch_line  # the lock names the torch it was resolved with
     assert "torch" not in lock  # ...which the base image provides
-    from ftdist.config import KubernetesSpec
+    from ftdist.spec import KubernetesSpec
 
     assert KubernetesSpec().ray_version == lock["ray"]  # the RayCluster's rayVersion is the image's Ray
     (gpu_extra,) = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]["gpu"]

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from ftdist.config import load_spec, with_overrides
+from ftdist.spec import load_spec, with_overrides
 from ftdist.errors import SpecError
 from tests.conftest import tiny_job_dict
 
@@ -177,7 +177,7 @@ def test_cli_train_bad_data_exit_2_nothing_written(write_job, tmp_path, rows, ne
 def test_train_poll_interval_default_and_user_value(monkeypatch):
     """Ray Train's controller polls every 0.5 s under ftdist (reports stop waiting on its 2 s default); a value the
     user exported is kept."""
-    from ftdist.driver import TRAIN_POLL_INTERVAL_S, train_poll_env
+    from ftdist.train.ray_runtime import TRAIN_POLL_INTERVAL_S, train_poll_env
 
     monkeypatch.delenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", raising=False)
     assert train_poll_env() == {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": TRAIN_POLL_INTERVAL_S}

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from ftdist.config import DataSpec
-from ftdist.data import (IGNORE_INDEX, Example, ShardedLoader, Tokenize, build_splits, eval_batches, pack,
+from ftdist.spec import DataSpec
+from ftdist.train.data import (IGNORE_INDEX, Example, ShardedLoader, Tokenize, build_splits, eval_batches, pack,
                          read_rows)
 from ftdist.errors import SpecError
-from ftdist.modeling import load_tokenizer
+from ftdist.train.locations import load_tokenizer
 from tests.conftest import QS
 
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from ftdist.config import spec_from_dict
-from ftdist.ds_config import to_deepspeed
+from ftdist.spec import spec_from_dict
+from ftdist.train.ds_config import to_deepspeed
 from tests.conftest import tiny_job_dict
 
 GOLDEN = Path(__file__).parent / "goldens" / "ds_config.json"

@@ -11,8 +11,8 @@ import sys
 import pytest
 import torch
 
-from ftdist.config import spec_from_dict
-from ftdist.driver import run_training
+from ftdist.spec import spec_from_dict
+from ftdist.train.driver import run_training
 from tests.conftest import QS, REPO, TINY_LLAMA, tiny_job_dict
 
 pytestmark = [pytest.mark.ray, pytest.mark.deepspeed, pytest.mark.s3]

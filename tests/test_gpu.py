@@ -8,8 +8,8 @@ import os
 import pytest
 import torch
 
-from ftdist.config import spec_from_dict
-from ftdist.driver import run_training
+from ftdist.spec import spec_from_dict
+from ftdist.train.driver import run_training
 from tests.conftest import tiny_job_dict
 
 pytestmark = [
@@ -67,7 +67,7 @@ def test_liger_kernels_compute_the_same_loss_and_gradients(tmp_path, monkeypatch
     pytest.importorskip("liger_kernel", reason="liger-kernel not installed: pip install 'ftdist[gpu]'")
     from transformers.models.llama import modeling_llama
 
-    from ftdist.modeling import apply_kernels, load_model
+    from ftdist.train.modeling import apply_kernels, load_model
 
     # Liger also patches module globals; put them back afterwards so later tests build the stock model.
     for name in ("apply_rotary_pos_emb", "LlamaRMSNorm", "LlamaMLP"):

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from ftdist.config import load_spec
+from ftdist.spec import load_spec
 
 JOBS = sorted((Path(__file__).resolve().parents[1] / "jobs").glob("*.yaml"))
 

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ftdist import k8s
+from ftdist.remote import k8s_render as k8s
 from ftdist.cli import main
-from ftdist.config import load_spec
+from ftdist.spec import load_spec
 from ftdist.errors import SpecError
 from tests.support.k8sschema import CRD_DIR, core_errors, crd_dir, crd_errors, pod_templates
 
@@ -89,7 +89,7 @@ def test_gpu_worker_group_follows_the_job_resources():
     assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in spec["tolerations"]
     assert spec["serviceAccountName"] == "ftdist-job"
     # the job travels whole in the entrypoint, and `ftdist train --job-json` takes it back unchanged
-    from ftdist.config import spec_from_json
+    from ftdist.spec import spec_from_json
     import shlex
 
     args = shlex.split(rj["spec"]["entrypoint"])
@@ -290,7 +290,7 @@ def test_apply_creates_follows_and_never_runs_two_attempts(kube, tmp_path, capsy
 
 @needs_crds
 def test_apply_errors_are_one_line(kube, tmp_path, capsys):
-    from ftdist.k8s_apply import apply
+    from ftdist.remote.k8s_apply import apply
 
     # 409: the name is taken by an object that is not this job's (no ftdist.io/job label)
     kube.objects[("ftdist", "ftdist-llama31-8b-lora")] = {"metadata": {"name": "ftdist-llama31-8b-lora", "labels": {}}}
@@ -303,7 +303,7 @@ def test_apply_errors_are_one_line(kube, tmp_path, capsys):
     # 422: strict field validation refuses an unknown field
     rj = _render("llama-8b-lora.yaml")
     rj["spec"]["entrypointNumCPUs"] = 1
-    from ftdist.k8s_apply import _api
+    from ftdist.remote.k8s_apply import _api
 
     with pytest.raises(SpecError, match=r"^RayJob ftdist/ftdist-llama31-8b-lora rejected by the API server: spec: "
                                         r"Additional properties are not allowed \('entrypointNumCPUs' was unexpected\)"):

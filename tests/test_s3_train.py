@@ -16,8 +16,8 @@ import time
 import pytest
 import torch
 
-from ftdist.config import spec_from_dict
-from ftdist.driver import run_training
+from ftdist.spec import spec_from_dict
+from ftdist.train.driver import run_training
 from ftdist.storage.checkpoints import CheckpointStore
 from tests.conftest import REPO, tiny_job_dict
 from tests.support.faultproxy import FaultProxy
@@ -134,7 +134,7 @@ def test_flaky_storage_run_completes_and_every_checkpoint_verifies(ray_cluster, 
     assert [c.name for c in cs.checkpoints()] == ["step_00000004", "step_00000006", "step_00000008"]
     for c in cs.checkpoints():
         assert cs.problems(c.name, deep=True) == [], c.name
-        assert c.manifest["zero_stage"] == 3 and c.manifest["world_size"] == 2 and c.manifest["method"] == "full"
+        assert c.manifest.zero_stage == 3 and c.manifest.world_size == 2 and c.manifest.method == "full"
 
 
 @pytest.mark.slow

@@ -142,7 +142,7 @@ def test_uploads_survive_injected_5xx_and_dropped_connections(s3_server, tmp_pat
 
 
 def _download_in_child(uri, q):
-    from ftdist.storage import download
+    from ftdist.storage.cache import download
 
     path = download(uri)
     with open(os.path.join(path, "part-0.jsonl"), "rb") as fh:
@@ -236,7 +236,7 @@ def test_check_access_messages(s3_server):
 
 
 def test_job_file_rejects_credentials_in_storage_uri(write_job, tmp_path):
-    from ftdist.config import load_spec
+    from ftdist.spec import load_spec
 
     job = write_job(tiny_job_dict("s3://AKIAXXXX:verysecret@bucket/prefix"))
     with pytest.raises(SpecError) as e:

@@ -13,9 +13,10 @@ from types import SimpleNamespace
 
 import pytest
 
-from ftdist.config import load_spec
+from ftdist.spec import load_spec
 from ftdist.errors import SpecError
-from ftdist.submit import build_submission, check_paths, dashboard_address, next_attempt
+from ftdist.remote.portability import check_paths
+from ftdist.remote.submit import build_submission, dashboard_address, next_attempt
 
 REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = REPO / "jobs" / "quickstart.yaml"

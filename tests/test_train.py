@@ -9,8 +9,8 @@ import sys
 import pytest
 import torch
 
-from ftdist.config import spec_from_dict
-from ftdist.driver import run_training
+from ftdist.spec import spec_from_dict
+from ftdist.train.driver import run_training
 from tests.conftest import QS, REPO, TINY_LLAMA, tiny_job_dict
 
 pytestmark = [pytest.mark.ray, pytest.mark.deepspeed]
@@ -57,7 +57,7 @@ def test_method_trains_with_falling_loss(ray_cluster, tmp_path, method, stage, e
 
 
 def test_freeze_trains_only_top_layers(tmp_path):
-    from ftdist.modeling import apply_method, load_model
+    from ftdist.train.modeling import apply_method, load_model
 
     spec = spec_from_dict(tiny_job_dict(str(tmp_path), method="freeze", freeze={"train_top_layers": 1}))
     model = apply_method(load_model(spec.model, None, None), spec)
@@ -75,7 +75,7 @@ def test_liger_kernel_without_the_package_is_a_one_line_error(tmp_path):
     except ImportError:
         pass
     from ftdist.errors import SpecError
-    from ftdist.modeling import apply_kernels, load_model
+    from ftdist.train.modeling import apply_kernels, load_model
 
     job = tiny_job_dict(str(tmp_path))
     job["model"]["use_liger_kernel"] = True

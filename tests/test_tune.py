@@ -17,9 +17,9 @@ import pytest
 import yaml
 
 from ftdist.cli import main as cli_main
-from ftdist.config import spec_from_dict
+from ftdist.spec import spec_from_dict
 from ftdist.errors import SpecError
-from ftdist.tune import concurrency, trial_spec, validate_sweep
+from ftdist.sweep.space import concurrency, trial_spec, validate_sweep
 from tests.conftest import tiny_job_dict
 
 
@@ -266,8 +266,9 @@ def test_optuna_sweep_on_s3_storage(ray_cluster, bucket, s3_server, tmp_path):
 
 
 def test_total_steps_budget_spans_a_resumed_sweep(tmp_path, monkeypatch):
-    import ftdist.tune as tune_mod
-    from ftdist.tune import TrialRecord, SweepReport, _stopper
+    import ftdist.sweep.tune as tune_mod
+    from ftdist.sweep.report import SweepReport, TrialRecord
+    from ftdist.sweep.tune import _stopper
 
     job = _sweep_job(str(tmp_path), sweep={"search": "grid", "space": {"optim.lr": [1e-2, 3e-3]},
                                            "scheduler": {"type": "fifo"}, "max_total_steps": 20})

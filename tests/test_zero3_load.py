@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from ftdist.bench import _spawn
+from ftdist.bench.common import spawn
 
 pytestmark = pytest.mark.deepspeed
 
@@ -15,8 +15,8 @@ def _gather_and_compare(rank: int, model_dir: str) -> dict:
     import torch
     from safetensors.torch import load_file
 
-    from ftdist.config import ModelSpec
-    from ftdist.modeling import load_model
+    from ftdist.spec import ModelSpec
+    from ftdist.train.modeling import load_model
 
     ds = {"train_batch_size": 2, "train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}}
     model = load_model(ModelSpec(name_or_path=model_dir, dtype="fp32"), model_dir, ds)
@@ -41,6 +41,6 @@ def test_zero3_sliced_load_matches_checkpoint(tmp_path):
     torch.manual_seed(1)
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model(cfg.pop("model_type"), **cfg), dtype=torch.bfloat16)
     model.save_pretrained(tmp_path)  # bf16 on disk, loaded as fp32: the dtype conversion is exercised too
-    out = _spawn(_gather_and_compare, str(tmp_path))
+    out = spawn(_gather_and_compare, str(tmp_path))
     for r in out:
         assert r["bad"] == [] and r["n"] > 10 and r["partitioned"]

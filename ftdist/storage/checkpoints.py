@@ -13,21 +13,22 @@ credentials anyway.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Callable, Optional
 
-from ftdist.storage.store import (DIGEST, DIGEST_NAMES, Store, TransferOptions, file_digest, open_store,
-                                  relative_files)
+from pydantic import ValidationError
+
+from ftdist.storage.manifest import DIGEST, DIGEST_NAMES, FORMAT, CheckpointMeta, FileEntry, Manifest
+from ftdist.storage.store import Store, TransferOptions, file_digest, open_store, relative_files
 
 MANIFEST = "ftdist_manifest.json"
 PARTS = ".ftdist"
-FORMAT = "ftdist-checkpoint/1"
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 _RANK_FILE = re.compile(r"(?:zero_pp_rank_|rng_state_rank)(\d+)")
 
@@ -38,10 +39,6 @@ class CheckpointError(RuntimeError):
 
 def checkpoint_name(step: int) -> str:
     return f"step_{step:08d}"
-
-
-def spec_hash(spec_dict: dict) -> str:
-    return hashlib.sha256(json.dumps(spec_dict, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def needed_by(path: str, rank: int) -> bool:
@@ -58,7 +55,7 @@ class CheckpointInfo:
     name: str
     uri: str
     step: int
-    manifest: Optional[dict]
+    manifest: Optional[Manifest]
 
     @property
     def committed(self) -> bool:
@@ -66,27 +63,20 @@ class CheckpointInfo:
 
     @property
     def size(self) -> int:
-        return sum(f["size"] for f in self.manifest["files"]) if self.manifest else 0
+        return self.manifest.total_bytes if self.manifest else 0
 
 
-def _hash_files(local_dir: str, rels: list[str]) -> list[dict]:
+def _hash_files(local_dir: str, rels: list[str], rank: int) -> list[FileEntry]:
     paths = [os.path.join(local_dir, r) for r in rels]
     with ThreadPoolExecutor(max_workers=4) as ex:  # the hashes release the GIL on large buffers
         digests = list(ex.map(file_digest, paths))
-    return [{"path": rel, "size": os.path.getsize(p), DIGEST: h} for rel, p, h in zip(rels, paths, digests)]
+    return [FileEntry(path=rel, size=os.path.getsize(p), rank=rank, **{DIGEST: h})
+            for rel, p, h in zip(rels, paths, digests)]
 
 
-def digest_of(entry: dict) -> tuple[str, str]:
-    """(algorithm, hex digest) of a manifest file entry: BLAKE3, or SHA-256 in manifests from before BLAKE3."""
-    for algo in DIGEST_NAMES:
-        if algo in entry:
-            return algo, entry[algo]
-    raise CheckpointError(f"manifest entry {entry.get('path')!r} has no checksum")
-
-
-def verify_file(local: str, entry: dict) -> bool:
-    algo, want = digest_of(entry)
-    return os.path.getsize(local) == entry["size"] and file_digest(local, algo) == want
+def verify_file(local: str, entry: FileEntry) -> bool:
+    algo, want = entry.digest()
+    return os.path.getsize(local) == entry.size and file_digest(local, algo) == want
 
 
 class CheckpointStore:
@@ -98,21 +88,20 @@ class CheckpointStore:
 
     # --- writing ------------------------------------------------------------------------------------------------
 
-    def upload_rank(self, local_dir: str, name: str, rank: int) -> list[dict]:
+    def upload_rank(self, local_dir: str, name: str, rank: int) -> list[FileEntry]:
         """Upload one rank's files of checkpoint `name`, then its file list (the rank's part of the commit)."""
         rels = relative_files(local_dir)
         # Hash while the bytes stream out (hashlib and the HTTP transfers both release the GIL); the file list is
         # written only after both finished.
         with ThreadPoolExecutor(max_workers=1) as ex:
-            hashed = ex.submit(_hash_files, local_dir, rels)
+            hashed = ex.submit(_hash_files, local_dir, rels, rank)
             self.store.put_files([(os.path.join(local_dir, r), f"{name}/{r}") for r in rels])
             files = hashed.result()
-        for f in files:
-            f["rank"] = rank
-        self.store.put_bytes(f"{name}/{PARTS}/rank-{rank:05d}.json", json.dumps(files).encode())
+        listing = [f.model_dump(exclude_none=True) for f in files]
+        self.store.put_bytes(f"{name}/{PARTS}/rank-{rank:05d}.json", json.dumps(listing).encode())
         return files
 
-    def commit(self, name: str, world_size: int, meta: dict, timeout_s: float = 1800.0) -> dict:
+    def commit(self, name: str, world_size: int, meta: CheckpointMeta, timeout_s: float = 1800.0) -> Manifest:
         """Rank 0: wait until every rank's file list is there, then write the manifest (create-if-absent)."""
         deadline = time.monotonic() + timeout_s
         delay = 0.05
@@ -125,29 +114,27 @@ class CheckpointStore:
                                       f"uploading within {timeout_s:.0f}s; not committed")
             time.sleep(delay)
             delay = min(2.0, delay * 1.5)
-        files: dict[str, dict] = {}
+        files: dict[str, FileEntry] = {}
         for r in range(world_size):
             raw = self.store.get_bytes(f"{name}/{PARTS}/rank-{r:05d}.json")
             if raw is None:
                 raise CheckpointError(f"{self.store.child(name)}: file list of rank {r} missing")
-            for f in json.loads(raw):
-                prev = files.get(f["path"])
-                if prev is not None and digest_of(prev) != digest_of(f):
-                    raise CheckpointError(f"{self.store.child(name)}: ranks {prev['rank']} and {f['rank']} wrote "
-                                          f"different {f['path']}")
-                files.setdefault(f["path"], f)
-        manifest = {
-            "format": FORMAT,
-            "name": name,
-            **meta,
-            "world_size": world_size,
-            "files": sorted(files.values(), key=lambda f: f["path"]),
-            "total_bytes": sum(f["size"] for f in files.values()),
-            "committed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        }
-        if not self.store.put_bytes(f"{name}/{MANIFEST}", json.dumps(manifest, indent=1).encode(), if_absent=True):
+            for f in map(FileEntry.model_validate, json.loads(raw)):
+                prev = files.get(f.path)
+                if prev is not None and prev.digest() != f.digest():
+                    raise CheckpointError(f"{self.store.child(name)}: ranks {prev.rank} and {f.rank} wrote "
+                                          f"different {f.path}")
+                files.setdefault(f.path, f)
+        manifest = Manifest(
+            **meta.model_dump(), name=name, world_size=world_size,
+            files=sorted(files.values(), key=lambda f: f.path),
+            total_bytes=sum(f.size for f in files.values()),
+            committed_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        )
+        body = json.dumps(manifest.model_dump(exclude_none=True), indent=1).encode()
+        if not self.store.put_bytes(f"{name}/{MANIFEST}", body, if_absent=True):
             existing = self.read_manifest(name)
-            if existing and existing["files"] == manifest["files"]:
+            if existing and existing.files == manifest.files:
                 return existing
             raise CheckpointError(f"{self.store.child(name)} is already committed by another writer (is a second run "
                                   "with the same job name using this storage?)")
@@ -155,15 +142,17 @@ class CheckpointStore:
 
     # --- reading ------------------------------------------------------------------------------------------------
 
-    def read_manifest(self, name: str) -> Optional[dict]:
+    def read_manifest(self, name: str) -> Optional[Manifest]:
+        """The checkpoint's manifest, or None where there is none or it is not a readable ftdist manifest (then the
+        folder is not a committed checkpoint)."""
         raw = self.store.get_bytes(f"{name}/{MANIFEST}")
         if raw is None:
             return None
         try:
-            m = json.loads(raw)
-        except ValueError:
+            m = Manifest.model_validate_json(raw)
+        except ValidationError:
             return None
-        return m if m.get("format") == FORMAT else None
+        return m if m.format == FORMAT else None
 
     def checkpoints(self, committed_only: bool = True) -> list[CheckpointInfo]:
         out = []
@@ -185,21 +174,19 @@ class CheckpointStore:
             return [f"{self.store.child(name)}: no committed manifest"]
         have = self.store.list(name)
         bad = []
-        for f in m["files"]:
-            size = have.get(f"{name}/{f['path']}")
+        for f in m.files:
+            size = have.get(f"{name}/{f.path}")
             if size is None:
-                bad.append(f"{f['path']}: missing")
-            elif size != f["size"]:
-                bad.append(f"{f['path']}: size {size}, manifest says {f['size']}")
+                bad.append(f"{f.path}: missing")
+            elif size != f.size:
+                bad.append(f"{f.path}: size {size}, manifest says {f.size}")
         if deep and not bad:
-            import tempfile
-
             with tempfile.TemporaryDirectory(dir=scratch) as tmp:
-                for f in m["files"]:
+                for f in m.files:
                     local = os.path.join(tmp, "f")
-                    self.store.get_files([(f"{name}/{f['path']}", local)])
+                    self.store.get_files([(f"{name}/{f.path}", local)])
                     if not verify_file(local, f):
-                        bad.append(f"{f['path']}: {DIGEST_NAMES[digest_of(f)[0]]} mismatch")
+                        bad.append(f"{f.path}: {DIGEST_NAMES[f.digest()[0]]} mismatch")
                     os.unlink(local)
         return bad
 
@@ -210,24 +197,23 @@ class CheckpointStore:
                 return c
         return None
 
-    def fetch_all(self, name: str, dest: str) -> dict:
-        """Download every file of a committed checkpoint (for export), each hash verified."""
-        return self.fetch_for_rank(name, None, dest)
-
-    def fetch_for_rank(self, name: str, rank: Optional[int], dest: str) -> dict:
-        """Download only the files `rank` needs (None: all) into dest/ and verify each hash. Returns the
-        manifest."""
+    def fetch(self, name: str, dest: str, want: Callable[[str], bool] = lambda _: True) -> Manifest:
+        """Download the files of a committed checkpoint whose path passes `want` into dest/ and verify each hash.
+        Returns the manifest."""
         m = self.read_manifest(name)
         if m is None:
             raise CheckpointError(f"{self.store.child(name)}: not a committed checkpoint (no {MANIFEST})")
-        want = [f for f in m["files"] if rank is None or needed_by(f["path"], rank)]
-        self.store.get_files([(f"{name}/{f['path']}", os.path.join(dest, f["path"])) for f in want])
-        for f in want:
-            local = os.path.join(dest, f["path"])
-            if not verify_file(local, f):
-                raise CheckpointError(f"{self.store.child(name)}/{f['path']}: checksum mismatch after download "
-                                      "(corrupt or overwritten checkpoint); refusing to resume from it")
+        chosen = [f for f in m.files if want(f.path)]
+        self.store.get_files([(f"{name}/{f.path}", os.path.join(dest, f.path)) for f in chosen])
+        for f in chosen:
+            if not verify_file(os.path.join(dest, f.path), f):
+                raise CheckpointError(f"{self.store.child(name)}/{f.path}: checksum mismatch after download "
+                                      "(corrupt or overwritten checkpoint); refusing to use it")
         return m
+
+    def fetch_for_rank(self, name: str, rank: int, dest: str) -> Manifest:
+        """Only the files `rank` needs to resume (its own shards and the shared files)."""
+        return self.fetch(name, dest, lambda path: needed_by(path, rank))
 
     # --- housekeeping -------------------------------------------------------------------------------------------
 
@@ -251,7 +237,7 @@ class CheckpointStore:
             return []
         if best_by:
             def score(c: CheckpointInfo) -> float:
-                v = c.manifest.get("metrics", {}).get(best_by)
+                v = c.manifest.metrics.get(best_by)
                 worst = float("inf") if mode == "min" else float("-inf")
                 return worst if v is None else v
             ranked = sorted(done, key=score, reverse=(mode == "max"))
@@ -266,18 +252,3 @@ class CheckpointStore:
     def delete(self, name: str) -> None:
         """Uncommit first (manifest), then remove the data: a half-deleted checkpoint never looks committed."""
         self.store.delete_prefix(name, first=[f"{name}/{MANIFEST}"])
-
-
-def manifest_meta(spec: Any, step: int, metrics: dict) -> dict:
-    return {
-        "step": step,
-        "zero_stage": spec.zero.stage,
-        "method": spec.method,
-        "job_name": spec.name,
-        "spec_sha256": spec_hash(spec.model_dump(mode="json")),
-        # Where the base weights live (hub id, path or s3:// prefix; None for a from_config model), for
-        # `ftdist export --interpolate`. An identifier, never a credential.
-        "base_model": spec.model.name_or_path,
-        "merge_on_export": bool(spec.method == "lora" and spec.lora_spec.merge_on_export),
-        "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float))},
-    }

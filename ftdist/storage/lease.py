@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from ftdist.errors import SpecError
+from ftdist.storage.store import open_store
 
 LEASE_DIR = "_ftdist_lease"
 DEFAULT_TTL_S = float(os.environ.get("FTDIST_LEASE_TTL_S", "120"))
@@ -152,6 +153,4 @@ class Lease:
 
 
 def run_lease(uri: str, ttl_s: Optional[float] = None) -> Lease:
-    from ftdist.storage.store import open_store
-
     return Lease(open_store(uri), uri, ttl_s if ttl_s is not None else DEFAULT_TTL_S)

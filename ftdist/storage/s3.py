@@ -12,21 +12,14 @@ from dataclasses import dataclass
 from typing import Any, Optional
 from urllib.parse import urlparse
 
+import boto3
+from botocore.config import Config
+from botocore.exceptions import (BotoCoreError, ClientError, ConnectTimeoutError, EndpointConnectionError,
+                                 NoCredentialsError, PartialCredentialsError, ReadTimeoutError)
+from pyarrow import fs
+
 from ftdist.errors import SpecError
-
-
-def is_remote(uri: str) -> bool:
-    return uri.startswith("s3://")
-
-
-def split_s3(uri: str) -> tuple[str, str]:
-    """s3://bucket/a/b -> ("bucket", "a/b")."""
-    if not uri.startswith("s3://"):
-        raise SpecError(f"{uri}: not an s3:// URI")
-    bucket, _, key = uri[len("s3://"):].partition("/")
-    if not bucket:
-        raise SpecError(f"{uri}: no bucket in URI")
-    return bucket, key.strip("/")
+from ftdist.storage.uri import split_s3
 
 
 def endpoint_url() -> Optional[str]:
@@ -58,9 +51,6 @@ class ClientOptions:
 def client(opts: ClientOptions = ClientOptions()) -> Any:
     """A boto3 S3 client. botocore's 'standard' retry mode retries throttling, 5xx, timeouts and connection errors
     with exponential backoff and full jitter, up to max_attempts per request (each multipart part is a request)."""
-    import boto3
-    from botocore.config import Config
-
     cfg = Config(
         retries={"max_attempts": opts.max_attempts, "mode": "standard"},
         connect_timeout=opts.connect_timeout,
@@ -82,8 +72,6 @@ def client(opts: ClientOptions = ClientOptions()) -> Any:
 def pyarrow_fs() -> Any:
     """The pyarrow S3FileSystem for Ray Train's storage_path, pointed explicitly at the same endpoint (a bare
     S3FileSystem() ignores AWS_ENDPOINT_URL)."""
-    from pyarrow import fs
-
     ep = endpoint_url()
     kwargs: dict = {"region": region(), "retry_strategy": fs.AwsStandardS3RetryStrategy(max_attempts=10)}
     if ep:
@@ -96,9 +84,6 @@ def pyarrow_fs() -> Any:
 
 def describe_error(e: BaseException, uri: str) -> str:
     """One line for a storage failure, naming the URI and the likely cause; never any credential value."""
-    from botocore.exceptions import (ClientError, EndpointConnectionError, NoCredentialsError,
-                                     PartialCredentialsError, ConnectTimeoutError, ReadTimeoutError)
-
     if isinstance(e, (NoCredentialsError, PartialCredentialsError)):
         return f"{uri}: no usable AWS credentials (set them in the AWS environment, a profile or pod identity)"
     if isinstance(e, (EndpointConnectionError, ConnectTimeoutError)):
@@ -123,8 +108,6 @@ def describe_error(e: BaseException, uri: str) -> str:
 def check_access(uri: str, probe_write: bool = True, extra_args: Optional[dict] = None) -> None:
     """Before training: the endpoint answers, the credentials work, the bucket exists and (probe_write) ftdist may
     write and delete under the prefix. Raises SpecError with one line; leaves nothing behind."""
-    from botocore.exceptions import BotoCoreError, ClientError
-
     bucket, key = split_s3(uri)
     c = client(ClientOptions(max_attempts=2, connect_timeout=3.0, read_timeout=15.0))
     try:

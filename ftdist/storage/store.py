@@ -16,7 +16,12 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Optional
 
+from blake3 import blake3
+from boto3.s3.transfer import TransferConfig, create_transfer_manager
+from botocore.exceptions import ClientError
+
 from ftdist.storage import s3
+from ftdist.storage.uri import is_remote, split_s3
 
 CHUNK = 8 << 20
 
@@ -32,8 +37,6 @@ DIGEST_NAMES = {"blake3": "BLAKE3", "sha256": "SHA-256"}  # every algorithm a ma
 def file_digest(path: str, algo: str = DIGEST) -> str:
     """Hex digest of a file; both hashes release the GIL on large buffers."""
     if algo == "blake3":
-        from blake3 import blake3
-
         h = blake3()
     else:
         h = hashlib.new(algo)
@@ -194,7 +197,7 @@ class LocalStore(Store):
 class S3Store(Store):
     def __init__(self, uri: str, opts: TransferOptions = TransferOptions()):
         self.uri = uri.rstrip("/")
-        self.bucket, self.root = s3.split_s3(self.uri)
+        self.bucket, self.root = split_s3(self.uri)
         self.opts = opts
         self.client = s3.client(s3.ClientOptions(max_attempts=opts.max_attempts,
                                                  max_pool_connections=max(10, opts.concurrency + 2)))
@@ -203,8 +206,6 @@ class S3Store(Store):
         return f"{self.root}/{key}".strip("/") if self.root else key
 
     def _transfer(self) -> Any:
-        from boto3.s3.transfer import TransferConfig, create_transfer_manager
-
         cfg = TransferConfig(multipart_threshold=self.opts.part_size, multipart_chunksize=self.opts.part_size,
                              max_concurrency=self.opts.concurrency, use_threads=True)
         return create_transfer_manager(self.client, cfg)
@@ -227,8 +228,6 @@ class S3Store(Store):
         retry(lambda: run(items), 3, "upload")
 
     def put_bytes(self, key: str, data: bytes, if_absent: bool = False) -> bool:
-        from botocore.exceptions import ClientError
-
         kw: dict = dict(self.opts.extra_args)
         if if_absent:
             kw["IfNoneMatch"] = "*"
@@ -242,8 +241,6 @@ class S3Store(Store):
         return True
 
     def get_bytes(self, key: str) -> Optional[bytes]:
-        from botocore.exceptions import ClientError
-
         try:
             return self.client.get_object(Bucket=self.bucket, Key=self._k(key))["Body"].read()
         except ClientError as e:
@@ -303,6 +300,6 @@ class S3Store(Store):
 
 
 def open_store(uri: str, opts: TransferOptions = TransferOptions()) -> Store:
-    if s3.is_remote(uri):
+    if is_remote(uri):
         return S3Store(uri, opts)
     return LocalStore(uri[len("file://"):] if uri.startswith("file://") else uri)

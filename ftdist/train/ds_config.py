@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ftdist.config import JobSpec
+from ftdist.spec import JobSpec
 
 
 def to_deepspeed(spec: JobSpec, world_size: int) -> dict[str, Any]:

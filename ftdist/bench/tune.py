@@ -1,5 +1,5 @@
 """`ftdist bench --only tune`: the sweep benchmarks, side by side in one run on the quickstart sweep's tiny LoRA model
-(jobs/quickstart-sweep.yaml, 2 DeepSpeed workers per trial, embedded local Ray).
+(its own copy of jobs/quickstart-sweep.yaml on the bench task, 2 DeepSpeed workers per trial, embedded local Ray).
 
 1. early stopping: the same lr x LoRA-rank grid run twice through `ftdist tune`, once with FIFO (every trial to the
    end) and once with ASHA. Reports optimizer steps run (ASHA / full grid), sweep wall time, and whether ASHA's best
@@ -17,7 +17,24 @@ import os
 import statistics
 import time
 
-SWEEP_JOB = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "jobs", "quickstart-sweep.yaml")
+import deepspeed
+import ray.train
+import torch
+import torch.distributed as dist
+from peft import LoraConfig, get_peft_model
+from ray import tune
+from ray.train import RunConfig, ScalingConfig
+from ray.train.torch import TorchConfig, TorchTrainer
+from ray.tune.integration.ray_train import TuneReportCallback
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from ftdist.bench.common import BENCH_LLAMA, batches, task
+from ftdist.spec import JobSpec, spec_from_dict, with_overrides
+from ftdist.spec.load import parse_override
+from ftdist.sweep.tune import run_sweep
+from ftdist.train.ds_config import to_deepspeed
+from ftdist.train.ray_runtime import connect_ray, disconnect_ray
+
 
 # Early-stopping sweep: 8 configurations, 48 steps each, eval (the metric) every 4 steps. ASHA with grace 4 and
 # reduction factor 3 (rungs at steps 4, 12 and 36) and 4 (Ray's default; rungs at 4 and 16).
@@ -26,12 +43,32 @@ ASHA_STEPS, ASHA_EVAL_EVERY, ASHA_GRACE, ASHA_RFS = 48, 4, 4, (3, 4)
 OVERHEAD_TRIALS = [1.0e-2, 3.0e-3, 1.0e-3]
 
 
-def _spec(storage: str, name: str, sets: list[str]):
-    from ftdist.config import load_spec
+def sweep_job(storage: str, name: str) -> dict:
+    """The quickstart sweep's job (jobs/quickstart-sweep.yaml) on the benchmark's own task files: a tiny LoRA Llama,
+    2 DeepSpeed workers per trial, lr x LoRA-rank grid, ASHA on eval_loss."""
+    files = task()
+    return {
+        "name": name,
+        "model": {"from_config": {**BENCH_LLAMA, "hidden_size": 128, "intermediate_size": 344, "num_attention_heads": 4,
+                                  "num_key_value_heads": 2, "tie_word_embeddings": True},
+                  "tokenizer": files.tokenizer, "dtype": "fp32"},
+        "data": {"train": files.train, "eval": files.eval, "format": "prompt_completion", "max_length": 48},
+        "method": "lora", "lora": {"rank": 8, "alpha": 16, "dropout": 0.0},
+        "optim": {"lr": 1e-2, "weight_decay": 0.01, "schedule": "cosine", "warmup_steps": 5, "micro_batch_size": 16,
+                  "global_batch_size": 64, "max_steps": 60, "seed": 7},
+        "resources": {"num_workers": 2, "cpus_per_worker": 1},
+        "checkpoint": {"storage": storage, "every_n_steps": 30, "keep_last": 2},
+        "eval": {"every_n_steps": 10, "max_batches": 8},
+        "logging": {"every_n_steps": 10},
+        "sweep": {"search": "grid", "space": {"optim.lr": [3e-2, 1e-2, 1e-3], "lora.rank": [4, 16]},
+                  "alpha_per_rank": 2.0, "metric": "eval_loss", "mode": "min",
+                  "scheduler": {"type": "asha", "grace_period": 20, "reduction_factor": 2},
+                  "keep_best_trials": 100, "export_best": False},
+    }
 
-    return load_spec(SWEEP_JOB, [f"name={name}", f"checkpoint.storage={storage}", "sweep.export_best=false",
-                                 "sweep.keep_best_trials=100", *sets])
-
+def _spec(storage: str, name: str, sets: list[str]) -> JobSpec:
+    return with_overrides(spec_from_dict(sweep_job(storage, name), "bench sweep"),
+                          {".".join(keys): value for keys, value in map(parse_override, sets)})
 
 def asha_spec(storage: str, name: str, rf: int | None):
     sched = f"{{type: asha, grace_period: {ASHA_GRACE}, reduction_factor: {rf}}}" if rf else "{type: fifo}"
@@ -42,9 +79,7 @@ def asha_spec(storage: str, name: str, rf: int | None):
         "eval.max_batches=4", f"logging.every_n_steps={ASHA_EVAL_EVERY}", "checkpoint.every_n_steps=null",
     ])
 
-
 def _sweep(spec) -> dict:
-    from ftdist.tune import run_sweep
 
     t0 = time.perf_counter()
     summary = run_sweep(spec)
@@ -64,7 +99,6 @@ def _sweep(spec) -> dict:
         "report": report,
     }
 
-
 def bench_asha(tmp: str) -> tuple[dict, list[dict]]:
     grid = _sweep(asha_spec(os.path.join(tmp, "asha"), "grid-fifo", None))
     out = []
@@ -74,7 +108,6 @@ def bench_asha(tmp: str) -> tuple[dict, list[dict]]:
         best_in_grid = grid["by_config"][tuple(sorted(asha["best"].items()))]
         out.append({**asha, "rf": rf, "same_best": asha["best"] == grid["best"], "best_in_grid": best_in_grid})
     return grid, out
-
 
 # ---------------------------------------------------------------------------------------------------------------
 # per-trial overhead
@@ -89,26 +122,15 @@ def overhead_spec(storage: str, name: str):
         "logging.every_n_steps=1", "checkpoint.every_n_steps=null",
     ])
 
-
 def _bare_worker(config: dict) -> None:
     """A plain Ray Train worker: transformers model from the config, peft LoRA, DeepSpeed, one step, report."""
     t_worker = time.time()
-    import deepspeed
-    import ray.train
-    import torch
-    import torch.distributed as dist
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from ftdist.bench import _batches
-    from ftdist.config import spec_from_dict
-    from ftdist.ds_config import to_deepspeed
 
     deepspeed.init_distributed(dist_backend=dist.get_backend())
     torch.set_num_threads(1)
     spec = spec_from_dict(config["spec"])
     ds_cfg = to_deepspeed(spec, dist.get_world_size())
-    next_batch = _batches(spec, ray.train.get_context().get_world_rank())
+    next_batch = batches(spec, ray.train.get_context().get_world_rank())
     cfg = dict(spec.model.from_config)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model(cfg.pop("model_type"), **cfg), dtype=torch.float32)
@@ -125,13 +147,8 @@ def _bare_worker(config: dict) -> None:
     now = time.time()
     ray.train.report({"startup_s": now - config["t0"], "workers_s": t_worker - config["t0"]})
 
-
 def _bare_trial(config: dict, spec_json: dict | None = None, storage: str = "") -> None:
     t0 = time.time()
-    from ray import tune
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-    from ray.tune.integration.ray_train import TuneReportCallback
 
     spec_json = {**spec_json, "optim": {**spec_json["optim"], "lr": config["optim.lr"]}}
     TorchTrainer(
@@ -145,9 +162,7 @@ def _bare_trial(config: dict, spec_json: dict | None = None, storage: str = "") 
                              callbacks=[TuneReportCallback()]),  # Ray's documented Train-in-Tune wiring
     ).fit()
 
-
 def _bare_sweep(spec, storage: str) -> list[dict]:
-    from ray import tune
 
     fn = tune.with_parameters(_bare_trial, spec_json=spec.model_dump(mode="json"), storage=storage)
     tuner = tune.Tuner(
@@ -162,9 +177,7 @@ def _bare_sweep(spec, storage: str) -> list[dict]:
         raise RuntimeError(f"bare Tune trial failed: {errs[0]}")
     return [dict(r.metrics) for r in results]
 
-
 def bench_overhead(tmp: str) -> dict:
-    from ftdist.tune import run_sweep
 
     storage = os.path.join(tmp, "overhead")
     spec = overhead_spec(storage, "ftdist-overhead")
@@ -190,9 +203,7 @@ def bench_overhead(tmp: str) -> dict:
         "n": len(rows),
     }
 
-
 def run(lines: list[str], tmp: str) -> None:
-    from ftdist.driver import connect_ray, disconnect_ray
 
     # One embedded Ray for every sweep here (each sweep joins it), so no side pays a cluster start.
     started = connect_ray(None, 3)
@@ -200,7 +211,6 @@ def run(lines: list[str], tmp: str) -> None:
         _run(lines, tmp)
     finally:
         disconnect_ray(started)
-
 
 def _run(lines: list[str], tmp: str) -> None:
     o = bench_overhead(tmp)

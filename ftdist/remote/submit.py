@@ -15,18 +15,27 @@ is added by Ray's own client; `--header` and `--ca-cert`/`--insecure` pass throu
 from __future__ import annotations
 
 import asyncio
+import datetime
 import os
 import re
 import shlex
 import socket
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional
 from urllib.parse import urlparse
 
-from ftdist.config import ENV_NAME_RE, SECRET_ENV_RE, JobSpec, load_spec, local_paths
+from ray.exceptions import AuthenticationError
+from ray.job_submission import JobSubmissionClient
+
 from ftdist.errors import SpecError
+from ftdist.remote.k8s_render import entrypoint
+from ftdist.remote.portability import check_paths, check_portable, is_under
+from ftdist.spec import ENV_NAME_RE, SECRET_ENV_RE, JobSpec, check_local_inputs, load_spec
+from ftdist.storage import s3
+from ftdist.sweep.space import validate_sweep
 
 PREFIX = "ftdist-"
 ACTIVE = ("PENDING", "RUNNING")
@@ -80,9 +89,6 @@ def client(address: Optional[str], headers: Optional[list[str]] = None, ca_cert:
     elif insecure:
         verify = False
     _check_reachable(addr)
-    from ray.exceptions import AuthenticationError
-    from ray.job_submission import JobSubmissionClient
-
     try:
         return JobSubmissionClient(addr, headers=hdrs or None, verify=verify)
     except AuthenticationError as e:
@@ -140,41 +146,7 @@ def _status(j: Any) -> str:
     return str(getattr(j.status, "value", j.status))
 
 
-def _under(path: str, root: Path) -> bool:
-    try:
-        Path(path).resolve().relative_to(root)
-        return True
-    except ValueError:
-        return False
-
-
-def check_paths(job_file: str, spec: JobSpec, working_dir: Path, overrides: Optional[list[str]] = None) -> list[str]:
-    """Local inputs must travel in the working dir (or be absolute paths the cluster nodes have); checkpoints must
-    go where every node and every later attempt can reach (s3:// or an absolute shared path), never the working dir,
-    which Ray deletes with the job. Returns notes for absolute paths that are not shipped."""
-    notes = []
-    for key, raw_val, val in local_paths(job_file, spec, overrides):  # shipped with the working dir under it
-        if "://" in val or val == raw_val and not os.path.isabs(val):
-            continue  # remote URI or hub id
-        if _under(val, working_dir):
-            continue  # shipped; resolves the same way next to the job file on the cluster
-        if raw_val is not None and not os.path.isabs(raw_val) and not raw_val.startswith("~"):
-            raise SpecError(f"{key}: {raw_val} is outside the working dir {working_dir} and would not "
-                            f"reach the cluster; move it under the job file's folder, use s3://, or --working-dir")
-        notes.append(f"{key}: {val} is not shipped; it must exist at that path on the cluster nodes")
-    storage = spec.checkpoint.storage
-    if "://" not in storage:
-        if not os.path.isabs(storage):
-            raise SpecError(f"checkpoint.storage: {storage} is relative: on the cluster it would land in the job's "
-                            f"working dir, which Ray deletes; use s3://bucket/prefix or an absolute path all nodes "
-                            f"share (e.g. --set checkpoint.storage=/mnt/shared/runs)")
-        notes.append(f"checkpoint.storage: {storage} must be storage every node shares (NFS, a mounted volume)")
-    return notes
-
-
 def _env_vars(env: Optional[list[str]]) -> dict:
-    from ftdist.storage import s3
-
     env_vars = dict(s3.forwarded_env())  # endpoint and region only, never credentials
     for item in env or []:
         k, sep, v = item.partition("=")
@@ -201,15 +173,13 @@ def build_submission(job_file: str, spec: JobSpec, *, kind: str, attempt: int, o
         if pip or py_modules or working_dir:
             raise SpecError("--image: Ray runs the image as is and cannot add --pip, --py-module or --working-dir to "
                             "it; install those in the image (cluster/Dockerfile)")
-        from ftdist.k8s import entrypoint
-
         runtime_env["image_uri"] = image
         return Submission(sid, entrypoint(spec, kind), runtime_env, meta)
     jf = Path(job_file).resolve()
     wd = Path(working_dir).resolve() if working_dir else jf.parent
     if not wd.is_dir():
         raise SpecError(f"--working-dir {working_dir}: no such directory")
-    if not _under(str(jf), wd):
+    if not is_under(str(jf), wd):
         raise SpecError(f"--working-dir {wd}: the job file {job_file} must be inside it")
     runtime_env["working_dir"] = str(wd)
     if pip:
@@ -229,17 +199,11 @@ def submit(job_file: str, overrides: list[str], *, address: Optional[str], kind:
            headers: Optional[list[str]] = None, ca_cert: Optional[str] = None, insecure: bool = False,
            working_dir: Optional[str] = None, pip: Optional[list[str]] = None, image: Optional[str] = None,
            env: Optional[list[str]] = None, py_modules: Optional[list[str]] = None, log=print) -> tuple[Any, str]:
-    from ftdist.config import check_local_inputs
-
     spec = load_spec(job_file, overrides)
     check_local_inputs(spec)
     if kind == "tune":
-        from ftdist.tune import validate_sweep
-
         validate_sweep(spec, job_file)
     if image:  # nothing is shipped: every input must be reachable from the image's processes
-        from ftdist.k8s import check_portable
-
         notes = check_portable(job_file, spec, overrides)
     else:
         wd = Path(working_dir).resolve() if working_dir else Path(job_file).resolve().parent
@@ -300,8 +264,6 @@ def follow(c: Any, sid: str, out=sys.stdout) -> str:
 
 def wait(c: Any, sid: str, timeout: float = 60.0) -> str:
     """The final status (the log stream closes a moment before the status turns terminal)."""
-    import time
-
     deadline = time.monotonic() + timeout
     while True:
         st = _status(info(c, sid))
@@ -315,8 +277,6 @@ def exit_code(status: str) -> int:
 
 
 def rows(jobs: list, name: Optional[str] = None) -> Iterator[list[str]]:
-    import datetime
-
     def ts(ms: Optional[int]) -> str:
         return datetime.datetime.fromtimestamp(ms / 1000).strftime("%Y-%m-%d %H:%M:%S") if ms else ""
 

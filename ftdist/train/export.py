@@ -1,16 +1,17 @@
-"""Hugging Face model folders (sharded safetensors + index, config, tokenizer) from ftdist checkpoints, written one
-tensor at a time: `ftdist export <checkpoint-uri> --to <uri> [--interpolate ALPHA]`.
+"""The one export path: a Hugging Face model folder (sharded safetensors + index, config, tokenizer) from a
+committed checkpoint, written one tensor at a time. `ftdist export`, the end of every `ftdist train` (a 1-CPU Ray
+task after the workers are done) and a sweep's best trial all come here; no process ever gathers the whole model.
 
 Memory stays bounded by one output shard plus one tensor: checkpoint files are memory-mapped (torch.load(mmap=True)),
 ZeRO-3 parameters are stitched from the per-rank flat fp32 partitions one at a time, and shards are flushed as they
 fill. The method policy (full/freeze weights; LoRA adapter and/or merged; WiSE-FT weight interpolation with the
-base model) is a chain of stream transforms; the end-of-job export in the workers reuses `merged_lora`, but still
-gathers the 16-bit weights on rank 0 under ZeRO-3 (see checkpointing.export_per_worker).
+base model) is a chain of stream transforms with one branch on the method.
 """
 
 from __future__ import annotations
 
 import glob
+import itertools
 import json
 import os
 import re
@@ -18,17 +19,32 @@ import shutil
 import tempfile
 from typing import Any, Callable, Iterator, Optional
 
+import ray
+import torch
+from deepspeed.utils.zero_to_fp32 import GatheredTensor, zero3_partitioned_param_info
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from ftdist.spec import JobSpec
+from ftdist.storage.cache import publish_dir
+from ftdist.storage.checkpoints import STEP_DIR, CheckpointStore
+from ftdist.train.contracts import STATE_FILE, TrainState
+from ftdist.train.locations import resolve_location
+from ftdist.train.ray_runtime import runtime_env_vars
+
 Tensors = Iterator[tuple[str, Any]]
 
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)i?B?\s*$", re.I)
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGTP]?)(i?)B?\s*$", re.I)
 
 
 def parse_size(s: str) -> int:
+    """Bytes of a size as Hugging Face writes them: 5GB = 5 * 10**9, 5GiB = 5 * 2**30 (also 500MB, 2TiB, 1024)."""
     m = _SIZE_RE.match(str(s))
     if not m:
-        raise ValueError(f"not a size: {s!r} (e.g. 5GB, 500MB)")
-    mult = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}[m.group(2).upper()]
-    return int(float(m.group(1)) * mult)
+        raise ValueError(f"not a size: {s!r} (e.g. 5GB, 500MB, 4GiB)")
+    power = " KMGTP".index(m.group(2).upper() or " ")
+    base = 1024 if m.group(3) else 1000
+    return int(float(m.group(1)) * base ** power)
 
 
 class ShardWriter:
@@ -51,8 +67,6 @@ class ShardWriter:
         self.total += n
 
     def _flush(self) -> None:
-        from safetensors.torch import save_file
-
         idx = len(self.shards)
         save_file(self.current, os.path.join(self.out_dir, f".shard-{idx:05d}.safetensors"), metadata={"format": "pt"})
         self.shards.append(list(self.current))
@@ -78,8 +92,6 @@ class ShardWriter:
 
 
 def _torch_load(path: str) -> dict:
-    import torch
-
     return torch.load(path, map_location="cpu", mmap=True, weights_only=False)
 
 
@@ -87,10 +99,6 @@ def iter_checkpoint_tensors(ckpt_dir: str, tag: str, want: Callable[[str], bool]
     """(name, tensor) of every parameter and buffer of the trained module whose name passes `want`, one at a time.
     ZeRO 0-2: the module weights saved by rank 0 (memory-mapped). ZeRO-3: fp32 master weights of trainable
     parameters stitched from each rank's flat partition; frozen ones from each rank's fragments."""
-    import itertools
-
-    import torch
-
     tag_dir = os.path.join(ckpt_dir, tag)
 
     def by_rank(pattern: str) -> list[str]:
@@ -102,8 +110,6 @@ def iter_checkpoint_tensors(ckpt_dir: str, tag: str, want: Callable[[str], bool]
         sd = _torch_load(os.path.join(tag_dir, "mp_rank_00_model_states.pt"))["module"]
         yield from ((k, v) for k, v in sd.items() if want(k))
         return
-
-    from deepspeed.utils.zero_to_fp32 import GatheredTensor, zero3_partitioned_param_info
 
     models = [_torch_load(p) for p in z3_models]
     world = len(models)
@@ -194,8 +200,6 @@ class BaseWeights:
     """Lazy access to a Hugging Face checkpoint's safetensors by tensor name (for interpolation)."""
 
     def __init__(self, model_dir: str):
-        from safetensors import safe_open
-
         files = sorted(glob.glob(os.path.join(model_dir, "*.safetensors")))
         if not files:
             raise FileNotFoundError(f"{model_dir}: no *.safetensors weights to interpolate with")
@@ -213,8 +217,6 @@ class BaseWeights:
 
 
 def _dtype_of(config: dict) -> Any:
-    import torch
-
     name = config.get("dtype") or config.get("torch_dtype") or "float32"
     return getattr(torch, str(name).replace("torch.", ""), torch.float32)
 
@@ -222,42 +224,51 @@ def _dtype_of(config: dict) -> Any:
 def split_checkpoint_uri(uri: str) -> tuple[str, str]:
     uri = uri.rstrip("/")
     job, _, name = uri.rpartition("/")
-    from ftdist.storage.checkpoints import STEP_DIR
-
     if not STEP_DIR.match(name):
         raise ValueError(f"{uri}: not a checkpoint URI (expected <storage>/<job>/step_NNNNNNNN; list them with "
                          "`ftdist checkpoints <storage>/<job>`)")
     return job, name
 
 
+_OPTIM_FILE = re.compile(r"optim_states\.pt$")
+_RNG_FILE = re.compile(r"rng_state_rank\d+\.pt$")
+
+
+def needed_for_export(path: str, zero_stage: int) -> bool:
+    """Files an export reads: the HF metadata, the trainer state and the weights. ZeRO 0-2 keep whole 16/32-bit
+    weights in mp_rank_00_model_states.pt, so the optimizer shards (the bulk: 12 bytes per parameter) stay in
+    storage; ZeRO-3 weights live only in those shards (fp32 flat partitions). RNG states are never needed."""
+    if _RNG_FILE.search(path):
+        return False
+    return zero_stage == 3 or not _OPTIM_FILE.search(path)
+
+
 def export_checkpoint(ckpt_uri: str, dest: str, *, interpolate: Optional[float] = None,
                       base_model: Optional[str] = None, merged: Optional[bool] = None,
-                      max_shard_size: str = "5GB", log: Callable[[str], None] = print) -> dict:
-    """Download a committed checkpoint (verified), write a HF folder to `dest` (local or s3://). Returns
+                      max_shard_size: Optional[str] = None) -> dict:
+    """Download a committed checkpoint (the files an export needs, each verified), write a HF folder to `dest`
+    (local or s3://). `max_shard_size` defaults to the job's export.max_shard_size. Returns
     {"model"|"adapter"|"merged": uri}."""
-    from ftdist.modeling import resolve_location
-    from ftdist.storage import publish_dir
-    from ftdist.storage.checkpoints import CheckpointStore
-
     job_uri, name = split_checkpoint_uri(ckpt_uri)
     cs = CheckpointStore(job_uri)
     manifest = cs.read_manifest(name)
     if manifest is None:
         raise ValueError(f"{ckpt_uri}: not a committed checkpoint (no manifest)")
+    shard_size = max_shard_size or manifest.export_max_shard_size
+    parse_size(shard_size)  # a bad --max-shard-size is an error before anything is downloaded
     work = tempfile.mkdtemp(prefix="ftdist-export-")
     try:
         local = os.path.join(work, "ckpt")
-        cs.fetch_all(name, local)
+        cs.fetch(name, local, lambda path: needed_for_export(path, manifest.zero_stage))
         hf_dir = os.path.join(local, "hf")
         with open(os.path.join(hf_dir, "config.json")) as fh:
             config = json.load(fh)
         dtype = _dtype_of(config)
-        state = json.load(open(os.path.join(local, "ftdist_state.json")))
-        tag = state["tag"]
-        method = manifest.get("method", "full")
+        with open(os.path.join(local, STATE_FILE)) as fh:
+            tag = TrainState.model_validate_json(fh.read()).tag
         base = None
         if interpolate is not None:
-            src = base_model or manifest.get("base_model")
+            src = base_model or manifest.base_model
             if not src:
                 raise ValueError("--interpolate needs the base model's weights: this job built its model from a "
                                  "config; pass --base <hub id | path | s3://...>")
@@ -273,33 +284,49 @@ def export_checkpoint(ckpt_uri: str, dest: str, *, interpolate: Optional[float] 
                     continue
                 shutil.copy(os.path.join(hf_dir, f), os.path.join(out, f))
 
-        def write_model(stream: Tensors, out: str) -> None:
+        def write(stream: Tensors, out: str, prefix: str = "model", adapter: bool = False) -> None:
+            w = ShardWriter(out, shard_size, prefix=prefix)
+            for k, t in stream:
+                w.add(k, t)
+            w.close()
+            meta_files(out, adapter)
+
+        def weights(stream: Tensors) -> Tensors:
             if interpolate is not None:
                 stream = interpolated(stream, base, interpolate)
-            w = ShardWriter(out, max_shard_size)
-            for k, t in cast(stream, dtype):
-                w.add(k, t)
-            w.close()
-            meta_files(out)
+            return cast(stream, dtype)
 
-        if method == "lora":
-            adapter_cfg = json.load(open(os.path.join(hf_dir, "adapter_config.json")))
-            out = os.path.join(staging, "adapter")
-            w = ShardWriter(out, max_shard_size, prefix="adapter_model")
-            for k, t in adapter_only(iter_checkpoint_tensors(local, tag, _is_lora), interpolate):
-                w.add(k, t)
-            w.close()
-            meta_files(out, adapter=True)
+        read = lambda want: iter_checkpoint_tensors(local, tag, want)  # noqa: E731
+        if manifest.method == "lora":
+            write(adapter_only(read(_is_lora), interpolate), os.path.join(staging, "adapter"), "adapter_model", True)
             written["adapter"] = "adapter"
-            if merged if merged is not None else bool(manifest.get("merge_on_export")):
-                out = os.path.join(staging, "merged")
-                write_model(merged_lora(lambda want: iter_checkpoint_tensors(local, tag, want), adapter_cfg), out)
+            if merged if merged is not None else manifest.merge_on_export:
+                with open(os.path.join(hf_dir, "adapter_config.json")) as fh:
+                    adapter_cfg = json.load(fh)
+                write(weights(merged_lora(read, adapter_cfg)), os.path.join(staging, "merged"))
                 written["merged"] = "merged"
         else:
-            write_model(iter_checkpoint_tensors(local, tag), staging)
+            write(weights(read(lambda _: True)), staging)
             written["model"] = ""
         shutil.rmtree(local)  # free scratch before the upload
         publish_dir(staging, dest.rstrip("/"))
         return {k: (f"{dest.rstrip('/')}/{v}" if v else dest.rstrip("/")) for k, v in written.items()}
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _export_task(ckpt: str, dest: str) -> dict:
+    return export_checkpoint(ckpt, dest)
+
+
+def run_export_task(spec: JobSpec, ckpt: str, dest: str) -> dict:
+    """The end-of-job export: `ftdist export` of the final checkpoint as a 1-CPU Ray task on any node, after the
+    workers released their memory (one tensor in memory at a time, shards written as they fill). Raises a
+    RuntimeError that says how to retry the export alone."""
+    env = {"env_vars": runtime_env_vars(use_gpu=False)}  # reads checkpoint files: no accelerator needed
+    task = ray.remote(num_cpus=1, runtime_env=env, max_retries=1)(_export_task)
+    try:
+        return ray.get(task.remote(ckpt, dest))
+    except Exception as e:  # noqa: BLE001  (the checkpoint is committed: say how to retry the export alone)
+        raise RuntimeError(f"the export from {ckpt} failed ({str(e).strip().splitlines()[-1][:200]}); the "
+                           f"checkpoint is committed: `ftdist export {ckpt} --to {dest}`") from None

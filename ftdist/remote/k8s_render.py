@@ -13,15 +13,18 @@ identity (IRSA / GKE Workload Identity) for S3.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
-import os
 import re
 import shlex
 from typing import Any, Optional
 
-from ftdist.config import JobSpec, KubernetesSpec, local_paths
+import yaml
+
 from ftdist.errors import SpecError
+from ftdist.spec import JobSpec, KubernetesSpec
+from ftdist.train.contracts import BASE_ENV
 
 MAX_RAYJOB_NAME = 47  # KubeRay: RayJob names are at most 47 characters (derived object names must fit in 63)
 CLUSTER_LABEL = "ray.io/cluster"
@@ -48,32 +51,9 @@ def rayjob_name(spec: JobSpec) -> str:
     base = re.sub(r"[^a-z0-9-]+", "-", spec.name.lower()).strip("-")
     name = f"ftdist-{base}"
     if len(name) > MAX_RAYJOB_NAME:
-        import hashlib
-
         h = hashlib.sha256(spec.name.encode()).hexdigest()[:6]
         name = f"{name[:MAX_RAYJOB_NAME - 7].rstrip('-')}-{h}"
     return name
-
-
-def check_portable(job_file: str, spec: JobSpec, overrides: Optional[list[str]] = None) -> list[str]:
-    """Inputs must be reachable from a pod: s3://, a hub id, or an absolute path inside the image / a volume.
-    A path relative to the job file exists only on this machine. Returns notes for absolute paths."""
-    notes = []
-    for key, raw_val, val in local_paths(job_file, spec, overrides):
-        if raw_val is None or "://" in raw_val:
-            continue
-        if os.path.isabs(raw_val):
-            notes.append(f"{key}: {raw_val} must exist in the image or a mounted volume")
-        elif val != raw_val or raw_val.startswith((".", "~")):  # was resolved next to the job file: local
-            raise SpecError(f"{key}: {raw_val} is a file on this machine; a pod cannot read it: upload it "
-                            f"(s3://bucket/...) or bake it into the image and give the absolute path")
-    storage = spec.checkpoint.storage
-    if "://" not in storage:
-        if not os.path.isabs(storage):
-            raise SpecError(f"checkpoint.storage: {storage} is a local folder; on Kubernetes checkpoints must outlive "
-                            f"the pods: use s3://bucket/prefix (--set checkpoint.storage=s3://...)")
-        notes.append(f"checkpoint.storage: {storage} must be a volume every pod mounts (a ReadWriteMany PVC)")
-    return notes
 
 
 def _workers_per_pod(spec: JobSpec, k: KubernetesSpec) -> int:
@@ -204,7 +184,7 @@ def render(spec: JobSpec, *, cluster: str = "ephemeral", kind: str = "train") ->
         raise SpecError("kubernetes.image: not set; build cluster/Dockerfile, push it, and set it (or "
                         "--set kubernetes.image=registry.example.com/ml/ftdist:0.1.0)")
     name = rayjob_name(spec)
-    env_yaml = {"env_vars": {"PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false", **k.env}}
+    env_yaml = {"env_vars": {**BASE_ENV, **k.env}}
     rj: dict[str, Any] = {
         "apiVersion": "ray.io/v1",
         "kind": "RayJob",
@@ -241,8 +221,6 @@ def render(spec: JobSpec, *, cluster: str = "ephemeral", kind: str = "train") ->
 
 
 def to_yaml(obj: Any) -> str:
-    import yaml
-
     class NoAliases(yaml.SafeDumper):
         def ignore_aliases(self, data: Any) -> bool:
             return True
@@ -301,9 +279,7 @@ def operator_rules(rj: dict) -> list[str]:
     if s.get("backoffLimit") is not None and s["backoffLimit"] < 0:
         out.append("backoffLimit must be a positive integer")
     try:
-        import yaml
-
-        yaml.safe_load(s.get("runtimeEnvYAML") or "")
+            yaml.safe_load(s.get("runtimeEnvYAML") or "")
     except yaml.YAMLError:
         out.append("runtimeEnvYAML is not valid YAML")
     rcs = s.get("rayClusterSpec")

@@ -19,6 +19,22 @@ import tempfile
 import time
 from typing import Optional
 
+import boto3.s3.transfer as s3t
+import ray.train
+from pyarrow import fs as pafs
+from ray.train import RunConfig, ScalingConfig
+from ray.train.torch import TorchConfig, TorchTrainer
+
+from ftdist.bench.common import bench_spec
+from ftdist.bench.local_s3 import start_seaweedfs
+from ftdist.spec import spec_from_dict, with_overrides
+from ftdist.storage import s3
+from ftdist.storage.checkpoints import CheckpointStore
+from ftdist.storage.store import TransferOptions
+from ftdist.train.checkpointing import RankCheckpointer
+from ftdist.train.driver import run_training
+from ftdist.train.ray_runtime import connect_ray, disconnect_ray
+
 WORLD = 2
 
 
@@ -45,10 +61,8 @@ def make_checkpoint_dir(root: str, rank: int, mb: int) -> str:
             fh.write('{"step": 10}')
     return d
 
-
 def _dir_bytes(d: str) -> int:
     return sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(d) for f in fs)
-
 
 def _cpu_seconds(pgid: int) -> float:
     """CPU time (user + system) used so far by the processes of one process group (the local S3 server)."""
@@ -63,14 +77,8 @@ def _cpu_seconds(pgid: int) -> float:
             total += (int(fields[11]) + int(fields[12])) / tick
     return total
 
-
 def bench_transfer(bucket: str, src: str, reps: int = 5, server_pgid: Optional[int] = None) -> dict:
-    import boto3.s3.transfer as s3t
-    from pyarrow import fs as pafs
 
-    from ftdist.storage import s3
-    from ftdist.storage.checkpoints import CheckpointStore
-    from ftdist.storage.store import TransferOptions
 
     size = _dir_bytes(src)
     client = s3.client()
@@ -110,13 +118,8 @@ def bench_transfer(bucket: str, src: str, reps: int = 5, server_pgid: Optional[i
         out["server_cpu"] = {name: statistics.median(c) for name, c in server_cpu.items()}
     return out
 
-
 def _blocking_fn(config: dict) -> None:
     """Ray Train worker: n checkpoints of the same files, `gap_s` of (simulated) compute between them."""
-    import ray.train
-
-    from ftdist.checkpointing import RankCheckpointer
-    from ftdist.config import spec_from_dict
 
     spec = spec_from_dict(config["spec"], "bench spec")
     rank = ray.train.get_context().get_world_rank()
@@ -140,17 +143,11 @@ def _blocking_fn(config: dict) -> None:
         with open(config["out"], "w") as fh:
             fh.write(",".join(f"{b:.6f}" for b in blocked))
 
-
 def bench_blocking(bucket: str, srcs: list[str], tmp: str, n: int = 3, gap_s: float = 8.0) -> dict:
     """Median time a step blocks per checkpoint. The simulated compute between two checkpoints (gap_s) outlasts one
     upload of both ranks' 256 MiB on this 2-core loopback (about 5 s), as minutes of training do between real
     checkpoints; with a shorter gap the next save waits for the previous upload (at most one in flight per rank)
     and the measurement turns into one of upload throughput."""
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    from ftdist.bench import bench_spec
-    from ftdist.storage import s3
 
     res = {}
     for mode in ("ftdist", "ray"):
@@ -173,14 +170,10 @@ def bench_blocking(bucket: str, srcs: list[str], tmp: str, n: int = 3, gap_s: fl
             res[mode] = statistics.median(float(x) for x in fh.read().split(","))
     return res
 
-
 def bench_overhead(storage: str, steps: int = 60, every: int = 10, rounds: int = 2) -> dict:
     """Training time of a run checkpointing every `every` steps and of one checkpointing only at the end, in the order
     A B B A (repeated `rounds` / 2 times): the later of two runs in one Ray tends to be slower, and a single pair
     swings by several percent here. The overhead is of the means."""
-    from ftdist.bench import bench_spec
-    from ftdist.config import with_overrides
-    from ftdist.driver import run_training
 
     times: dict = {"none": [], "every": []}
     order = [("none", None), ("every", every), ("every", every), ("none", None)] * max(1, rounds // 2)
@@ -196,13 +189,10 @@ def bench_overhead(storage: str, steps: int = 60, every: int = 10, rounds: int =
     out["runs"] = len(order)
     return out
 
-
 def run(lines: list[str], mb: int, bucket: Optional[str] = None) -> None:
-    from ftdist.driver import connect_ray, disconnect_ray
 
     server = None
     if bucket is None:
-        from ftdist.storage.local_s3 import start_seaweedfs
 
         server = start_seaweedfs(volume_mb=1024)  # GiB of writes: no volume switch every 64 MiB
         os.environ.update(server.env())  # this process and the local Ray it starts

@@ -20,6 +20,8 @@ import threading
 import time
 from typing import Any, Optional
 
+from ftdist.bench.common import BENCH_LLAMA, WORLD, batches, bench_spec, engine_for, spawn, task
+
 # fp32 on CPU: parameters 4 bytes, gradients 4 bytes, optimizer K = 12 bytes per parameter (DeepSpeed keeps an
 # fp32 master copy of its partition even in fp32 mode, plus Adam's exp_avg and exp_avg_sq). The paper's
 # mixed-precision numbers (2 + 2 + 12) become (4 + 4 + 12):
@@ -31,125 +33,6 @@ MODEL_STATE_FORMULA = {
 }
 FORMULA_TEXT = {1: "8Ψ+12Ψ/N", 2: "4Ψ+16Ψ/N", 3: "20Ψ/N"}
 
-BENCH_LLAMA = {
-    "model_type": "llama", "vocab_size": 320, "hidden_size": 256, "intermediate_size": 688,
-    "num_hidden_layers": 4, "num_attention_heads": 8, "num_key_value_heads": 4, "max_position_embeddings": 64,
-    "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0,
-}
-WORLD = 2
-
-
-def _repo_data() -> str:
-    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    return os.path.join(here, "jobs", "data", "quickstart")
-
-
-def bench_spec(storage: str, steps: int, stage: int = 2, name: str = "bench", log_every: int = 5,
-               workers: int = WORLD):
-    from ftdist.config import spec_from_dict
-
-    qs = _repo_data()
-    return spec_from_dict({
-        "name": name,
-        "model": {"from_config": BENCH_LLAMA, "tokenizer": os.path.join(qs, "tokenizer"), "dtype": "fp32"},
-        "data": {"train": os.path.join(qs, "train.jsonl"), "format": "prompt_completion", "max_length": 48},
-        # Persistence threshold 0: every tensor is partitioned under ZeRO-3, as the paper's formula assumes. (The
-        # default keeps tensors under 100k elements whole on each rank: all of this tiny model's, none of a 7B's.)
-        "zero": {"stage": stage, "reduce_bucket_size": 2_000_000, "allgather_bucket_size": 2_000_000,
-                 "stage3_param_persistence_threshold": 0},
-        "optim": {"lr": 1e-3, "micro_batch_size": 16, "global_batch_size": 64, "max_steps": steps,
-                  "schedule": "constant", "seed": 1},
-        "resources": {"num_workers": workers, "cpus_per_worker": 1, "max_failures": 0},
-        "checkpoint": {"storage": storage, "every_n_steps": None},
-        "logging": {"every_n_steps": log_every},
-        "export": {"enabled": False},
-    })
-
-
-
-def _spawn(fn, *args, world: int = WORLD, backend: str = "gloo") -> list:
-    """Run fn(rank, *args) in `world` fresh processes with a torch process group (gloo on CPU, nccl on GPUs);
-    return the rank results."""
-    import torch.multiprocessing as mp
-
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    from ftdist.driver import free_port
-
-    port = free_port()
-    procs = [ctx.Process(target=_entry, args=(fn, r, world, backend, port, q, args)) for r in range(world)]
-    for p in procs:
-        p.start()
-    out = [q.get(timeout=1800) for _ in procs]
-    for p in procs:
-        p.join(timeout=60)
-    errs = [o for o in out if isinstance(o, str)]
-    if errs:
-        raise RuntimeError(errs[0])
-    return sorted(out, key=lambda o: o["rank"])
-
-
-def _entry(fn, rank, world, backend, port, q, args):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                      WORLD_SIZE=str(world), TOKENIZERS_PARALLELISM="false")
-    if backend == "gloo":
-        os.environ["DS_ACCELERATOR"] = "cpu"
-    elif os.environ.get("DS_ACCELERATOR") == "cpu":
-        del os.environ["DS_ACCELERATOR"]
-    try:
-        import torch
-        import torch.distributed as dist
-
-        if backend == "nccl":
-            torch.cuda.set_device(rank)
-        else:
-            torch.set_num_threads(1)
-        dist.init_process_group(backend, rank=rank, world_size=world)
-        import deepspeed
-
-        deepspeed.init_distributed(dist_backend=backend)
-        res = fn(rank, *args)
-        res["rank"] = rank
-        q.put(res)
-        dist.barrier()
-        dist.destroy_process_group()
-    except Exception as e:  # report to the parent instead of hanging it
-        import traceback
-
-        q.put(f"rank {rank}: {e.__class__.__name__}: {e}\n{traceback.format_exc()[-2000:]}")
-
-
-def _engine_for(spec_json: dict):
-    import deepspeed
-    import torch.distributed as dist
-
-    from ftdist.config import spec_from_dict
-    from ftdist.ds_config import to_deepspeed
-    from ftdist.modeling import apply_kernels, load_model
-    from ftdist.worker import torch_adamw
-
-    spec = spec_from_dict(spec_json)
-    ds_cfg = to_deepspeed(spec, dist.get_world_size())
-    model = apply_kernels(load_model(spec.model, None, ds_cfg), spec)
-    opt = torch_adamw(model, spec)
-    engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds_cfg, dist_init_required=False)
-    if spec.model.compile:
-        engine.compile()
-    return spec, engine
-
-
-def _batches(spec, rank):
-    from ftdist.data import ShardedLoader, build_splits, collate
-    from ftdist.modeling import load_tokenizer
-
-    import torch.distributed as dist
-
-    tok = load_tokenizer(spec.model.tokenizer_path)
-    splits = build_splits(spec.data, tok, spec.optim.seed)
-    it = ShardedLoader.for_job(spec, splits.train, rank, dist.get_world_size()).micro_batches(0)
-    return lambda: collate(next(it), tok.pad_token_id)
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # 1. throughput
 
@@ -158,8 +41,8 @@ def _bare_loop(rank: int, spec_json: dict, warmup: int, steps: int) -> dict:
     """The plain DeepSpeed loop: forward, backward, step; no Ray, no metrics, no checkpoints."""
     import torch
 
-    spec, engine = _engine_for(spec_json)
-    next_batch = _batches(spec, rank)
+    spec, engine = engine_for(spec_json)
+    next_batch = batches(spec, rank)
     tokens, t0 = 0, 0.0
     for step in range(warmup + steps):
         if step == warmup:
@@ -188,14 +71,14 @@ def bench_throughput(steps: int, tmp: str, rounds: int = 2, workers: int = WORLD
     """Tokens/s of `ftdist train` and of the bare loop, the two taking turns `rounds` times (on a small shared machine
     a single pair swings by several percent); the ratio is of the means over the rounds. `workers` below WORLD
     keeps the global batch (more accumulation per worker)."""
-    from ftdist.driver import run_training
+    from ftdist.train.driver import run_training
 
     warmup, log_every = 5, 5
     total = warmup + steps
     bare_runs, ftdist_runs = [], []
     for i in range(rounds):
         spec = bench_spec(os.path.join(tmp, f"store-{workers}-{i}"), total, log_every=log_every, workers=workers)
-        bare = _spawn(_bare_loop, spec.model_dump(mode="json"), warmup, steps, world=workers)
+        bare = spawn(_bare_loop, spec.model_dump(mode="json"), warmup, steps, world=workers)
         bare_runs.append(sum(r["tokens"] for r in bare) / max(r["seconds"] for r in bare))
         s = run_training(spec)
         if s.error:
@@ -249,8 +132,8 @@ def _tensors_in(obj: Any, depth: int = 0, skip=("ipg", "bucket", "buffer")):
 def _model_state(rank: int, spec_json: dict) -> dict:
     """Bytes of params + grads + optimizer state held on this rank, measured with gradients present (after the
     backward of an accumulation boundary, before step) once Adam's state exists (second step)."""
-    spec, engine = _engine_for(spec_json)
-    next_batch = _batches(spec, rank)
+    spec, engine = engine_for(spec_json)
+    next_batch = batches(spec, rank)
     params = list(engine.module.parameters())
     psi = sum(getattr(p, "ds_numel", p.numel()) for p in params)
     measured = {}
@@ -275,7 +158,7 @@ def bench_memory(tmp: str) -> list[dict]:
     rows = []
     for stage in (1, 2, 3):
         spec = bench_spec(os.path.join(tmp, "m"), 4, stage=stage)
-        res = _spawn(_model_state, spec.model_dump(mode="json"))
+        res = spawn(_model_state, spec.model_dump(mode="json"))
         psi = res[0]["psi"]
         measured = max(r["bytes"] for r in res)
         formula = MODEL_STATE_FORMULA[stage](psi, WORLD)
@@ -297,8 +180,8 @@ def _rss() -> int:
 def _load_peak(rank: int, model_dir: str, stage: int) -> dict:
     import torch.distributed as dist
 
-    from ftdist.config import ModelSpec
-    from ftdist.modeling import load_model
+    from ftdist.spec import ModelSpec
+    from ftdist.train.modeling import load_model
 
     from transformers import AutoConfig
     from transformers.models.llama import modeling_llama  # noqa: F401  (code imports are not model memory)
@@ -336,7 +219,7 @@ def bench_load(tmp: str) -> list[dict]:
     model.save_pretrained(model_dir)
     size = sum(p.numel() * p.element_size() for p in model.parameters())
     del model
-    res = _spawn(_load_peak, model_dir, 3)
+    res = spawn(_load_peak, model_dir, 3)
     peak = max(r["peak_delta"] for r in res)
     return [{"stage": 3, "model_bytes": size, "peak": peak, "ratio": peak / size, "params": res[0]["params"]}]
 
@@ -353,11 +236,11 @@ PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "GH200": 989e12, "A100": 312e12, "L
 
 def gpu_spec(storage: str, data_path: str, steps: int, seq: int, micro_batch: int, name: str = "bench-gpu",
              compile: bool = False, liger: bool = False, global_batch: Optional[int] = None):
-    from ftdist.config import spec_from_dict
+    from ftdist.spec import spec_from_dict
 
     return spec_from_dict({
         "name": name,
-        "model": {"from_config": GPU_LLAMA, "tokenizer": os.path.join(_repo_data(), "tokenizer"), "dtype": "bf16",
+        "model": {"from_config": GPU_LLAMA, "tokenizer": task().tokenizer, "dtype": "bf16",
                   "attn_implementation": "sdpa", "compile": compile, "use_liger_kernel": liger},
         "data": {"train": data_path, "format": "text", "max_length": seq, "packing": True},
         "zero": {"stage": 2},
@@ -372,7 +255,7 @@ def gpu_spec(storage: str, data_path: str, steps: int, seq: int, micro_batch: in
 
 def _gpu_text(path: str, tokens_wanted: int) -> None:
     """Plain-text training data from the quickstart examples, repeated until it holds enough tokens for the run."""
-    rows = [json.loads(line) for line in open(os.path.join(_repo_data(), "train.jsonl"))]
+    rows = [json.loads(line) for line in open(task().train)]
     texts = [r["prompt"] + r["completion"] for r in rows]
     chars_wanted = tokens_wanted * 4  # generous: this tokenizer makes more than one token per 4 characters
     with open(path, "w") as fh:
@@ -420,7 +303,7 @@ GPU_VARIANTS = ("eager", "compile", "liger")
 
 def bench_gpu(steps: int, tmp: str, seq: int = 2048, micro_batch: int = 8, variant: str = "eager",
               global_batch: Optional[int] = None) -> dict:
-    from ftdist.driver import run_training
+    from ftdist.train.driver import run_training
 
     compile, liger = variant == "compile", variant == "liger"
     warmup = 10 if compile else 5  # compiled: the first steps also compile (and recompile once for the backward)
@@ -429,7 +312,7 @@ def bench_gpu(steps: int, tmp: str, seq: int = 2048, micro_batch: int = 8, varia
     spec = gpu_spec(os.path.join(tmp, "gpu-store"), data, total, seq, micro_batch, name="bench-gpu-" + variant,
                     compile=compile, liger=liger, global_batch=global_batch)
     _gpu_text(data, total * spec.optim.global_batch_size * seq)
-    bare = _spawn(_bare_gpu, spec.model_dump(mode="json"), warmup, steps, world=1, backend="nccl")[0]
+    bare = spawn(_bare_gpu, spec.model_dump(mode="json"), warmup, steps, world=1, backend="nccl")[0]
     bare_tps = bare["tokens"] / bare["seconds"]
     s = run_training(spec)
     if s.error:
@@ -506,11 +389,11 @@ def main(args: argparse.Namespace) -> int:
                 lines.append(f"| peak RSS of a rank while loading {r['params'] / 1e6:.0f}M params, ZeRO-3, N={WORLD} | "
                              f"{_mb(r['peak'])} | {_mb(r['model_bytes'])} (full model, fp32) | {r['ratio']:.3f} | < 1 |")
         if "checkpoint" in parts:
-            from ftdist.bench_storage import run as bench_checkpoint
+            from ftdist.bench.storage import run as bench_checkpoint
 
             bench_checkpoint(lines, args.ckpt_mb, args.s3_bucket)
         if "tune" in parts:
-            from ftdist.bench_tune import run as bench_tune
+            from ftdist.bench.tune import run as bench_tune
 
             bench_tune(lines, tmp)
     print("\n".join(lines))

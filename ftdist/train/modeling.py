@@ -1,72 +1,32 @@
-"""Load the tokenizer and model (hub id, local folder, s3:// prefix or config; ZeRO-3 aware) and apply the method
-(full / freeze / LoRA). The method is a model transform here plus an export policy in checkpointing.py."""
+"""Build the model (from a local folder or a config; ZeRO-3 aware) and apply the method (full / freeze / LoRA). The
+method is a model transform here plus an export policy in export.py."""
 
 from __future__ import annotations
 
-import logging
+import json
 import os
+import struct
 from typing import Any, Optional
 
-from ftdist.config import JobSpec, ModelSpec
-from ftdist.errors import SpecError
+import deepspeed
+import torch
+import torch.distributed as dist
+from peft import LoraConfig, get_peft_model
+from safetensors import safe_open
+from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import initialization as hf_init
+from transformers.integrations import HfDeepSpeedConfig
+from transformers.modeling_utils import prevent_arange_dtype_change
 
-log = logging.getLogger("ftdist")
+from ftdist.errors import SpecError
+from ftdist.spec import JobSpec, ModelSpec
 
 TORCH_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
-
-
-def resolve_location(path: str, revision: Optional[str] = None) -> str:
-    """A local folder for a model/tokenizer location. Called by one process per node (local rank 0) first."""
-    if path.startswith("s3://"):
-        from ftdist.storage import download
-
-        return download(path)
-    if os.path.isdir(os.path.expanduser(path)):
-        return os.path.expanduser(path)
-    if path.startswith(("/", ".", "~")):
-        raise SpecError(f"model: {path}: no such directory")
-    from huggingface_hub import snapshot_download
-
-    try:
-        return snapshot_download(path, revision=revision, allow_patterns=[
-            "*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.py", "tokenizer*"])
-    except Exception as e:  # hub raises many types: offline, 404, gated, auth
-        raise SpecError(f"model: {path}: cannot fetch from the Hugging Face hub ({e.__class__.__name__})") from None
-
-
-def prefetch_per_node(spec: ModelSpec, local_rank: int, barrier) -> tuple[Optional[str], str]:
-    """Download model + tokenizer once per node: local rank 0 fetches, the others wait, then all resolve from cache."""
-    paths: list[Optional[str]] = []
-
-    def fetch() -> None:
-        paths.clear()
-        paths.append(resolve_location(spec.name_or_path, spec.revision) if spec.name_or_path else None)
-        tok = spec.tokenizer_path
-        paths.append(paths[0] if tok == spec.name_or_path else resolve_location(tok, spec.revision))
-
-    if local_rank == 0:
-        fetch()
-    barrier()
-    if local_rank != 0:
-        fetch()  # served from the node cache now
-    return paths[0], paths[1]  # type: ignore[return-value]
-
-
-def load_tokenizer(path: str, trust_remote_code: bool = False) -> Any:
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
-    return tok
 
 
 def load_model(spec: ModelSpec, local_path: Optional[str], ds_config: Optional[dict]) -> Any:
     """Build the model. Under ZeRO-3 an HfDeepSpeedConfig is alive during construction so transformers wraps it in
     deepspeed.zero.Init: each rank materialises only its partition, never the whole model."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     dtype = getattr(torch, TORCH_DTYPES[spec.dtype])
     common = dict(dtype=dtype, attn_implementation=spec.attn_implementation)
     zero3 = bool(ds_config) and ds_config["zero_optimization"]["stage"] == 3
@@ -75,8 +35,6 @@ def load_model(spec: ModelSpec, local_path: Optional[str], ds_config: Optional[d
         return _finish(model, spec)
     keep_alive = None
     if zero3:
-        from transformers.integrations import HfDeepSpeedConfig
-
         keep_alive = HfDeepSpeedConfig(ds_config)  # noqa: F841 (weakref'd by transformers while loading)
     if spec.from_config is not None:
         cfg_kwargs = dict(spec.from_config)
@@ -105,8 +63,6 @@ def _finish(model: Any, spec: ModelSpec) -> Any:
 
 def _safetensors_index(path: Optional[str]) -> dict[str, str]:
     """{tensor name: file} for a safetensors checkpoint folder (single file or sharded with an index)."""
-    import json
-
     if not path:
         return {}
     idx = os.path.join(path, "model.safetensors.index.json")
@@ -115,8 +71,6 @@ def _safetensors_index(path: Optional[str]) -> dict[str, str]:
             return {k: os.path.join(path, v) for k, v in json.load(fh)["weight_map"].items()}
     single = os.path.join(path, "model.safetensors")
     if os.path.exists(single):
-        from safetensors import safe_open
-
         with safe_open(single, framework="pt") as f:
             return {k: single for k in f.keys()}
     return {}
@@ -128,9 +82,6 @@ _ST_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "fl
 
 def _st_header(file: str) -> tuple[dict, int]:
     """The JSON header of a safetensors file and the offset where its data section starts."""
-    import json
-    import struct
-
     with open(file, "rb") as fh:
         (n,) = struct.unpack("<Q", fh.read(8))
         return json.loads(fh.read(n)), 8 + n
@@ -144,13 +95,6 @@ def _load_zero3_partitioned(spec: ModelSpec, path: str, common: dict, ds_config:
     parameter (a row-major tensor's flat range is one contiguous run of bytes in the file). No rank reads or
     holds a whole tensor, let alone the whole model; peak memory is the partition plus one slice. transformers'
     own ZeRO-3 path initialises every module by gathering it and then reads full tensors on every rank."""
-    import deepspeed
-    import torch
-    import torch.distributed as dist
-    from transformers import AutoConfig, AutoModelForCausalLM
-    from transformers import initialization as hf_init
-    from transformers.modeling_utils import prevent_arange_dtype_change
-
     index = _safetensors_index(path)
     config = AutoConfig.from_pretrained(path, trust_remote_code=spec.trust_remote_code)
     with hf_init.no_init_weights(), prevent_arange_dtype_change(), deepspeed.zero.Init(config_dict_or_path=ds_config):
@@ -189,8 +133,6 @@ def _load_zero3_partitioned(spec: ModelSpec, path: str, common: dict, ds_config:
 
 def decoder_layers(model: Any) -> Any:
     """The decoder's ModuleList of transformer blocks (model.model.layers for Llama/Mistral/Qwen, h for GPT-2...)."""
-    import torch
-
     n = getattr(model.config, "num_hidden_layers", None)
     best = None
     for _, mod in model.named_modules():
@@ -218,7 +160,7 @@ def apply_kernels(model: Any, spec: JobSpec) -> Any:
     Liger's plain cross-entropy kernel is used instead."""
     if not spec.model.use_liger_kernel:
         return model
-    try:
+    try:  # optional (the `gpu` extra): only GPU workers that ask for it have it
         from liger_kernel.transformers import _apply_liger_kernel_to_instance
         from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
     except ImportError as e:
@@ -241,7 +183,7 @@ def apply_method(model: Any, spec: JobSpec) -> Any:
         model.requires_grad_(True)
         return model
     if spec.method == "freeze":
-        f = spec.freeze_spec
+        f = spec.freeze
         layers = decoder_layers(model)
         if f.train_top_layers > len(layers):
             raise SpecError(f"freeze.train_top_layers {f.train_top_layers} > the model's {len(layers)} layers")
@@ -254,9 +196,7 @@ def apply_method(model: Any, spec: JobSpec) -> Any:
             # With tied embeddings this also trains the input embedding matrix (they are one tensor).
             model.get_output_embeddings().requires_grad_(True)
         return model
-    from peft import LoraConfig, get_peft_model
-
-    lo = spec.lora_spec
+    lo = spec.lora
     cfg = LoraConfig(
         r=lo.rank,
         lora_alpha=lo.alpha,

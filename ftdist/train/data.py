@@ -11,9 +11,13 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional
 
 import numpy as np
+import pyarrow.parquet as pq
+import torch
 
-from ftdist.config import DataSpec, JobSpec
 from ftdist.errors import SpecError
+from ftdist.spec import DataSpec, JobSpec
+from ftdist.storage.cache import download
+from ftdist.storage.uri import is_remote
 
 IGNORE_INDEX = -100
 
@@ -30,9 +34,7 @@ class Row:
 
 def _local_copy(uri: str) -> str:
     """A local path for `uri`; `s3://` objects/prefixes are downloaded once into the node cache."""
-    if uri.startswith("s3://"):
-        from ftdist.storage import download
-
+    if is_remote(uri):
         return download(uri)
     return uri
 
@@ -61,8 +63,6 @@ def read_rows(path: str) -> list[Row]:
 
 def _read_file(local: str, shown: str) -> list[Row]:
     if local.endswith(".parquet"):
-        import pyarrow.parquet as pq
-
         try:
             table = pq.read_table(local)
         except Exception as e:  # pyarrow raises several types for corrupt files
@@ -84,7 +84,7 @@ def _read_file(local: str, shown: str) -> list[Row]:
 
 
 def _read_hf_disk(local: str, shown: str) -> list[Row]:
-    import datasets
+    import datasets  # ~1 s to import, and only save_to_disk folders need it
 
     ds = datasets.load_from_disk(local)
     if isinstance(ds, datasets.DatasetDict):
@@ -338,8 +338,6 @@ class ShardedLoader:
 
 
 def collate(batch: list[Example], pad_id: int) -> dict:
-    import torch
-
     n = max(len(e.input_ids) for e in batch)
     ids = torch.full((len(batch), n), pad_id, dtype=torch.long)  # [B, T]
     labels = torch.full((len(batch), n), IGNORE_INDEX, dtype=torch.long)  # [B, T]

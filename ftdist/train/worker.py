@@ -1,23 +1,36 @@
 """The training loop run inside every Ray Train worker: one loop for full, freeze and LoRA.
 
 spec -> DeepSpeed dict -> tokenizer, data shard -> model (ZeRO-3 aware) -> method -> deepspeed.initialize
--> restore -> step loop (same report cadence on every rank) -> per-rank checkpoint shards -> export.
+-> restore -> step loop (same report cadence on every rank) -> per-rank checkpoint shards. The export runs after
+the workers are done (train/export.py), from the final checkpoint.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import os
+import random
 import shutil
 import sys
-import tempfile
 import time
-from typing import Any
 
-from ftdist.config import JobSpec, spec_from_dict
+import deepspeed
+import numpy as np
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+from deepspeed.utils import logger as ds_logger
+from ray.train.v2._internal.execution import context as train_context
 
-EXPORT_DIR = "export"
+from ftdist.storage.checkpoints import checkpoint_name
+from ftdist.train.checkpointing import RankCheckpointer, restore_per_worker
+from ftdist.train.contracts import STARTUP_KEY, TrainState, WorkerConfig
+from ftdist.train.data import ShardedLoader, build_splits, collate, eval_batches
+from ftdist.train.ds_config import to_deepspeed
+from ftdist.train.locations import load_tokenizer, prefetch_per_node
+from ftdist.train.modeling import apply_kernels, apply_method, count_params, load_model
+from ftdist.train.optim import lr_lambda, param_groups, torch_adamw, total_steps
 
 
 def print0(rank: int, msg: str) -> None:
@@ -28,62 +41,12 @@ def print0(rank: int, msg: str) -> None:
         sys.stdout.flush()
 
 
-def lr_lambda(spec: JobSpec, total_steps: int):
-    """Multiplier on optim.lr: linear warmup, then cosine/linear decay to min_lr_ratio (or constant)."""
-    o = spec.optim
-    warm, floor = o.warmup_steps, o.min_lr_ratio
-
-    def f(step: int) -> float:
-        if step < warm:
-            return (step + 1) / (warm + 1)
-        if o.schedule == "constant":
-            return 1.0
-        progress = min(1.0, (step - warm) / max(1, total_steps - warm))
-        decay = 0.5 * (1 + math.cos(math.pi * progress)) if o.schedule == "cosine" else 1.0 - progress
-        return floor + (1 - floor) * decay
-
-    return f
-
-
-def torch_adamw(model: Any, spec: JobSpec) -> Any:
-    """torch.optim.AdamW over the trainable parameters. On GPUs its fused CUDA kernel (one launch for all tensors,
-    as the Hugging Face Trainer's default `adamw_torch_fused`); DeepSpeed later points it at its fp32 partitions."""
-    import torch
-
-    o = spec.optim
-    return torch.optim.AdamW(_param_groups(model, o.weight_decay), lr=o.lr, betas=o.betas, eps=o.eps,
-                             fused=True if spec.resources.use_gpu else None)
-
-
-def _param_groups(model: Any, weight_decay: float) -> list[dict]:
-    """No weight decay on biases and norm weights (1-D tensors), the usual AdamW practice."""
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if not p.requires_grad:
-            continue
-        ndim = len(getattr(p, "ds_shape", p.shape))
-        (decay if ndim >= 2 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}]
-    if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0})
-    return groups
-
-
 def _quiet_libraries() -> None:
     for name in ("DeepSpeed", "deepspeed", "ray.train", "torch.distributed", "botocore", "boto3", "s3transfer"):
         logging.getLogger(name).setLevel(logging.WARNING)
-    try:  # Ray Train names this logger by its file path, so the ray.train level filter misses its INFO lines
-        from ray.train.v2._internal.execution import context as train_context
-
-        logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
-    except ImportError:
-        pass
-    try:
-        from deepspeed.utils import logger as ds_logger
-
-        ds_logger.setLevel(logging.WARNING)
-    except ImportError:
-        pass
+    # Ray Train names this logger by its file path, so the ray.train level filter misses its INFO lines.
+    logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
+    ds_logger.setLevel(logging.WARNING)
 
 
 class StartupClock:
@@ -112,29 +75,9 @@ class StartupClock:
 
 
 def train_fn_per_worker(config: dict) -> None:
-    clock = StartupClock(config.get("started_at"))
-    spec = spec_from_dict(config["spec"], "job spec")
-    if spec.resources.use_gpu:
-        if os.environ.get("DS_ACCELERATOR") == "cpu":  # inherited from a CPU run on the same driver
-            del os.environ["DS_ACCELERATOR"]
-    else:
-        os.environ["DS_ACCELERATOR"] = "cpu"
-    import numpy as np
-    import random
-
-    import deepspeed
-    import ray.train
-    import torch
-    import torch.distributed as dist
-
-    from ftdist.checkpointing import RankCheckpointer, export_in_workers, export_per_worker, restore_per_worker
-    from ftdist.data import ShardedLoader, build_splits, collate, eval_batches
-    from ftdist.ds_config import to_deepspeed
-    from ftdist.modeling import (apply_kernels, apply_method, count_params, load_model, load_tokenizer,
-                                 prefetch_per_node)
-    from ftdist.storage import publish_dir
-    from ftdist.storage.store import TransferOptions
-
+    cfg = WorkerConfig.model_validate(config)
+    clock = StartupClock(cfg.started_at)
+    spec = cfg.spec
     _quiet_libraries()
     clock.mark("imports")
     ctx = ray.train.get_context()
@@ -153,10 +96,10 @@ def train_fn_per_worker(config: dict) -> None:
 
     splits = build_splits(spec.data, tokenizer, o.seed)
     loader = ShardedLoader.for_job(spec, splits.train, rank, world)
-    total_steps = o.max_steps or math.ceil(o.epochs * loader.steps_per_epoch)
+    n_steps = total_steps(spec, loader.steps_per_epoch)
     print0(rank, f"[ftdist] data: train {splits.stats.summary()}"
                  + (f"; eval {len(splits.eval)} examples" if splits.eval else "")
-                 + f"; {loader.steps_per_epoch} steps/epoch, {total_steps} steps")
+                 + f"; {loader.steps_per_epoch} steps/epoch, {n_steps} steps")
     clock.mark("data")
 
     model = apply_method(apply_kernels(load_model(spec.model, model_path, ds_cfg), spec), spec)
@@ -168,8 +111,8 @@ def train_fn_per_worker(config: dict) -> None:
     if o.optimizer == "torch_adamw":
         optimizer, model_parameters = torch_adamw(model, spec), None
     else:
-        optimizer, model_parameters = None, _param_groups(model, o.weight_decay)
-    schedule = lr_lambda(spec, total_steps)
+        optimizer, model_parameters = None, param_groups(model, o.weight_decay)
+    schedule = lr_lambda(spec, n_steps)
     engine, _, _, scheduler = deepspeed.initialize(
         model=model,
         optimizer=optimizer,
@@ -197,9 +140,9 @@ def train_fn_per_worker(config: dict) -> None:
         d = ckpt_io.fetch(resume)  # only this rank's shard files, each hash-verified
         state = restore_per_worker(engine, d, rank)
         shutil.rmtree(d, ignore_errors=True)
-        start_step = state["step"]
-        history = [h for h in state.get("history", []) if h["step"] <= start_step]
-        resumes = state.get("resumes", []) + [start_step]
+        start_step = state.step
+        history = [h for h in state.history if h["step"] <= start_step]
+        resumes = [*state.resumes, start_step]
         print0(rank, f"[ftdist] resumed from {ckpt_io.store.store.child(resume)} at step {start_step}")
     clock.mark("restore")
 
@@ -233,14 +176,14 @@ def train_fn_per_worker(config: dict) -> None:
         # Baseline held-out loss before the first update, so the log shows how far fine-tuning moved it.
         metrics = {"step": 0, **evaluate()}
         history.append(metrics)
-        print0(rank, f"[ftdist] step 0/{total_steps} | eval_loss {metrics['eval_loss']:.4g} | "
+        print0(rank, f"[ftdist] step 0/{n_steps} | eval_loss {metrics['eval_loss']:.4g} | "
                      f"eval_perplexity {metrics['eval_perplexity']:.4g}")
         ray.train.report(metrics)
         clock.mark("eval")
     engine.train()
     startup: dict | None = None  # the startup breakdown, sent once with the first report after the first step
 
-    for step in range(start_step, total_steps):
+    for step in range(start_step, n_steps):
         for _ in range(spec.grad_accum):
             b = {k: v.to(device) for k, v in collate(next(batches), tokenizer.pad_token_id).items()}
             loss = engine(**b).loss
@@ -255,7 +198,7 @@ def train_fn_per_worker(config: dict) -> None:
             print0(rank, clock.line())
             startup = {"s": clock.total, **clock.phases}
         done = step + 1
-        last = done == total_steps
+        last = done == n_steps
         want_ckpt = last or (ck_every is not None and done % ck_every == 0)
         want_eval = bool(splits.eval) and (last or (ev_every is not None and done % ev_every == 0))
         if not (last or want_ckpt or want_eval or done % log_every == 0):
@@ -276,33 +219,23 @@ def train_fn_per_worker(config: dict) -> None:
             "train_time_s": time.perf_counter() - loop_t0,
         }
         if startup is not None:
-            metrics["startup"], startup = startup, None
+            metrics[STARTUP_KEY], startup = startup, None
         if want_eval:
             metrics.update(evaluate())
         history.append(metrics)
         line = " | ".join(
             f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()
-            if k not in ("step", "startup")
+            if k not in ("step", STARTUP_KEY)
         )
-        print0(rank, f"[ftdist] step {done}/{total_steps} | {line}")
+        print0(rank, f"[ftdist] step {done}/{n_steps} | {line}")
         if want_ckpt:
-            state = {"metrics": metrics, "world_size": world, "history": history, "resumes": resumes}
-            ckpt_io.save(engine, done, state, metrics, tokenizer)
+            state = TrainState(step=done, tag=checkpoint_name(done), world_size=world, metrics=metrics,
+                               history=history, resumes=resumes, spec_name=spec.name)
+            ckpt_io.save(engine, state, tokenizer)
         else:
             ray.train.report(metrics)
         window.zero_()
         window_steps = 0
         window_t0 = time.perf_counter()
 
-    if spec.export.enabled and not export_in_workers(spec):
-        print0(rank, "[ftdist] export: streamed from the final checkpoint after training (ZeRO-3: the model is never "
-                     "gathered in one process)")
-    elif spec.export.enabled:
-        out = tempfile.mkdtemp(prefix="ftdist-export-")
-        written = export_per_worker(engine, spec, tokenizer, out)
-        if rank == 0:
-            dest = config["export_uri"]
-            publish_dir(out, dest, TransferOptions.from_spec(spec.checkpoint))
-            print0(rank, f"[ftdist] exported {', '.join(sorted(written))} to {dest}")
-        shutil.rmtree(out, ignore_errors=True)
     sys.stdout.flush()

@@ -1,0 +1,366 @@
+"""The job schema (pydantic v2, frozen, unknown keys rejected): model, data, method, ZeRO, optimiser, resources,
+checkpoints, eval, logging, export; plus the sweep and kubernetes sections from their own modules.
+
+Pure: imports neither torch, ray nor deepspeed, and does no I/O (`ftdist validate` must stay fast).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+from pydantic import Field, field_validator, model_validator
+
+from ftdist.spec.base import FieldError, FrozenSpec
+from ftdist.spec.kubernetes import KubernetesSpec
+from ftdist.spec.sweep import SweepSpec
+from ftdist.storage.uri import FILE_SCHEME, S3_SCHEME, bucket_problem, has_scheme, is_remote, resolve
+
+_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
+
+
+class ModelSpec(FrozenSpec):
+    """The base model: a hub id, a local directory, an `s3://` prefix, or (tests, quickstart) a config."""
+
+    name_or_path: Optional[str] = None
+    """Hub id (`meta-llama/Llama-3.1-8B`), local directory, or `s3://bucket/prefix` of a HF checkpoint."""
+    from_config: Optional[dict[str, Any]] = None
+    """Build a randomly initialised model from a transformers config (needs `model_type`). Tests/quickstart only."""
+    tokenizer: Optional[str] = None
+    """Tokenizer location; defaults to `name_or_path`. Required with `from_config`."""
+    revision: Optional[str] = None
+    dtype: Literal["bf16", "fp16", "fp32"] = "bf16"
+    gradient_checkpointing: bool = False
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flash_attention_3"] = "sdpa"
+    trust_remote_code: bool = False
+    compile: bool = False
+    """torch.compile the model (DeepSpeed `engine.compile()`): slower start, faster steps on GPUs."""
+    use_liger_kernel: bool = False
+    """GPU only: swap in Liger's fused Triton kernels (RMSNorm, rotary, SwiGLU, and a fused linear + cross-entropy
+    loss that never materialises the logits) for the model types Liger supports (Llama, Mistral, Qwen, Gemma, ...).
+    Needs the `liger-kernel` package on the workers (`pip install 'ftdist[gpu]'`); the same switch as
+    `TrainingArguments.use_liger_kernel` in the Hugging Face Trainer."""
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "ModelSpec":
+        if (self.name_or_path is None) == (self.from_config is None):
+            raise FieldError("name_or_path", "set exactly one of model.name_or_path or model.from_config")
+        if self.from_config is not None:
+            if "model_type" not in self.from_config:
+                raise FieldError("from_config", "model.from_config needs a model_type (e.g. llama)")
+            if self.tokenizer is None:
+                raise FieldError("from_config", "model.tokenizer is required with model.from_config")
+        return self
+
+    @property
+    def tokenizer_path(self) -> str:
+        return self.tokenizer or self.name_or_path  # type: ignore[return-value]
+
+
+class LoraSpec(FrozenSpec):
+    """LoRA adapters via peft."""
+
+    rank: int = Field(8, ge=1, le=1024)
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    target_modules: Union[Literal["all-linear"], list[str]] = "all-linear"
+    merge_on_export: bool = False
+    """Also export the base model with the adapter merged in (a plain HF model folder)."""
+
+
+class FreezeSpec(FrozenSpec):
+    """Partial fine-tuning: embeddings and lower decoder layers frozen, top layers (and head) trained."""
+
+    train_top_layers: int = Field(2, ge=0)
+    train_head: bool = True
+    train_final_norm: bool = True
+
+    @model_validator(mode="after")
+    def _something_trains(self) -> "FreezeSpec":
+        if self.train_top_layers == 0 and not self.train_head:
+            raise FieldError("train_top_layers", "freeze trains nothing: set freeze.train_top_layers > 0 or freeze.train_head")
+        return self
+
+
+class ZeroSpec(FrozenSpec):
+    """DeepSpeed ZeRO settings."""
+
+    stage: Literal[0, 1, 2, 3] = 2
+    offload_optimizer: Literal["none", "cpu"] = "none"
+    offload_params: Literal["none", "cpu"] = "none"
+    overlap_comm: bool = True
+    contiguous_gradients: bool = True
+    reduce_bucket_size: int = Field(500_000_000, gt=0)
+    allgather_bucket_size: int = Field(500_000_000, gt=0)
+    stage3_prefetch_bucket_size: int = Field(50_000_000, gt=0)
+    stage3_param_persistence_threshold: int = Field(100_000, ge=0)
+    stage3_max_live_parameters: int = Field(1_000_000_000, gt=0)
+
+    @model_validator(mode="after")
+    def _combos(self) -> "ZeroSpec":
+        if self.offload_params != "none" and self.stage != 3:
+            raise FieldError("offload_params", "zero.offload_params needs zero.stage 3")
+        if self.offload_optimizer != "none" and self.stage == 0:
+            raise FieldError("offload_optimizer", "zero.offload_optimizer needs zero.stage 1, 2 or 3")
+        return self
+
+
+class OptimSpec(FrozenSpec):
+    """Optimiser, schedule and batch sizes."""
+
+    lr: float = Field(2e-5, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = Field(1e-8, gt=0)
+    optimizer: Literal["torch_adamw", "deepspeed_adamw"] = "torch_adamw"
+    """torch_adamw: torch.optim.AdamW (no C++ build); deepspeed_adamw: DeepSpeed FusedAdam/CPUAdam (GPU, offload)."""
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_steps: int = Field(0, ge=0)
+    min_lr_ratio: float = Field(0.0, ge=0, le=1)
+    grad_clip: float = Field(1.0, ge=0)
+    """Max global grad norm; 0 disables clipping."""
+    micro_batch_size: int = Field(1, ge=1)
+    global_batch_size: int = Field(1, ge=1)
+    max_steps: Optional[int] = Field(None, ge=1)
+    epochs: Optional[float] = Field(None, gt=0)
+    seed: int = 42
+
+    @field_validator("betas")
+    @classmethod
+    def _betas(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not all(0.0 <= b < 1.0 for b in v):
+            raise ValueError("betas must be in [0, 1)")
+        return v
+
+    @model_validator(mode="after")
+    def _steps(self) -> "OptimSpec":
+        if (self.max_steps is None) == (self.epochs is None):
+            raise FieldError("max_steps", "set exactly one of optim.max_steps or optim.epochs")
+        return self
+
+
+class DataSpec(FrozenSpec):
+    """Training data: JSONL, Parquet or a `datasets.save_to_disk` folder, local or `s3://`."""
+
+    train: str
+    eval: Optional[str] = None
+    eval_fraction: float = Field(0.0, ge=0.0, lt=1.0)
+    format: Literal["text", "prompt_completion", "chat"] = "text"
+    text_field: str = "text"
+    prompt_field: str = "prompt"
+    completion_field: str = "completion"
+    messages_field: str = "messages"
+    completion_only_loss: Optional[bool] = None
+    """Loss only on completion/assistant tokens. Default: true for prompt_completion and chat."""
+    max_length: int = Field(1024, ge=8)
+    packing: bool = False
+    shuffle: bool = True
+    on_bad_row: Literal["fail", "skip"] = "fail"
+    chat_template: Optional[str] = None
+    """Jinja chat template overriding the tokenizer's (for tokenizers that have none)."""
+
+    @model_validator(mode="after")
+    def _checks(self) -> "DataSpec":
+        if self.eval is not None and self.eval_fraction > 0:
+            raise FieldError("eval_fraction", "set data.eval or data.eval_fraction, not both")
+        if self.format == "text" and self.completion_only_loss:
+            raise FieldError("completion_only_loss", "data.completion_only_loss needs format prompt_completion or chat")
+        return self
+
+    @property
+    def loss_on_completion_only(self) -> bool:
+        if self.completion_only_loss is None:
+            return self.format != "text"
+        return self.completion_only_loss
+
+
+class ResourcesSpec(FrozenSpec):
+    """Ray Train workers."""
+
+    num_workers: int = Field(2, ge=1)
+    cpus_per_worker: float = Field(1, gt=0)
+    gpus_per_worker: float = Field(0, ge=0)
+    accelerator_type: Optional[str] = None
+    """Ray accelerator type, e.g. H100, A100-80G (schedules workers onto such nodes)."""
+    max_failures: int = Field(2, ge=-1)
+    """Restarts of a crashed worker group from the latest checkpoint (-1: unlimited)."""
+
+    @property
+    def use_gpu(self) -> bool:
+        return self.gpus_per_worker > 0
+
+
+class UploadSpec(FrozenSpec):
+    """How each rank streams its checkpoint files to storage (boto3 / s3transfer multipart)."""
+
+    mode: Literal["async", "sync"] = "async"
+    """async: training continues while a checkpoint uploads (a step waits only for the local save, and for the
+    previous upload if it is still running). sync: the step waits for the upload, as Ray's default does."""
+    part_size_mb: int = Field(16, ge=5, le=5120)
+    """Multipart part size (S3 minimum 5 MiB). Files smaller than a part go up in one PUT."""
+    concurrency: int = Field(8, ge=1, le=256)
+    """Parallel part/file transfers per rank."""
+    max_attempts: int = Field(10, ge=1, le=100)
+    """Attempts per request on throttling, 5xx and timeouts (exponential backoff with full jitter)."""
+    commit_timeout_s: float = Field(1800.0, gt=0)
+    """How long rank 0 waits for every rank's files before giving up on a checkpoint."""
+
+
+class EncryptionSpec(FrozenSpec):
+    """Server-side encryption for everything ftdist writes to s3://. Key material never goes in the job file."""
+
+    sse: Optional[Literal["AES256", "aws:kms"]] = None
+    kms_key_id: Optional[str] = None
+    """KMS key id/ARN/alias for sse: aws:kms (an identifier, not a secret); default: the bucket's AWS-managed key."""
+
+    @model_validator(mode="after")
+    def _kms(self) -> "EncryptionSpec":
+        if self.kms_key_id and self.sse != "aws:kms":
+            raise FieldError("kms_key_id", "kms_key_id needs sse: aws:kms")
+        return self
+
+    def extra_args(self) -> dict:
+        out: dict = {}
+        if self.sse:
+            out["ServerSideEncryption"] = self.sse
+        if self.kms_key_id:
+            out["SSEKMSKeyId"] = self.kms_key_id
+        return out
+
+
+class CheckpointSpec(FrozenSpec):
+    """Where checkpoints go and how many stay."""
+
+    storage: str = "./runs"
+    """A local directory (embedded default) or s3://bucket/prefix. Holds <name>/ per job."""
+    every_n_steps: Optional[int] = Field(None, ge=1)
+    """Checkpoint cadence; None: only at the end."""
+    keep_last: Optional[int] = Field(2, ge=1)
+    keep_best_by: Optional[str] = None
+    """A reported metric (e.g. eval_loss): keep the `keep_last` best by it instead of the newest."""
+    best_mode: Literal["min", "max"] = "min"
+    upload: UploadSpec = UploadSpec()
+    encryption: EncryptionSpec = EncryptionSpec()
+
+    @field_validator("storage")
+    @classmethod
+    def _storage(cls, v: str) -> str:
+        if has_scheme(v) and not v.startswith((S3_SCHEME, FILE_SCHEME)):
+            raise ValueError(f"unsupported storage URI scheme in {v!r} (use a local path or s3://)")
+        if is_remote(v) and (problem := bucket_problem(v)):
+            raise ValueError(problem)
+        return v
+
+    @model_validator(mode="after")
+    def _encryption_needs_s3(self) -> "CheckpointSpec":
+        if self.encryption.sse and not is_remote(self.storage):
+            raise FieldError("encryption.sse", "checkpoint.encryption applies to s3:// storage only")
+        return self
+
+    def resolved_storage(self, base: Optional[Path] = None) -> str:
+        """An absolute local path or the URI as given."""
+        return resolve(self.storage, base)
+
+
+class EvalSpec(FrozenSpec):
+    every_n_steps: Optional[int] = Field(None, ge=1)
+    """Eval cadence; None: only at the end (when there is eval data)."""
+    max_batches: Optional[int] = Field(None, ge=1)
+
+
+class LoggingSpec(FrozenSpec):
+    every_n_steps: int = Field(10, ge=1)
+
+
+class ExportSpec(FrozenSpec):
+    enabled: bool = True
+    max_shard_size: str = "5GB"
+
+
+
+METHOD_SECTIONS = ("lora", "freeze")
+"""Methods with a settings section of the same name."""
+
+
+class JobSpec(FrozenSpec):
+    """One fine-tuning job."""
+
+    name: str
+    model: ModelSpec
+    data: DataSpec
+    method: Literal["full", "freeze", "lora"] = "full"
+    lora: Optional[LoraSpec] = None
+    freeze: Optional[FreezeSpec] = None
+    zero: ZeroSpec = ZeroSpec()
+    optim: OptimSpec
+    resources: ResourcesSpec = ResourcesSpec()
+    checkpoint: CheckpointSpec = CheckpointSpec()
+    eval: EvalSpec = EvalSpec()
+    logging: LoggingSpec = LoggingSpec()
+    export: ExportSpec = ExportSpec()
+    sweep: Optional[SweepSpec] = None
+    """Only read by `ftdist tune`; `ftdist train` ignores it."""
+    kubernetes: Optional[KubernetesSpec] = None
+    """Only read by `ftdist k8s render`."""
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not _NAME_RE.match(v):
+            raise ValueError("name must be lowercase letters, digits, '.', '_' or '-' (max 63), starting alphanumeric")
+        return v
+
+    @model_validator(mode="before")
+    @classmethod
+    def _method_section(cls, data: Any) -> Any:
+        """The chosen method's section is always there (`method: lora` alone means LoRA with default settings), so
+        code reads `spec.lora` / `spec.freeze` under that method without a None check."""
+        if isinstance(data, dict):
+            method = data.get("method", "full")
+            if method in METHOD_SECTIONS and data.get(method) is None:
+                data = {**data, method: {}}
+        return data
+
+    @model_validator(mode="after")
+    def _cross(self) -> "JobSpec":
+        for method in METHOD_SECTIONS:
+            if getattr(self, method) is not None and self.method != method:
+                raise FieldError(method, f"{method} options are set but method is {self.method!r}")
+        o, n = self.optim, self.resources.num_workers
+        if o.global_batch_size % (o.micro_batch_size * n):
+            raise FieldError("optim.global_batch_size",
+                             f"optim.global_batch_size {o.global_batch_size} is not a multiple of "
+                             f"optim.micro_batch_size {o.micro_batch_size} x resources.num_workers {n}")
+        if self.model.dtype == "fp16" and not self.resources.use_gpu:
+            raise FieldError("model.dtype", "model.dtype fp16 needs GPUs (resources.gpus_per_worker > 0); use fp32 or "
+                                            "bf16 on CPU")
+        if self.model.use_liger_kernel and not self.resources.use_gpu:
+            raise FieldError("model.use_liger_kernel", "model.use_liger_kernel needs GPUs (resources.gpus_per_worker "
+                                                       "> 0): Liger's kernels are Triton kernels for CUDA/ROCm devices")
+        if self.model.use_liger_kernel and self.model.compile:
+            # Seen on an H100 (torch 2.11, liger-kernel 0.8.5): an illegal memory access in Inductor's autotuning.
+            raise FieldError("model.compile", "model.use_liger_kernel and model.compile together crash torch.compile's "
+                                              "autotuning (illegal memory access); choose one (Liger was the faster "
+                                              "on an H100)")
+        best_by = self.checkpoint.keep_best_by
+        if best_by and not best_by.replace("_", "").isalnum():
+            raise FieldError("checkpoint.keep_best_by", "checkpoint.keep_best_by must be a metric name like eval_loss")
+        if best_by in ("eval_loss", "eval_perplexity") and not self.has_eval:
+            raise FieldError("checkpoint.keep_best_by",
+                             f"checkpoint.keep_best_by {best_by} needs data.eval or data.eval_fraction")
+        return self
+
+    @property
+    def run_dir(self) -> str:
+        """<checkpoint.storage>/<name>: the run's (or sweep's) folder, local path or s3:// URI."""
+        return f"{self.checkpoint.resolved_storage()}/{self.name}"
+
+    @property
+    def has_eval(self) -> bool:
+        return self.data.eval is not None or self.data.eval_fraction > 0
+
+    @property
+    def grad_accum(self) -> int:
+        o = self.optim
+        return o.global_batch_size // (o.micro_batch_size * self.resources.num_workers)

@@ -1,0 +1,1 @@
+"""`ftdist tune`: the search space and trial jobs (space), Ray Tune wiring (tune), results (report)."""

@@ -1,0 +1,58 @@
+"""What crosses a process boundary between the driver and the Ray Train workers, typed and validated where it is
+read: the worker's config, the trainer state saved with each checkpoint, and the names of the reported metrics."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from ftdist.spec import JobSpec
+
+BASE_ENV = {"PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
+"""Environment of every ftdist process on Ray (and in a rendered RayJob): line-buffered output through Ray's log
+forwarding; no fork warnings from the Rust tokenizers in Ray workers."""
+
+# Reported by every worker at each log interval (and at eval/checkpoint steps); the sweep metric and
+# checkpoint.keep_best_by name one of these.
+TRAIN_METRICS = ("loss", "lr", "grad_norm", "tokens_per_s", "step_time_s", "epoch", "train_time_s")
+EVAL_METRICS = ("eval_loss", "eval_perplexity")
+STARTUP_KEY = "startup"
+"""Sent once, with the first report after the first step: where the time to the first step went."""
+
+
+def reported_metrics(spec: JobSpec) -> tuple[str, ...]:
+    """The metric names a run of this job reports."""
+    return TRAIN_METRICS + (EVAL_METRICS if spec.has_eval else ())
+
+
+class _Contract(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class WorkerConfig(_Contract):
+    """Ray Train's `train_loop_config` for `train_fn_per_worker` (travels as a dict; validated in the worker)."""
+
+    spec: JobSpec
+    started_at: float
+    """Wall-clock time the driver called fit(): the start of the startup breakdown."""
+
+
+STATE_FILE = "ftdist_state.json"
+
+
+class TrainState(_Contract):
+    """ftdist_state.json, written by rank 0 into each checkpoint: where training resumes."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)  # checkpoints from before this model carry no more keys
+
+    step: int = Field(ge=0)
+    tag: str
+    """DeepSpeed's checkpoint tag (the step folder inside the checkpoint)."""
+    world_size: int = Field(ge=1)
+    metrics: dict[str, Any] = {}
+    history: list[dict[str, Any]] = []
+    """Every logged metrics row up to this step."""
+    resumes: list[int] = []
+    """Steps at which this run resumed (a restart after a crash, or a re-run of the job)."""
+    spec_name: Optional[str] = None

@@ -1,0 +1,173 @@
+"""`run_training(spec)`: the one driver. `ftdist train`, every sweep trial and a submitted job all run a job
+through here: connect to (or start) Ray, hold the run lease, run a Ray Train TorchTrainer with DeepSpeed workers,
+then export the final checkpoint."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchConfig, TorchTrainer
+from ray.train.v2.api.config import LoggingConfig
+
+from ftdist.errors import SpecError
+from ftdist.spec import JobSpec
+from ftdist.storage import s3
+from ftdist.storage.checkpoints import CheckpointStore
+from ftdist.storage.lease import run_lease
+from ftdist.storage.store import TransferOptions
+from ftdist.storage.uri import is_remote, without_scheme
+from ftdist.train.contracts import STATE_FILE, TrainState, WorkerConfig
+from ftdist.train.ray_runtime import connect_ray, disconnect_ray, runtime_env_vars
+
+EXPORT_DIR = "export"
+
+
+@dataclass
+class RunSummary:
+    name: str
+    run_dir: str
+    checkpoint: Optional[str]
+    export_dir: Optional[str]
+    metrics: dict
+    error: Optional[BaseException] = None
+    history: list = field(default_factory=list)
+    """Every logged metrics row (step, loss, lr, eval_loss, ...) up to the final checkpoint."""
+
+
+def run_dir(spec: JobSpec) -> str:
+    return spec.run_dir
+
+
+def export_uri(spec: JobSpec) -> str:
+    return f"{run_dir(spec)}/{EXPORT_DIR}"
+
+
+def build_trainer(spec: JobSpec, *, callbacks: Optional[list] = None) -> TorchTrainer:
+    # The worker module imports DeepSpeed and initialises its accelerator: the driver (a laptop or a CPU-only head
+    # node) only names the function, so that import happens in the workers alone.
+    from ftdist.train.worker import train_fn_per_worker
+
+    r, c = spec.resources, spec.checkpoint
+    resources: dict = {"CPU": r.cpus_per_worker}
+    if r.use_gpu:
+        resources["GPU"] = r.gpus_per_worker
+    storage = spec.checkpoint.resolved_storage()
+    # Ray's own files (run state) go to the same endpoint as ftdist's checkpoints.
+    storage_fs = s3.pyarrow_fs() if is_remote(storage) else None
+    config = WorkerConfig(spec=spec, started_at=time.time())
+    return TorchTrainer(
+        train_fn_per_worker,
+        train_loop_config=config.model_dump(mode="json"),
+        torch_config=TorchConfig(backend="nccl" if r.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(
+            num_workers=r.num_workers,
+            use_gpu=r.use_gpu,
+            resources_per_worker=resources,
+            accelerator_type=r.accelerator_type,
+        ),
+        run_config=RunConfig(
+            name=spec.name,
+            storage_path=without_scheme(storage),
+            storage_filesystem=storage_fs,
+            failure_config=FailureConfig(max_failures=r.max_failures),
+            # No num_to_keep: ftdist's storage-side retention (after each commit, manifest deleted first) is the one
+            # deleter. Two deleters race: Ray's delete of a folder ftdist already removed fails the whole run.
+            checkpoint_config=CheckpointConfig(
+                checkpoint_score_attribute=c.keep_best_by,
+                checkpoint_score_order=c.best_mode,
+            ),
+            worker_runtime_env={"env_vars": runtime_env_vars(use_gpu=r.use_gpu)},
+            logging_config=LoggingConfig(log_level="WARNING"),
+            callbacks=callbacks,
+        ),
+    )
+
+
+def preflight_data(spec: JobSpec) -> Optional[str]:
+    """Read and tokenize local data on the driver before Ray starts, so a bad row, a missing field or too little
+    data is a one-line error (exit 2) with nothing written. Remote (s3://, hub) inputs are checked by the workers."""
+    # transformers and the tokenizer stay off the path of `ftdist validate` and of runs with remote inputs.
+    from ftdist.train.data import ShardedLoader, build_splits
+    from ftdist.train.locations import load_tokenizer
+
+    tok_path = spec.model.tokenizer_path
+    remote = [p for p in (spec.data.train, spec.data.eval, tok_path) if p and is_remote(p)]
+    if remote or not os.path.isdir(os.path.expanduser(tok_path)):
+        return None
+    tok = load_tokenizer(tok_path, spec.model.trust_remote_code)
+    splits = build_splits(spec.data, tok, spec.optim.seed)
+    ShardedLoader.for_job(spec, splits.train, 0, spec.resources.num_workers)  # raises if < one global batch
+    return splits.stats.summary()
+
+
+def preflight_storage(spec: JobSpec) -> None:
+    """Before Ray starts: an s3:// checkpoint storage must be reachable with working credentials, an existing bucket
+    and write access (one-line error, exit 2, nothing left behind). Also refuses to resume a checkpoint written by a
+    different number of workers."""
+    storage = spec.checkpoint.resolved_storage()
+    if is_remote(storage):
+        s3.check_access(f"{storage}/{spec.name}", extra_args=spec.checkpoint.encryption.extra_args())
+    try:
+        latest = CheckpointStore(run_dir(spec), TransferOptions.from_spec(spec.checkpoint)).latest_valid()
+    except Exception as e:  # noqa: BLE001  (listing errors surface again, with retries, in the workers)
+        if is_remote(storage):
+            raise SpecError(s3.describe_error(e, run_dir(spec))) from None
+        return
+    if latest is not None and latest.manifest.world_size != spec.resources.num_workers:
+        had = latest.manifest.world_size
+        raise SpecError(f"resources.num_workers: {spec.resources.num_workers}, but {latest.uri} (the checkpoint this "
+                        f"job would resume from) was written by {had} workers; set num_workers={had}, or use a new "
+                        f"job name and start from `ftdist export {latest.uri} --to ...`")
+
+
+def run_training(spec: JobSpec, *, address: Optional[str] = None, dashboard: bool = False,
+                 callbacks: Optional[list] = None) -> RunSummary:
+    """Run one job to the end (resuming from this job name's latest checkpoint if there is one), then export its
+    final checkpoint when export.enabled. `dashboard`: start the embedded Ray with its dashboard (ignored when
+    joining a cluster or inside a running Ray, as in a sweep trial). `callbacks`: Ray Train callbacks (a sweep
+    trial forwards reports to Tune with one). A failure comes back in RunSummary.error, never as an exception."""
+    # Imported here: the export module pulls in torch and DeepSpeed's checkpoint reader, which the driver needs
+    # only once training is over.
+    from ftdist.train.export import run_export_task
+
+    # A bad address fails here, before anything is written.
+    started = connect_ray(address, spec.resources.num_workers + 1, dashboard=dashboard)
+    ckpt, history, metrics, error = None, [], {}, None
+    try:
+        with run_lease(run_dir(spec)) as lease:  # one live attempt per job: a second is refused here, in one line
+            try:
+                result = build_trainer(spec, callbacks=callbacks).fit()
+            except KeyboardInterrupt:
+                if not lease.lost:
+                    raise
+                error = RuntimeError("stopped: a newer attempt of this job took over the run lease")
+            except Exception as e:  # Ray raises TrainingFailedError/WorkerGroupError with the worker traceback inside
+                error = e
+            else:
+                ckpt, history = _final_checkpoint(spec, result)
+                metrics, error = dict(result.metrics or {}), result.error
+                if error is None and ckpt and spec.export.enabled:
+                    try:
+                        written = run_export_task(spec, ckpt, export_uri(spec))
+                        print(f"[ftdist] exported {', '.join(sorted(written))} to {export_uri(spec)} (from {ckpt})",
+                              flush=True)
+                    except RuntimeError as e:
+                        error = e
+    finally:
+        disconnect_ray(started)
+    exp = export_uri(spec) if spec.export.enabled and error is None else None
+    return RunSummary(spec.name, run_dir(spec), ckpt, exp, metrics, error=error, history=history)
+
+
+def _final_checkpoint(spec: JobSpec, result: Any) -> tuple[Optional[str], list]:
+    """(URI of the run's last checkpoint, the logged metrics history stored with it)."""
+    if result.checkpoint is None:
+        return None, []
+    store = CheckpointStore(run_dir(spec)).store  # read one small file, not the whole checkpoint
+    name = os.path.basename(result.checkpoint.path.rstrip("/"))
+    raw = store.get_bytes(f"{name}/{STATE_FILE}")
+    return store.child(name), (TrainState.model_validate_json(raw).history if raw else [])
