@@ -196,7 +196,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from ftdist.bench.core import main as bench_main
+    from ftdist.bench.command import main as bench_main
 
     return bench_main(args)
 

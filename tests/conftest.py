@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import tempfile
@@ -33,6 +34,24 @@ TINY_LLAMA = {
 }
 
 
+STARTS_SOMETHING = ("ray", "deepspeed", "s3", "slow")
+"""Markers of tests that start real parts; each of them is also an `integration` test."""
+
+
+def pytest_collection_modifyitems(config, items):
+    """The tiers by folder and by marker: tests/integration and anything that starts Ray, DeepSpeed or S3 is
+    `integration`; tests/gpu is `gpu`. A unit test (tests/unit) may start none of them."""
+    for item in items:
+        parts = Path(str(item.fspath)).parts
+        if "gpu" in parts[-2:]:
+            item.add_marker(pytest.mark.gpu)
+        if "integration" in parts[-2:] or any(item.get_closest_marker(m) for m in STARTS_SOMETHING):
+            item.add_marker(pytest.mark.integration)
+            if "unit" in parts[-2:]:
+                raise pytest.UsageError(f"{item.nodeid}: a unit test may not start Ray, DeepSpeed or S3 "
+                                        f"(move it to tests/integration)")
+
+
 def tiny_job_dict(storage: str, **sections) -> dict:
     """A small, valid job on the quickstart data (2 workers, few steps). Override whole sections by keyword."""
     job = {
@@ -57,6 +76,27 @@ def tiny_job_dict(storage: str, **sections) -> dict:
     return job
 
 
+def sweep_job_dict(storage: str, name: str = "sweep", sweep: dict | None = None, **sections) -> dict:
+    """A LoRA sweep on the tiny job: lr x LoRA-rank grid, ASHA on eval_loss, alpha = 2 x rank."""
+    defaults = {"method": "lora", "lora": {"rank": 8, "alpha": 16, "dropout": 0.0},
+                "optim": {**tiny_job_dict("x")["optim"], "lr": 1e-2, "max_steps": 12},
+                "eval": {"every_n_steps": 2, "max_batches": 4}, "logging": {"every_n_steps": 2},
+                "checkpoint": {"every_n_steps": 4, "keep_last": 2}}
+    job = tiny_job_dict(storage, name=name, **{**defaults, **sections})
+    job["sweep"] = sweep or {"search": "grid", "space": {"optim.lr": [1e-2, 3e-3, 1e-4], "lora.rank": [4, 8]},
+                             "alpha_per_rank": 2.0, "scheduler": {"type": "asha", "grace_period": 4,
+                                                                  "reduction_factor": 2}}
+    return job
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# validation: one line before any trial starts
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# real sweeps
+
+
 @pytest.fixture
 def write_job(tmp_path):
     def _write(data: dict | str, name: str = "job.yaml") -> Path:
@@ -68,21 +108,41 @@ def write_job(tmp_path):
 
 
 @pytest.fixture(scope="session")
-def s3_server():
-    """A real SeaweedFS S3 server on 127.0.0.1 for the whole session. Its endpoint and credentials go into this
-    process's AWS environment (as a user's shell would have them), so the local Ray started after it inherits them."""
+def s3_credentials():
+    """The session's S3 identity, in this process's AWS environment before any local Ray or S3 server starts, so
+    Ray's processes inherit it (as a user's shell would hand it on) whether or not a test ever starts the server."""
+    from tests.support.seaweed import new_credentials
+
+    access, secret = new_credentials()
+    env = {"AWS_ACCESS_KEY_ID": access, "AWS_SECRET_ACCESS_KEY": secret, "AWS_REGION": "us-east-1"}
+    with _environ(env):
+        yield access, secret
+
+
+@pytest.fixture(scope="session")
+def s3_server(s3_credentials):
+    """A real SeaweedFS S3 server on 127.0.0.1 for the whole session, accepting the session's credentials. Its
+    endpoint goes into this process's AWS environment; ftdist forwards it to Ray's processes."""
     from tests.support.seaweed import start_seaweedfs
 
-    server = start_seaweedfs()
-    saved = {k: os.environ.get(k) for k in server.env()}
-    os.environ.update(server.env())
-    yield server
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    server = start_seaweedfs(credentials=s3_credentials)
+    with _environ(server.env()):
+        yield server
     server.stop()
+
+
+@contextlib.contextmanager
+def _environ(values: dict):
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 @pytest.fixture
@@ -95,9 +155,9 @@ def bucket(s3_server, request):
 
 
 @pytest.fixture(scope="session")
-def ray_cluster(s3_server):
-    """A real local Ray (own temp dir; stopped by ray.shutdown, never `ray stop`). Started after the S3 server so
-    its workers have the same AWS environment as the driver."""
+def ray_cluster(s3_credentials):
+    """A real local Ray (own temp dir; stopped by ray.shutdown, never `ray stop`). It does not start the S3 server:
+    its processes inherit the session's credentials, and ftdist forwards the endpoint of a server started later."""
     import ray
 
     import socket

@@ -20,6 +20,7 @@ from ftdist.train.locations import load_tokenizer
 from ftdist.train.modeling import apply_kernels, load_model
 from ftdist.train.optim import torch_adamw
 from ftdist.train.ray_runtime import free_port
+from ftdist.train.worker import skip_inference_comm_op
 
 
 def task() -> TaskFiles:
@@ -87,6 +88,7 @@ def _entry(fn, rank, world, backend, port, q, args):
         else:
             torch.set_num_threads(1)
         dist.init_process_group(backend, rank=rank, world_size=world)
+        skip_inference_comm_op()  # as ftdist's workers do: like for like
         deepspeed.init_distributed(dist_backend=backend)
         res = fn(rank, *args)
         res["rank"] = rank

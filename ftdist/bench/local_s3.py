@@ -17,6 +17,9 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
+
+import boto3
 
 
 def _free_base() -> int:
@@ -51,8 +54,6 @@ class S3Server:
                 "AWS_SECRET_ACCESS_KEY": self.secret_key, "AWS_REGION": "us-east-1"}
 
     def client(self):
-        import boto3
-
         return boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id=self.access_key,
                             aws_secret_access_key=self.secret_key, region_name="us-east-1")
 
@@ -81,24 +82,31 @@ def weed_binary() -> str:
     return found
 
 
-def start_seaweedfs(timeout: float = 60.0, attempts: int = 3, volume_mb: int = 64) -> S3Server:
+def start_seaweedfs(timeout: float = 60.0, attempts: int = 3, volume_mb: int = 64,
+                    credentials: Optional[tuple[str, str]] = None) -> S3Server:
     """`volume_mb`: SeaweedFS' volume size limit. Small volumes (the default) leave room for the many buckets of a
     test session: each bucket grows its own volumes, and `weed mini` caps their number at free disk / volume size.
     The benchmark (one bucket, many GiB) asks for 1 GiB volumes: writing GiB into 64 MiB volumes made the server
     slow and erratic (one 256 MiB upload took 1.8-3.4 s, against 1.5-2.1 s with 1 GiB volumes). Volume files grow
-    as written either way."""
+    as written either way. `credentials` (access key, secret key): the identity the server accepts (default: a new
+    random one)."""
     for i in range(attempts):
         try:
-            return _start(timeout, volume_mb)
+            return _start(timeout, volume_mb, credentials or new_credentials())
         except RuntimeError as e:
             if "address already in use" not in str(e) or i == attempts - 1:
                 raise
     raise AssertionError("unreachable")
 
 
-def _start(timeout: float, volume_mb: int) -> S3Server:
+def new_credentials() -> tuple[str, str]:
+    """A random access key and secret for a throwaway local server."""
+    return "ftdist" + secrets.token_hex(4), secrets.token_hex(20)
+
+
+def _start(timeout: float, volume_mb: int, credentials: tuple[str, str]) -> S3Server:
     workdir = tempfile.mkdtemp(prefix="ftdist-seaweed-")
-    access, secret = "ftdist" + secrets.token_hex(4), secrets.token_hex(20)
+    access, secret = credentials
     cfg = os.path.join(workdir, "s3.json")
     with open(cfg, "w") as fh:
         json.dump({"identities": [{"name": "ftdist", "credentials": [{"accessKey": access, "secretKey": secret}],

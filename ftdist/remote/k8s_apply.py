@@ -16,6 +16,9 @@ from typing import Any, Callable, Optional
 
 from ftdist.errors import SpecError
 
+# The Kubernetes client is the optional `k8s` extra: its imports stay inside the functions, so a missing package is
+# the one-line error of _api() instead of an ImportError when the module loads.
+
 GROUP, VERSION, PLURAL = "ray.io", "v1", "rayjobs"
 FINISHED = ("Complete", "Failed")  # RayJob .status.jobDeploymentStatus when KubeRay is done with it
 

@@ -211,6 +211,10 @@ class CheckpointStore:
                                       "(corrupt or overwritten checkpoint); refusing to use it")
         return m
 
+    def fetch_all(self, name: str, dest: str) -> Manifest:
+        """Every file of the checkpoint."""
+        return self.fetch(name, dest)
+
     def fetch_for_rank(self, name: str, rank: int, dest: str) -> Manifest:
         """Only the files `rank` needs to resume (its own shards and the shared files)."""
         return self.fetch(name, dest, lambda path: needed_by(path, rank))

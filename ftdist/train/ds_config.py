@@ -35,8 +35,8 @@ def to_deepspeed(spec: JobSpec, world_size: int) -> dict[str, Any]:
             stage3_param_persistence_threshold=z.stage3_param_persistence_threshold,
             stage3_max_live_parameters=z.stage3_max_live_parameters,
             stage3_max_reuse_distance=z.stage3_max_live_parameters,
-            # Export gathers 16-bit weights onto rank 0 at the end of the job.
-            stage3_gather_16bit_weights_on_model_save=True,
+            # No stage3_gather_16bit_weights_on_model_save: nothing gathers the model; the export streams the fp32
+            # partitions of the final checkpoint (train/export.py).
         )
     if z.offload_optimizer != "none":
         zero["offload_optimizer"] = {"device": z.offload_optimizer, "pin_memory": spec.resources.use_gpu}

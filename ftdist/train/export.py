@@ -55,6 +55,7 @@ class ShardWriter:
         os.makedirs(out_dir, exist_ok=True)
         self.current: dict = {}
         self.current_bytes = 0
+        self._views: set[tuple] = set()  # (storage address, offset, shape, stride) of this shard's tensors
         self.shards: list[list[str]] = []
         self.total = 0
 
@@ -62,7 +63,16 @@ class ShardWriter:
         n = t.numel() * t.element_size()
         if self.current and self.current_bytes + n > self.limit:
             self._flush()
-        self.current[name] = t.contiguous()
+        # A checkpoint's module weights can share storage: tied weights (lm_head = embed_tokens) are one tensor,
+        # and DeepSpeed's ZeRO 1-2 parameters are views into flat buffers. safetensors refuses both in one file.
+        # The same view twice is a tied weight: written once, as save_pretrained does (loading re-ties it).
+        # (Only tensors of this shard are compared: they are alive, so no address can have been reused.)
+        view = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()))
+        if view in self._views:
+            return
+        shared = any(v[0] == view[0] for v in self._views)
+        self._views.add(view)
+        self.current[name] = t.clone() if shared else t.contiguous()
         self.current_bytes += n
         self.total += n
 
@@ -70,7 +80,7 @@ class ShardWriter:
         idx = len(self.shards)
         save_file(self.current, os.path.join(self.out_dir, f".shard-{idx:05d}.safetensors"), metadata={"format": "pt"})
         self.shards.append(list(self.current))
-        self.current, self.current_bytes = {}, 0
+        self.current, self.current_bytes, self._views = {}, 0, set()
 
     def close(self) -> list[str]:
         if self.current or not self.shards:
@@ -95,21 +105,23 @@ def _torch_load(path: str) -> dict:
     return torch.load(path, map_location="cpu", mmap=True, weights_only=False)
 
 
-def iter_checkpoint_tensors(ckpt_dir: str, tag: str, want: Callable[[str], bool] = lambda _: True) -> Tensors:
+def iter_checkpoint_tensors(ckpt_dir: str, tag: str, zero_stage: int,
+                            want: Callable[[str], bool] = lambda _: True) -> Tensors:
     """(name, tensor) of every parameter and buffer of the trained module whose name passes `want`, one at a time.
     ZeRO 0-2: the module weights saved by rank 0 (memory-mapped). ZeRO-3: fp32 master weights of trainable
-    parameters stitched from each rank's flat partition; frozen ones from each rank's fragments."""
+    parameters stitched from each rank's flat partition; frozen ones from each rank's fragments. `zero_stage` is
+    the manifest's (what the checkpoint says it is, not a guess from its file names)."""
     tag_dir = os.path.join(ckpt_dir, tag)
 
     def by_rank(pattern: str) -> list[str]:
         return sorted(glob.glob(os.path.join(tag_dir, pattern)),
                       key=lambda p: int(re.search(r"zero_pp_rank_(\d+)_", p).group(1)))
 
-    z3_models = by_rank("zero_pp_rank_*_mp_rank_00_model_states.pt")
-    if not z3_models:
+    if zero_stage < 3:
         sd = _torch_load(os.path.join(tag_dir, "mp_rank_00_model_states.pt"))["module"]
         yield from ((k, v) for k, v in sd.items() if want(k))
         return
+    z3_models = by_rank("zero_pp_rank_*_mp_rank_00_model_states.pt")
 
     models = [_torch_load(p) for p in z3_models]
     world = len(models)
@@ -296,7 +308,7 @@ def export_checkpoint(ckpt_uri: str, dest: str, *, interpolate: Optional[float] 
                 stream = interpolated(stream, base, interpolate)
             return cast(stream, dtype)
 
-        read = lambda want: iter_checkpoint_tensors(local, tag, want)  # noqa: E731
+        read = lambda want: iter_checkpoint_tensors(local, tag, manifest.zero_stage, want)  # noqa: E731
         if manifest.method == "lora":
             write(adapter_only(read(_is_lora), interpolate), os.path.join(staging, "adapter"), "adapter_model", True)
             written["adapter"] = "adapter"

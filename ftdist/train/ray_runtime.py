@@ -76,6 +76,7 @@ def train_poll_env() -> dict[str, str]:
 # - the dashboard (a head process, 9 module processes and more wakeups in the agent), unless asked for
 #   (`ftdist train --dashboard`; `ftdist tune` needs it, see below).
 EMBEDDED_TRAIN_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+_TOKEN_AUTH_NOTICE = "ray._private.authentication.authentication_token_setup"
 _embedded_env_set: list[str] = []  # the names connect_ray put into os.environ, taken out again by disconnect_ray
 
 
@@ -83,10 +84,13 @@ def connect_ray(address: Optional[str], num_cpus_hint: int, *, dashboard: bool =
     """Join `address` / RAY_ADDRESS, or start an embedded local Ray (with its dashboard when `dashboard`). Returns
     True when ftdist started Ray."""
     poll = train_poll_env()  # in this process too: Ray Train passes it on to the controller it starts from here
+    if not sys.stdout.isatty():  # log files, CI and pod logs: plain worker-line prefixes, no colour codes
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
     if ray.is_initialized():
         return False
     address = address or os.environ.get("RAY_ADDRESS") or None
-    env = {"env_vars": {**BASE_ENV, **poll}}
+    # The S3 endpoint and region travel with the job, so Tune's trial drivers (Ray workers) reach the same store.
+    env = {"env_vars": {**runtime_env_vars(), **poll}}
     if address:
         check_reachable(address)
         try:
@@ -121,6 +125,9 @@ def connect_ray(address: Optional[str], num_cpus_hint: int, *, dashboard: bool =
         opts = {"include_dashboard": False}
         # Ray Train's PlacementGroupCleaner asks the (absent) State API every second and warns each time.
         env["worker_process_setup_hook"] = f"{__name__}.quiet_state_api_pollers"
+    # Ray says at every start that token auth is on by default: true, and nothing to act on for a Ray that lives and
+    # dies with this one command.
+    logging.getLogger(_TOKEN_AUTH_NOTICE).setLevel(logging.ERROR)
     ray.init(num_cpus=cpus, runtime_env=env, logging_level="WARNING", log_to_driver=True,
              _system_config={"prestart_worker_first_driver": False}, **opts)
     if api:

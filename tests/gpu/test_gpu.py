@@ -29,7 +29,9 @@ def _gpu_run(tmp_path, name, **sections):
     assert s.error is None, s.error
     losses = {h["step"]: h["loss"] for h in s.history if "loss" in h}
     assert losses[30] < losses[5] - 0.2, losses
-    assert all(h["tokens_per_s"] > 0 for h in s.history if "tokens_per_s" in h)
+    # tokens/s x step time = the tokens of one optimizer step (attention-mask tokens of the global batch).
+    per_step = [h["tokens_per_s"] * h["step_time_s"] for h in s.history if "tokens_per_s" in h]
+    assert per_step and all(32 * 4 <= n <= 32 * job["data"]["max_length"] * (1 + 1e-6) for n in per_step), per_step
     return s
 
 

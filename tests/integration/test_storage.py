@@ -12,9 +12,10 @@ import pytest
 
 from ftdist.errors import SpecError
 from ftdist.storage import s3
-from ftdist.storage.checkpoints import MANIFEST, CheckpointError, CheckpointStore, needed_by
+from ftdist.storage.checkpoints import CheckpointError, CheckpointStore
 from ftdist.storage.store import TransferOptions
 from tests.conftest import tiny_job_dict
+from tests.support.checkpoints import meta as _meta
 from tests.support.faultproxy import FaultProxy
 
 pytestmark = [pytest.mark.s3]
@@ -50,15 +51,15 @@ def test_two_ranks_commit_and_each_fetches_only_its_files(job_uri, tmp_path):
     cs.upload_rank(_rank_dir(tmp_path, 1, big=True), name, 1)  # 12 MiB: a 3-part multipart upload on S3
     assert cs.checkpoints() == []  # files without a manifest are not a checkpoint
     cs.upload_rank(_rank_dir(tmp_path, 0), name, 0)
-    m = cs.commit(name, 2, {"step": 4, "zero_stage": 3, "method": "full", "spec_sha256": "x", "metrics": {}},
+    m = cs.commit(name, 2, _meta(4, zero_stage=3, method="full", spec_sha256="x", metrics={}),
                   timeout_s=10)
-    assert m["world_size"] == 2 and m["step"] == 4
-    assert {f["path"] for f in m["files"]} == {
+    assert m.world_size == 2 and m.step == 4
+    assert {f.path for f in m.files} == {
         "ftdist_state.json", "latest", "step_00000004/mp_rank_00_model_states.pt",
         "step_00000004/zero_pp_rank_0_mp_rank_00_optim_states.pt", "step_00000004/rng_state_rank0.pt",
         "step_00000004/zero_pp_rank_1_mp_rank_00_optim_states.pt", "step_00000004/rng_state_rank1.pt"}
     [c] = cs.checkpoints()
-    assert c.committed and c.step == 4 and c.size == m["total_bytes"]
+    assert c.committed and c.step == 4 and c.size == m.total_bytes
     assert cs.problems(name, deep=True) == []
 
     got = tmp_path / "fetch1"
@@ -73,7 +74,7 @@ def test_two_ranks_commit_and_each_fetches_only_its_files(job_uri, tmp_path):
     cs.store.put_bytes(f"{name}/.ftdist/rank-00001.json", json.dumps(
         [{"path": "other", "size": 1, "blake3": "0", "rank": 1}]).encode())
     with pytest.raises(CheckpointError, match="already committed"):
-        cs.commit(name, 2, {"step": 4}, timeout_s=5)
+        cs.commit(name, 2, _meta(4), timeout_s=5)
 
 
 def test_checkpoints_from_before_blake3_still_verify(job_uri, tmp_path):
@@ -85,13 +86,13 @@ def test_checkpoints_from_before_blake3_still_verify(job_uri, tmp_path):
     name = "step_00000004"
     for r in (0, 1):
         local = _rank_dir(tmp_path, r)
-        files = cs.upload_rank(local, name, r)
+        files = [f.model_dump(exclude_none=True) for f in cs.upload_rank(local, name, r)]
         for f in files:  # rewrite this rank's file list as the older ftdist wrote it
             del f["blake3"]
             f["sha256"] = file_digest(os.path.join(local, f["path"]), "sha256")
         cs.store.put_bytes(f"{name}/.ftdist/rank-{r:05d}.json", json.dumps(files).encode())
-    m = cs.commit(name, 2, {"step": 4}, timeout_s=10)
-    assert all("sha256" in f and "blake3" not in f for f in m["files"])
+    m = cs.commit(name, 2, _meta(4), timeout_s=10)
+    assert all(f.sha256 is not None and f.blake3 is None for f in m.files)
     assert cs.problems(name, deep=True) == []
     cs.fetch_for_rank(name, 1, str(tmp_path / "f1"))
     cs.store.put_bytes(f"{name}/step_00000004/rng_state_rank1.pt", os.urandom(64))
@@ -104,7 +105,7 @@ def test_corruption_is_an_error_and_uncommitted_folders_are_removed(job_uri, tmp
     cs = CheckpointStore(job_uri, SMALL_PARTS)
     for r in (0, 1):
         cs.upload_rank(_rank_dir(tmp_path, r), "step_00000004", r)
-    cs.commit("step_00000004", 2, {"step": 4}, timeout_s=10)
+    cs.commit("step_00000004", 2, _meta(4), timeout_s=10)
     # Same size, different bytes: only the checksum can tell.
     key = "step_00000004/step_00000004/rng_state_rank1.pt"
     cs.store.put_bytes(key, os.urandom(64))
@@ -136,7 +137,7 @@ def test_uploads_survive_injected_5xx_and_dropped_connections(s3_server, tmp_pat
         cs = CheckpointStore(f"s3://{bucket}/j", SMALL_PARTS)
         for r in (0, 1):
             cs.upload_rank(_rank_dir(tmp_path, r, big=True), "step_00000004", r)
-        cs.commit("step_00000004", 2, {"step": 4}, timeout_s=30)
+        cs.commit("step_00000004", 2, _meta(4), timeout_s=30)
         assert cs.problems("step_00000004", deep=True) == []
         assert proxy.injected > 3, (proxy.injected, proxy.requests)
 
@@ -177,14 +178,6 @@ def test_ranks_on_one_node_share_one_download(s3_server, tmp_path, monkeypatch):
     assert proxy.requests <= 8, proxy.requests  # one listing + HEAD/GET per file, once: not once per process
     entries = sorted(os.listdir(tmp_path / "cache" / "s3"))
     assert [e for e in entries if ".tmp" in e] == [] and len([e for e in entries if e.endswith(".complete")]) == 1
-
-
-def test_needed_by():
-    assert needed_by("step_1/zero_pp_rank_3_mp_rank_00_optim_states.pt", 3)
-    assert not needed_by("step_1/bf16_zero_pp_rank_2_mp_rank_00_optim_states.pt", 3)
-    assert not needed_by("step_1/rng_state_rank12.pt", 1)
-    assert needed_by("step_1/mp_rank_00_model_states.pt", 5)
-    assert not needed_by(".ftdist/rank-00000.json", 0) and not needed_by(MANIFEST, 0)
 
 
 # --- bad storage: one line, exit 2, before anything starts --------------------------------------------------------
@@ -235,26 +228,3 @@ def test_check_access_messages(s3_server):
         s3.check_access("s3://ftdist-missing-bucket/x")
 
 
-def test_job_file_rejects_credentials_in_storage_uri(write_job, tmp_path):
-    from ftdist.spec import load_spec
-
-    job = write_job(tiny_job_dict("s3://AKIAXXXX:verysecret@bucket/prefix"))
-    with pytest.raises(SpecError) as e:
-        load_spec(str(job))
-    assert "credentials do not belong" in str(e.value) and "verysecret" not in str(e.value)
-
-
-def test_retention_keeps_newest_and_best(tmp_path):
-    cs = CheckpointStore(str(tmp_path / "job"))
-    losses = {2: 3.0, 4: 1.0, 6: 2.0, 8: 2.5}
-    for step, loss in losses.items():
-        name = f"step_{step:08d}"
-        d = tmp_path / name
-        d.mkdir()
-        (d / "f").write_text(name)
-        cs.upload_rank(str(d), name, 0)
-        cs.commit(name, 1, {"step": step, "metrics": {"eval_loss": loss}}, timeout_s=5)
-    assert cs.apply_retention(2, "eval_loss", "min") == ["step_00000002"]  # best two (4, 6) + newest (8)
-    assert [c.step for c in cs.checkpoints()] == [4, 6, 8]
-    assert cs.apply_retention(1) == ["step_00000004", "step_00000006"]
-    assert [c.step for c in cs.checkpoints()] == [8]

@@ -1,24 +1,31 @@
-"""`ftdist bench`: ftdist against the bare libraries doing the same work, side by side in one run; prints a table.
+"""The training sections of `ftdist bench`, each ftdist against the bare libraries doing the same work:
 
 1. throughput: tokens/s of `run_training` (Ray Train + DeepSpeed, 2 workers) / a bare DeepSpeed loop
    (torch.distributed gloo, 2 spawned processes, no Ray) on the same tiny Llama, data, batches and DeepSpeed dict.
 2. memory: per-rank bytes of parameters + gradients + optimizer state held by the DeepSpeed engine under ZeRO-1/2/3
    / the ZeRO paper's per-rank model-state formula, fp32 variant (see MODEL_STATE_FORMULA).
 3. load: peak resident memory of a rank while ftdist loads a model under ZeRO-3 / the full model's size.
-4. checkpoint (bench_storage.py) and tune (bench_tune.py: ASHA vs full grid; per-trial overhead vs a bare Tune trial).
+4. gpu: tokens/s and model FLOPs utilisation of `run_training` against the bare loop on one GPU.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
 import statistics
-import tempfile
 import threading
 import time
 from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+from transformers import AutoConfig, AutoModelForCausalLM
+from transformers.models.llama import modeling_llama  # noqa: F401  (imported before RSS is sampled: code is not model memory)
+
+from ftdist.spec import ModelSpec, spec_from_dict
+from ftdist.train.driver import run_training
+from ftdist.train.modeling import load_model
 
 from ftdist.bench.common import BENCH_LLAMA, WORLD, batches, bench_spec, engine_for, spawn, task
 
@@ -39,8 +46,6 @@ FORMULA_TEXT = {1: "8Ψ+12Ψ/N", 2: "4Ψ+16Ψ/N", 3: "20Ψ/N"}
 
 def _bare_loop(rank: int, spec_json: dict, warmup: int, steps: int) -> dict:
     """The plain DeepSpeed loop: forward, backward, step; no Ray, no metrics, no checkpoints."""
-    import torch
-
     spec, engine = engine_for(spec_json)
     next_batch = batches(spec, rank)
     tokens, t0 = 0, 0.0
@@ -61,7 +66,7 @@ def _bare_loop(rank: int, spec_json: dict, warmup: int, steps: int) -> dict:
     return {"tokens": tokens, "seconds": time.perf_counter() - t0}
 
 
-def _usable_cores() -> int:
+def usable_cores() -> int:
     if hasattr(os, "sched_getaffinity"):
         return len(os.sched_getaffinity(0))
     return os.cpu_count() or 1
@@ -71,8 +76,6 @@ def bench_throughput(steps: int, tmp: str, rounds: int = 2, workers: int = WORLD
     """Tokens/s of `ftdist train` and of the bare loop, the two taking turns `rounds` times (on a small shared machine
     a single pair swings by several percent); the ratio is of the means over the rounds. `workers` below WORLD
     keeps the global batch (more accumulation per worker)."""
-    from ftdist.train.driver import run_training
-
     warmup, log_every = 5, 5
     total = warmup + steps
     bare_runs, ftdist_runs = [], []
@@ -110,8 +113,6 @@ def _storage_bytes(tensors) -> int:
 
 def _tensors_in(obj: Any, depth: int = 0, skip=("ipg", "bucket", "buffer")):
     """Tensors reachable from a DeepSpeed optimizer's attributes (lists, dicts), skipping comm buckets."""
-    import torch
-
     if depth > 4:
         return
     if isinstance(obj, torch.Tensor):
@@ -172,19 +173,12 @@ def bench_memory(tmp: str) -> list[dict]:
 
 
 def _rss() -> int:
-    import psutil
+    import psutil  # Ray's dependency, not ftdist's: only this section needs it
 
     return psutil.Process().memory_info().rss
 
 
 def _load_peak(rank: int, model_dir: str, stage: int) -> dict:
-    import torch.distributed as dist
-
-    from ftdist.spec import ModelSpec
-    from ftdist.train.modeling import load_model
-
-    from transformers import AutoConfig
-    from transformers.models.llama import modeling_llama  # noqa: F401  (code imports are not model memory)
 
     AutoConfig.from_pretrained(model_dir)
     spec = ModelSpec(name_or_path=model_dir, dtype="fp32")
@@ -208,9 +202,6 @@ def _load_peak(rank: int, model_dir: str, stage: int) -> dict:
 
 
 def bench_load(tmp: str) -> list[dict]:
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     cfg = dict(BENCH_LLAMA, vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=8,
                num_attention_heads=16, num_key_value_heads=8, max_position_embeddings=2048)
     mt = cfg.pop("model_type")
@@ -236,8 +227,6 @@ PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "GH200": 989e12, "A100": 312e12, "L
 
 def gpu_spec(storage: str, data_path: str, steps: int, seq: int, micro_batch: int, name: str = "bench-gpu",
              compile: bool = False, liger: bool = False, global_batch: Optional[int] = None):
-    from ftdist.spec import spec_from_dict
-
     return spec_from_dict({
         "name": name,
         "model": {"from_config": GPU_LLAMA, "tokenizer": task().tokenizer, "dtype": "bf16",
@@ -290,8 +279,6 @@ def model_flops_per_token(cfg: dict, seq: int) -> float:
 
 
 def _bare_gpu(rank: int, spec_json: dict, warmup: int, steps: int) -> dict:
-    import torch
-
     res = _bare_loop(rank, spec_json, warmup, steps)
     res["device"] = torch.cuda.get_device_name()
     res["peak_mem"] = torch.cuda.max_memory_allocated()
@@ -303,8 +290,6 @@ GPU_VARIANTS = ("eager", "compile", "liger")
 
 def bench_gpu(steps: int, tmp: str, seq: int = 2048, micro_batch: int = 8, variant: str = "eager",
               global_batch: Optional[int] = None) -> dict:
-    from ftdist.train.driver import run_training
-
     compile, liger = variant == "compile", variant == "liger"
     warmup = 10 if compile else 5  # compiled: the first steps also compile (and recompile once for the backward)
     total = warmup + steps
@@ -328,76 +313,3 @@ def bench_gpu(steps: int, tmp: str, seq: int = 2048, micro_batch: int = 8, varia
             "gb": spec.optim.global_batch_size,
             "ftdist_mfu": ftdist_tps * flops / peak if peak else None,
             "bare_mfu": bare_tps * flops / peak if peak else None}
-
-
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def _mb(b: float) -> str:
-    return f"{b / 2**20:.1f} MiB"
-
-
-def main(args: argparse.Namespace) -> int:
-    parts = args.only or ["throughput", "memory", "load", "checkpoint", "tune"]
-    lines = ["| measurement | ftdist | reference | ratio | goal |", "|---|---|---|---|---|"]
-    with tempfile.TemporaryDirectory(prefix="ftdist-bench-") as tmp:
-        if "gpu" in parts:
-            import torch
-
-            if not torch.cuda.is_available():
-                raise SystemExit("ftdist bench --only gpu: no CUDA device visible")
-            variants = args.gpu_variants.split(",")
-            unknown = [v for v in variants if v not in GPU_VARIANTS]
-            if unknown:  # before any run, not after the first variants took their minutes
-                raise SystemExit(f"ftdist bench --gpu-variants: unknown {', '.join(unknown)} (choose from "
-                                 f"{', '.join(GPU_VARIANTS)})")
-            for variant in variants:
-                g = bench_gpu(args.steps, tmp, variant=variant, global_batch=args.gpu_global_batch)
-                what = (f"1x {g['device']}, {sum_params(GPU_LLAMA) / 1e9:.2f}B Llama bf16, ZeRO-2, seq {g['seq']}, "
-                        f"micro batch {g['mb']}, global batch {g['gb']}, {variant}")
-                lines.append(f"| training tokens/s, {what} | {g['ftdist_tps']:.0f} | {g['bare_tps']:.0f} (bare "
-                             f"DeepSpeed, no Ray) | {g['ratio']:.3f} | >= 0.95 |")
-                if g["peak"]:
-                    lines.append(f"| model FLOPs utilisation, {variant} ({g['flops_per_token'] / 1e9:.2f} GFLOP/token, "
-                                 f"peak {g['peak'] / 1e12:.0f} TFLOP/s bf16) | {100 * g['ftdist_mfu']:.1f}% | "
-                                 f"{100 * g['bare_mfu']:.1f}% (bare) | {g['ratio']:.3f} | >= 45% |")
-                lines.append(f"| peak GPU memory allocated (bare loop, {variant}) | | {_mb(g['peak_mem'])} | | |")
-                print("\n".join(lines[-3:]), flush=True)  # each variant's rows as soon as they are measured
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # the CPU parts below
-        if "throughput" in parts:
-            t = bench_throughput(args.steps, tmp, args.rounds)
-            each = ", ".join(f"{r:.3f}" for r in t["round_ratios"])
-            lines.append(f"| training tokens/s, 2 workers ZeRO-2 ({args.steps} steps, mean of {args.rounds} "
-                         f"alternating rounds: {each}) | {t['ftdist_tps']:.0f} | {t['bare_tps']:.0f} (bare DeepSpeed, "
-                         f"no Ray) | {t['ratio']:.3f} | >= 0.95 |")
-            if _usable_cores() <= WORLD:
-                # The 2 workers fill every core here, so Ray's own processes (GCS, raylet, Ray Train's controller
-                # and helpers) take their CPU from the training threads. The same comparison with one worker
-                # leaves them a core: what ftdist's path costs when Ray is not starved, as on any GPU node.
-                t1 = bench_throughput(args.steps, tmp, args.rounds, workers=1)
-                each = ", ".join(f"{r:.3f}" for r in t1["round_ratios"])
-                lines.append(f"| diagnostic: the same with 1 worker, a core left for Ray's own processes (rounds: "
-                             f"{each}) | {t1['ftdist_tps']:.0f} | {t1['bare_tps']:.0f} (bare DeepSpeed, 1 process) | "
-                             f"{t1['ratio']:.3f} | |")
-        if "memory" in parts:
-            for r in bench_memory(tmp):
-                lines.append(
-                    f"| ZeRO-{r['stage']} model states per rank (Ψ={r['psi']:,}, N={WORLD}) | {_mb(r['measured'])} | "
-                    f"{_mb(r['formula'])} ({FORMULA_TEXT[r['stage']]}, fp32) | {r['ratio']:.3f} | <= 1.05 |")
-        if "load" in parts:
-            for r in bench_load(tmp):
-                lines.append(f"| peak RSS of a rank while loading {r['params'] / 1e6:.0f}M params, ZeRO-3, N={WORLD} | "
-                             f"{_mb(r['peak'])} | {_mb(r['model_bytes'])} (full model, fp32) | {r['ratio']:.3f} | < 1 |")
-        if "checkpoint" in parts:
-            from ftdist.bench.storage import run as bench_checkpoint
-
-            bench_checkpoint(lines, args.ckpt_mb, args.s3_bucket)
-        if "tune" in parts:
-            from ftdist.bench.tune import run as bench_tune
-
-            bench_tune(lines, tmp)
-    print("\n".join(lines))
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(lines, fh)
-    return 0

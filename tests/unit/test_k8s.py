@@ -18,7 +18,7 @@ from ftdist.spec import load_spec
 from ftdist.errors import SpecError
 from tests.support.k8sschema import CRD_DIR, core_errors, crd_dir, crd_errors, pod_templates
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 GPU_JOBS = ["llama-8b-full-zero3.yaml", "llama-8b-lora.yaml", "qwen-0.5b-freeze-zero3-offload.yaml"]
 IMAGE = "registry.example.com/ml/ftdist:0.1.0"
 

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+from pydantic import ValidationError
 
 from ftdist.spec import load_spec, with_overrides
 from ftdist.errors import SpecError
@@ -30,7 +31,7 @@ def test_valid_job_roundtrip(write_job, tmp_path):
 
 def test_spec_is_frozen(write_job, tmp_path):
     spec = load_spec(write_job(tiny_job_dict(str(tmp_path))))
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError, match="frozen"):
         spec.optim.lr = 1.0  # type: ignore[misc]
 
 

@@ -1,11 +1,12 @@
-"""`ftdist tune`: sweep validation (fast), and real sweeps: Ray Tune over 2-worker DeepSpeed LoRA trials with ASHA,
-results/report/retention/export, and a killed sweep driver finished with --resume."""
+"""`ftdist tune`, real sweeps: Ray Tune over 2-worker DeepSpeed LoRA trials with ASHA, results/report/retention/
+export, and a killed sweep driver finished with --resume. Validation before any trial: tests/unit/test_sweep_space.py."""
 
 from __future__ import annotations
 
 import csv
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,87 +17,9 @@ import psutil
 import pytest
 import yaml
 
-from ftdist.cli import main as cli_main
-from ftdist.spec import spec_from_dict
-from ftdist.errors import SpecError
-from ftdist.sweep.space import concurrency, trial_spec, validate_sweep
+from ftdist.spec import with_overrides
+from tests.conftest import sweep_job_dict as _sweep_job
 from tests.conftest import tiny_job_dict
-
-
-def _sweep_job(storage: str, name: str = "sweep", sweep: dict | None = None, **sections) -> dict:
-    defaults = {"method": "lora", "lora": {"rank": 8, "alpha": 16, "dropout": 0.0},
-                "optim": {**tiny_job_dict("x")["optim"], "lr": 1e-2, "max_steps": 12},
-                "eval": {"every_n_steps": 2, "max_batches": 4}, "logging": {"every_n_steps": 2},
-                "checkpoint": {"every_n_steps": 4, "keep_last": 2}}
-    job = tiny_job_dict(storage, name=name, **{**defaults, **sections})
-    job["sweep"] = sweep or {"search": "grid", "space": {"optim.lr": [1e-2, 3e-3, 1e-4], "lora.rank": [4, 8]},
-                             "alpha_per_rank": 2.0, "scheduler": {"type": "asha", "grace_period": 4,
-                                                                  "reduction_factor": 2}}
-    return job
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# validation: one line before any trial starts
-
-
-@pytest.mark.parametrize("change, match", [
-    (lambda j: j["sweep"]["space"].update({"optim.lrr": [1e-3]}), r"sweep.space.optim.lrr: unknown job key"),
-    (lambda j: (j.update(method="full", lora=None), j["sweep"].pop("alpha_per_rank")),
-     r"sweep.space.lora.rank: value 4 makes an invalid job \(.*lora options are set but method is 'full'"),
-    (lambda j: j.update(method="full", lora=None), r"sweep.alpha_per_rank: needs method lora"),
-    (lambda j: j["sweep"].update(space={}), r"empty search space"),
-    (lambda j: j["sweep"].update(metric="accuracy"), r"sweep.metric: 'accuracy' is not reported"),
-    (lambda j: j["data"].pop("eval"), r"sweep.metric: 'eval_loss' is not reported by the trials \(eval metrics"),
-    (lambda j: j["sweep"]["space"].update({"optim.lr": {"loguniform": [1e-4, 1e-2]}}),
-     r"sweep.space.optim.lr: grid search needs a list of values"),
-    (lambda j: j["eval"].pop("every_n_steps"), r"sweep.scheduler: asha compares trials on eval_loss while they run"),
-    (lambda j: j["sweep"]["space"].update({"optim.micro_batch_size": [3]}),
-     r"sweep.space.optim.micro_batch_size: value 3 makes an invalid job .*global_batch_size"),
-    (lambda j: j["sweep"].update(max_trials=4), r"sweep.max_trials: the grid has 6 trials"),
-])
-def test_bad_sweeps_fail_before_any_trial(tmp_path, change, match):
-    job = _sweep_job(str(tmp_path))
-    change(job)
-    with pytest.raises(SpecError, match=match):
-        validate_sweep(spec_from_dict(job))
-
-
-def test_bad_space_values_are_rejected_by_the_schema(tmp_path):
-    job = _sweep_job(str(tmp_path))
-    job["sweep"]["space"]["optim.lr"] = {"loguniform": [1e-2, 1e-4]}
-    with pytest.raises(SpecError, match="low must be below high"):
-        spec_from_dict(job)
-
-
-def test_cli_tune_bad_sweep_is_one_line_exit_2(tmp_path, capsys):
-    job = _sweep_job(str(tmp_path / "store"))
-    job["sweep"]["space"]["optim.lrr"] = [1e-3]
-    path = tmp_path / "job.yaml"
-    path.write_text(yaml.safe_dump(job))
-    assert cli_main(["tune", str(path)]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["ftdist: error: sweep.space.optim.lrr: unknown job key"]
-    assert not (tmp_path / "store").exists()  # nothing written
-
-
-def test_trial_spec_and_concurrency(tmp_path):
-    spec = spec_from_dict(_sweep_job(str(tmp_path)))
-    t = trial_spec(spec, {"optim.lr": 3e-3, "lora.rank": 4}, "abc_00001")
-    assert (t.name, t.optim.lr, t.lora.rank, t.lora.alpha) == ("train-abc_00001", 3e-3, 4, 8.0)  # alpha_per_rank 2
-    assert t.sweep is None and not t.export.enabled
-    assert t.checkpoint.storage == f"{tmp_path}/sweep"
-    # 2 workers x 1 CPU per trial: a 7-CPU cluster holds 3 trials' workers at once; the user's cap wins if lower.
-    assert concurrency(spec, {"CPU": 7.0}) == 3
-    capped = spec_from_dict({**_sweep_job(str(tmp_path)), "sweep": {**spec.sweep.model_dump(), "max_concurrent_trials": 2}})
-    assert concurrency(capped, {"CPU": 16.0}) == 2
-    gpu = spec_from_dict({**_sweep_job(str(tmp_path)), "resources": {"num_workers": 2, "gpus_per_worker": 1}})
-    assert concurrency(gpu, {"CPU": 64.0, "GPU": 8.0}) == 4
-    with pytest.raises(SpecError, match="one trial needs 2 CPUs"):
-        concurrency(spec, {"CPU": 1.0})
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# real sweeps
 
 
 def _write(tmp_path: Path, job: dict) -> Path:
@@ -169,6 +92,16 @@ def test_sweep_asha_report_retention_export(ray_cluster, tmp_path):
     r2 = _tune("sweep-report", str(sweep), timeout=300)
     assert r2.returncode == 0, r2.stderr[-2000:]
     assert (sweep / "report" / "results.csv").read_text() == csv_before
+
+    # keep_best_trials 0 with export_best: the best model is exported before retention deletes every checkpoint
+    # (retention used to run first and the export found nothing, silently).
+    from ftdist.sweep.report import finish, load_saved_spec
+
+    shutil.rmtree(sweep / "export")
+    out = finish(with_overrides(load_saved_spec(str(sweep)), {"sweep.keep_best_trials": 0}))
+    assert out.exported == {"adapter": str(sweep / "export" / "adapter")}
+    assert (sweep / "export" / "adapter" / "adapter_model.safetensors").is_file()
+    assert not list(sweep.glob("train-*/step_*/ftdist_manifest.json"))
 
 
 def _kill_tree(proc: subprocess.Popen) -> None:
@@ -263,30 +196,6 @@ def test_optuna_sweep_on_s3_storage(ray_cluster, bucket, s3_server, tmp_path):
     r2 = _tune("sweep-report", f"s3://{bucket}/sweeps/opt", timeout=300)
     assert r2.returncode == 0, r2.stderr[-2000:]
     assert s3.get_object(Bucket=bucket, Key="sweeps/opt/report/results.csv")["Body"].read().decode() == report
-
-
-def test_total_steps_budget_spans_a_resumed_sweep(tmp_path, monkeypatch):
-    import ftdist.sweep.tune as tune_mod
-    from ftdist.sweep.report import SweepReport, TrialRecord
-    from ftdist.sweep.tune import _stopper
-
-    job = _sweep_job(str(tmp_path), sweep={"search": "grid", "space": {"optim.lr": [1e-2, 3e-3]},
-                                           "scheduler": {"type": "fifo"}, "max_total_steps": 20})
-    spec = spec_from_dict(job)
-    fresh = _stopper(spec)  # no sweep state yet: counting starts at zero
-    fresh("a", {"step": 8})
-    assert not fresh.stop_all()
-    fresh("b", {"step": 12})
-    assert fresh.stop_all()
-    # after --resume Tune hands back the stopper as pickled at the start (empty): it reads the earlier steps back
-    earlier = SweepReport(spec, [TrialRecord("a", {}, "TERMINATED", [{"step": 12}]),
-                                 TrialRecord("b", {}, "RUNNING", [{"step": 4}])])
-    monkeypatch.setattr(tune_mod, "load_report", lambda s: earlier)
-    resumed = _stopper(spec)
-    resumed("b", {"step": 6})
-    assert resumed.steps == {"a": 12, "b": 6} and not resumed.stop_all()
-    resumed("b", {"step": 8})
-    assert resumed.stop_all()
 
 
 @pytest.mark.ray

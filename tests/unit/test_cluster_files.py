@@ -15,7 +15,7 @@ import pytest
 import yaml
 from packaging.requirements import Requirement
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CLUSTER = REPO / "cluster"
 
 
@@ -79,3 +79,15 @@ def test_ray_up_config_validates_against_rays_schema():
     assert errors == []
     assert cfg["docker"]["image"].endswith(":0.1.0") and "--shm-size" in " ".join(cfg["docker"]["run_options"])
     assert cfg["available_node_types"][cfg["head_node_type"]]["resources"] == {"CPU": 0}
+
+
+def test_image_can_build_the_deepspeed_ops_the_example_jobs_use():
+    """A job with `optimizer: deepspeed_adamw` (FusedAdam on GPUs, CPU Adam with offload) JIT-compiles a DeepSpeed op
+    on first use: the image's default base must carry the compilers (a CUDA -devel image)."""
+    from ftdist.spec import load_spec
+
+    needs_build = [p.name for p in sorted((REPO / "jobs").glob("*.yaml"))
+                   if load_spec(p).optim.optimizer == "deepspeed_adamw"]
+    assert needs_build, "no example job uses deepspeed_adamw any more: this test can go"
+    base = _dockerfile_args()["BASE_IMAGE"]
+    assert base.endswith("-devel"), f"{needs_build} compile DeepSpeed ops, but the image's base is {base}"

@@ -1,0 +1,45 @@
+
+"""Checkpoint storage on local disk: which files a rank needs, retention by recency and by metric, and no
+credentials in storage URIs."""
+
+from __future__ import annotations
+
+import pytest
+
+from ftdist.errors import SpecError
+from ftdist.storage.checkpoints import MANIFEST, CheckpointStore, needed_by
+from tests.conftest import tiny_job_dict
+from tests.support.checkpoints import meta as _meta
+
+
+def test_needed_by():
+    assert needed_by("step_1/zero_pp_rank_3_mp_rank_00_optim_states.pt", 3)
+    assert not needed_by("step_1/bf16_zero_pp_rank_2_mp_rank_00_optim_states.pt", 3)
+    assert not needed_by("step_1/rng_state_rank12.pt", 1)
+    assert needed_by("step_1/mp_rank_00_model_states.pt", 5)
+    assert not needed_by(".ftdist/rank-00000.json", 0) and not needed_by(MANIFEST, 0)
+
+
+def test_job_file_rejects_credentials_in_storage_uri(write_job, tmp_path):
+    from ftdist.spec import load_spec
+
+    job = write_job(tiny_job_dict("s3://AKIAXXXX:verysecret@bucket/prefix"))
+    with pytest.raises(SpecError) as e:
+        load_spec(str(job))
+    assert "credentials do not belong" in str(e.value) and "verysecret" not in str(e.value)
+
+
+def test_retention_keeps_newest_and_best(tmp_path):
+    cs = CheckpointStore(str(tmp_path / "job"))
+    losses = {2: 3.0, 4: 1.0, 6: 2.0, 8: 2.5}
+    for step, loss in losses.items():
+        name = f"step_{step:08d}"
+        d = tmp_path / name
+        d.mkdir()
+        (d / "f").write_text(name)
+        cs.upload_rank(str(d), name, 0)
+        cs.commit(name, 1, _meta(step, metrics={"eval_loss": loss}), timeout_s=5)
+    assert cs.apply_retention(2, "eval_loss", "min") == ["step_00000002"]  # best two (4, 6) + newest (8)
+    assert [c.step for c in cs.checkpoints()] == [4, 6, 8]
+    assert cs.apply_retention(1) == ["step_00000004", "step_00000006"]
+    assert [c.step for c in cs.checkpoints()] == [8]
