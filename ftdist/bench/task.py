@@ -40,7 +40,8 @@ class TaskFiles:
     tokenizer: str
 
 
-def write_tokenizer(texts: list[str], out: str) -> None:
+def write_tokenizer(texts: list[str], out: str, chat_template: str | None = None) -> None:
+    """A byte-level BPE tokenizer of VOCAB_SIZE tokens trained on `texts`, saved as a Hugging Face folder."""
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -48,8 +49,11 @@ def write_tokenizer(texts: list[str], out: str) -> None:
     trainer = trainers.BpeTrainer(vocab_size=VOCAB_SIZE, special_tokens=specials, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(texts, trainer)
-    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                            unk_token="<unk>").save_pretrained(out)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                   unk_token="<unk>")
+    if chat_template:
+        fast.chat_template = chat_template
+    fast.save_pretrained(out)
 
 
 def write_task(root: str, n_train: int = 2600, n_eval: int = 400, seed: int = 1234) -> TaskFiles:

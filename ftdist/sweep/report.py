@@ -23,7 +23,7 @@ from ftdist.storage.checkpoints import CheckpointStore
 from ftdist.storage.store import open_store
 from ftdist.storage.uri import is_remote, without_scheme
 from ftdist.sweep.space import REPORT_DIR, TRAIN_PREFIX, sweep_dir, trial_overrides
-from ftdist.train.export import export_checkpoint
+from ftdist.train.driver import run_export_task
 
 def tune_storage(spec: JobSpec) -> tuple[str, str, Any]:
     """(storage path, sweep path, filesystem) as Ray Tune takes them: s3 paths without the scheme, plus our FS."""
@@ -201,8 +201,7 @@ def export_best(report: SweepReport) -> Optional[dict]:
     ckpt = CheckpointStore(f"{sweep_dir(report.spec)}/{TRAIN_PREFIX}{best.trial_id}").latest_valid()
     if ckpt is None:
         return None
-    return export_checkpoint(ckpt.uri, f"{sweep_dir(report.spec)}/export",
-                             max_shard_size=report.spec.export.max_shard_size)
+    return run_export_task(ckpt.uri, f"{sweep_dir(report.spec)}/export", report.spec.export.max_shard_size)
 
 
 @dataclass

@@ -161,6 +161,7 @@ def run_sweep(spec: JobSpec, *, address: Optional[str] = None, resume: bool = Fa
             tuner = build_tuner(spec, n, resume=resume)
             save_spec(spec)
             tuner.fit()
+            # Report, best-trial export (a Ray task) and retention while this driver still holds Ray and the lease.
+            return finish(spec)
     finally:
         disconnect_ray(started)
-    return finish(spec)

@@ -9,6 +9,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+import ray
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 from ray.train.v2.api.config import LoggingConfig
@@ -46,11 +47,36 @@ def export_uri(spec: JobSpec) -> str:
     return f"{run_dir(spec)}/{EXPORT_DIR}"
 
 
-def build_trainer(spec: JobSpec, *, callbacks: Optional[list] = None) -> TorchTrainer:
-    # The worker module imports DeepSpeed and initialises its accelerator: the driver (a laptop or a CPU-only head
-    # node) only names the function, so that import happens in the workers alone.
+# The driver names the code that runs on Ray but does not import it: worker.py and export.py import torch, DeepSpeed,
+# peft and transformers at their top. On the driver (a laptop, a CPU-only head node) that is seconds of imports for
+# nothing, and inside a Ray job whose working dir was removed under it torch._dynamo fails at import (it calls
+# os.getcwd()). These two trampolines import them where they run.
+def _train_fn_per_worker(config: dict) -> None:
     from ftdist.train.worker import train_fn_per_worker
 
+    train_fn_per_worker(config)
+
+
+def _export_task(ckpt: str, dest: str, max_shard_size: Optional[str]) -> dict:
+    from ftdist.train.export import export_checkpoint
+
+    return export_checkpoint(ckpt, dest, max_shard_size=max_shard_size)
+
+
+def run_export_task(ckpt: str, dest: str, max_shard_size: Optional[str] = None) -> dict:
+    """An export (train/export.py) of a committed checkpoint as a 1-CPU Ray task on any node, after the workers
+    released their memory: the end of `ftdist train` and a sweep's best trial. Raises a RuntimeError that says how
+    to retry the export alone."""
+    env = {"env_vars": runtime_env_vars(use_gpu=False)}  # reads checkpoint files: no accelerator needed
+    task = ray.remote(num_cpus=1, runtime_env=env, max_retries=1)(_export_task)
+    try:
+        return ray.get(task.remote(ckpt, dest, max_shard_size))
+    except Exception as e:  # noqa: BLE001  (the checkpoint is committed: say how to retry the export alone)
+        raise RuntimeError(f"the export from {ckpt} failed ({str(e).strip().splitlines()[-1][:200]}); the "
+                           f"checkpoint is committed: `ftdist export {ckpt} --to {dest}`") from None
+
+
+def build_trainer(spec: JobSpec, *, callbacks: Optional[list] = None) -> TorchTrainer:
     r, c = spec.resources, spec.checkpoint
     resources: dict = {"CPU": r.cpus_per_worker}
     if r.use_gpu:
@@ -60,7 +86,7 @@ def build_trainer(spec: JobSpec, *, callbacks: Optional[list] = None) -> TorchTr
     storage_fs = s3.pyarrow_fs() if is_remote(storage) else None
     config = WorkerConfig(spec=spec, started_at=time.time())
     return TorchTrainer(
-        train_fn_per_worker,
+        _train_fn_per_worker,
         train_loop_config=config.model_dump(mode="json"),
         torch_config=TorchConfig(backend="nccl" if r.use_gpu else "gloo"),
         scaling_config=ScalingConfig(
@@ -130,10 +156,6 @@ def run_training(spec: JobSpec, *, address: Optional[str] = None, dashboard: boo
     final checkpoint when export.enabled. `dashboard`: start the embedded Ray with its dashboard (ignored when
     joining a cluster or inside a running Ray, as in a sweep trial). `callbacks`: Ray Train callbacks (a sweep
     trial forwards reports to Tune with one). A failure comes back in RunSummary.error, never as an exception."""
-    # Imported here: the export module pulls in torch and DeepSpeed's checkpoint reader, which the driver needs
-    # only once training is over.
-    from ftdist.train.export import run_export_task
-
     # A bad address fails here, before anything is written.
     started = connect_ray(address, spec.resources.num_workers + 1, dashboard=dashboard)
     ckpt, history, metrics, error = None, [], {}, None
@@ -152,7 +174,7 @@ def run_training(spec: JobSpec, *, address: Optional[str] = None, dashboard: boo
                 metrics, error = dict(result.metrics or {}), result.error
                 if error is None and ckpt and spec.export.enabled:
                     try:
-                        written = run_export_task(spec, ckpt, export_uri(spec))
+                        written = run_export_task(ckpt, export_uri(spec))
                         print(f"[ftdist] exported {', '.join(sorted(written))} to {export_uri(spec)} (from {ckpt})",
                               flush=True)
                     except RuntimeError as e:

@@ -1,6 +1,6 @@
 """The one export path: a Hugging Face model folder (sharded safetensors + index, config, tokenizer) from a
-committed checkpoint, written one tensor at a time. `ftdist export`, the end of every `ftdist train` (a 1-CPU Ray
-task after the workers are done) and a sweep's best trial all come here; no process ever gathers the whole model.
+committed checkpoint, written one tensor at a time. `ftdist export`, the end of every `ftdist train` and a sweep's
+best trial (both a 1-CPU Ray task, driver.run_export_task) all come here; no process ever gathers the whole model.
 
 Memory stays bounded by one output shard plus one tensor: checkpoint files are memory-mapped (torch.load(mmap=True)),
 ZeRO-3 parameters are stitched from the per-rank flat fp32 partitions one at a time, and shards are flushed as they
@@ -19,18 +19,15 @@ import shutil
 import tempfile
 from typing import Any, Callable, Iterator, Optional
 
-import ray
 import torch
 from deepspeed.utils.zero_to_fp32 import GatheredTensor, zero3_partitioned_param_info
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ftdist.spec import JobSpec
 from ftdist.storage.cache import publish_dir
 from ftdist.storage.checkpoints import STEP_DIR, CheckpointStore
 from ftdist.train.contracts import STATE_FILE, TrainState
 from ftdist.train.locations import resolve_location
-from ftdist.train.ray_runtime import runtime_env_vars
 
 Tensors = Iterator[tuple[str, Any]]
 
@@ -325,20 +322,3 @@ def export_checkpoint(ckpt_uri: str, dest: str, *, interpolate: Optional[float] 
         return {k: (f"{dest.rstrip('/')}/{v}" if v else dest.rstrip("/")) for k, v in written.items()}
     finally:
         shutil.rmtree(work, ignore_errors=True)
-
-
-def _export_task(ckpt: str, dest: str) -> dict:
-    return export_checkpoint(ckpt, dest)
-
-
-def run_export_task(spec: JobSpec, ckpt: str, dest: str) -> dict:
-    """The end-of-job export: `ftdist export` of the final checkpoint as a 1-CPU Ray task on any node, after the
-    workers released their memory (one tensor in memory at a time, shards written as they fill). Raises a
-    RuntimeError that says how to retry the export alone."""
-    env = {"env_vars": runtime_env_vars(use_gpu=False)}  # reads checkpoint files: no accelerator needed
-    task = ray.remote(num_cpus=1, runtime_env=env, max_retries=1)(_export_task)
-    try:
-        return ray.get(task.remote(ckpt, dest))
-    except Exception as e:  # noqa: BLE001  (the checkpoint is committed: say how to retry the export alone)
-        raise RuntimeError(f"the export from {ckpt} failed ({str(e).strip().splitlines()[-1][:200]}); the "
-                           f"checkpoint is committed: `ftdist export {ckpt} --to {dest}`") from None

@@ -3,6 +3,7 @@ every ftdist process on Ray gets (Train workers, the export task, sweep trials).
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
@@ -11,6 +12,7 @@ from typing import Optional
 from urllib.parse import urlparse
 
 import ray
+from ray._private.runtime_env.constants import RAY_JOB_CONFIG_JSON_ENV_VAR  # the name Ray's job manager uses
 
 from ftdist.errors import SpecError
 from ftdist.storage import s3
@@ -29,6 +31,16 @@ def runtime_env_vars(*, use_gpu: Optional[bool] = None) -> dict[str, str]:
     if use_gpu is not None:
         env["DS_ACCELERATOR"] = "cuda" if use_gpu else "cpu"
     return env
+
+
+def _job_env_vars() -> dict:
+    """The environment variables of the Ray job this driver runs in (`ftdist submit`, a RayJob), as Ray hands the
+    job's config to its entrypoint; {} outside one."""
+    try:
+        config = json.loads(os.environ.get(RAY_JOB_CONFIG_JSON_ENV_VAR, "{}"))
+        return dict((config.get("runtime_env") or {}).get("env_vars") or {})
+    except (ValueError, AttributeError, TypeError):
+        return {}
 
 
 def check_reachable(address: str, timeout: float = 3.0) -> None:
@@ -90,7 +102,10 @@ def connect_ray(address: Optional[str], num_cpus_hint: int, *, dashboard: bool =
         return False
     address = address or os.environ.get("RAY_ADDRESS") or None
     # The S3 endpoint and region travel with the job, so Tune's trial drivers (Ray workers) reach the same store.
-    env = {"env_vars": {**runtime_env_vars(), **poll}}
+    # Inside a submitted Ray job, ray.init refuses to set a variable the job's runtime env already sets (even to the
+    # same value): those are left to the job.
+    already = _job_env_vars()
+    env = {"env_vars": {k: v for k, v in {**runtime_env_vars(), **poll}.items() if k not in already}}
     if address:
         check_reachable(address)
         try:

@@ -59,7 +59,7 @@ def test_export_full_zero3_checkpoint_and_interpolate(ray_cluster, bucket, s3_se
     storage = f"s3://{bucket}/runs"
     spec = spec_from_dict(tiny_job_dict(storage, name="fullz3", zero={"stage": 3},
                                         model={"name_or_path": base_model_dir, "from_config": None, "tokenizer": None, "dtype": "fp32"},
-                                        checkpoint={"every_n_steps": 4}))
+                                        checkpoint={"every_n_steps": 4}, export={"max_shard_size": "200KiB"}))
     s = run_training(spec)
     assert s.error is None, s.error
 
@@ -79,7 +79,12 @@ def test_export_full_zero3_checkpoint_and_interpolate(ray_cluster, bucket, s3_se
     assert os.path.exists(os.path.join(outs["plain"], "tokenizer.json"))
 
     load = lambda d: AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32)  # noqa: E731
-    end_of_job = _weights(load(_download(s3_server, s.export_dir, tmp_path / "eoj")))
+    eoj = _download(s3_server, s.export_dir, tmp_path / "eoj")
+    # The end-of-job export (and `ftdist export` without --max-shard-size) follow the job's export.max_shard_size.
+    index = json.loads((tmp_path / "eoj" / "model.safetensors.index.json").read_text())
+    shards = set(index["weight_map"].values())
+    assert len(shards) > 1 and all(os.path.getsize(tmp_path / "eoj" / f) <= 200 * 1024 + 2048 for f in shards)
+    end_of_job = _weights(load(eoj))
     plain, a0, a1, a05 = (_weights(load(outs[k])) for k in ("plain", "a0", "a1", "a05"))
     base = _weights(load(base_model_dir))
     # Independent reference: DeepSpeed's own zero_to_fp32 on the final checkpoint's files (whole model in memory,

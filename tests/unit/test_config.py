@@ -185,3 +185,17 @@ def test_train_poll_interval_default_and_user_value(monkeypatch):
     assert os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] == TRAIN_POLL_INTERVAL_S
     monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "3")
     assert train_poll_env() == {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "3"}
+
+
+def test_inside_a_submitted_job_ftdist_leaves_the_jobs_own_variables_to_it(monkeypatch):
+    """ray.init inside a Ray job refuses to set a variable the job's runtime env sets (even to the same value):
+    connect_ray leaves those out (seen with `ftdist submit`, which forwards the S3 endpoint itself)."""
+    import json
+
+    from ftdist.train.ray_runtime import _job_env_vars
+
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
+    assert _job_env_vars() == {}
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps(
+        {"runtime_env": {"working_dir": "gcs://x.zip", "env_vars": {"AWS_ENDPOINT_URL": "http://s3:9000"}}}))
+    assert _job_env_vars() == {"AWS_ENDPOINT_URL": "http://s3:9000"}
