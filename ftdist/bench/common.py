@@ -88,7 +88,8 @@ def _entry(fn, rank, world, backend, port, q, args):
         else:
             torch.set_num_threads(1)
         dist.init_process_group(backend, rank=rank, world_size=world)
-        skip_inference_comm_op()  # as ftdist's workers do: like for like
+        if backend == "gloo":
+            skip_inference_comm_op()  # as ftdist's CPU workers do: like for like
         deepspeed.init_distributed(dist_backend=backend)
         res = fn(rank, *args)
         res["rank"] = rank

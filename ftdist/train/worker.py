@@ -96,7 +96,8 @@ def train_fn_per_worker(config: dict) -> None:
     ctx = ray.train.get_context()
     rank, world, local_rank = ctx.get_world_rank(), ctx.get_world_size(), ctx.get_local_rank()
     # Ray Train already created the torch process group (gloo on CPU, nccl on GPU); DeepSpeed adopts it.
-    skip_inference_comm_op()
+    if not spec.resources.use_gpu:  # (on GPUs DeepSpeed has no such op and never probes: nothing to skip)
+        skip_inference_comm_op()
     deepspeed.init_distributed(dist_backend=dist.get_backend())
     if spec.resources.use_gpu:
         torch.cuda.set_device(ray.train.torch.get_device())

@@ -159,6 +159,10 @@ def test_quickstart_end_to_end(tmp_path):
              if "[ftdist] step" in line and "eval_loss" in line]
     assert len(evals) >= 3 and evals[-1] < 0.5 * evals[0], evals
     assert "ftdist: exported model:" in out
+    # One clean line per interval: no colour codes in a log file, no library chatter (DeepSpeed's op builds, torch's
+    # deprecation of a collective DeepSpeed calls, Ray's token-auth notice for a Ray that lives with this command).
+    for noise in ("\x1b[", "FutureWarning", "built successfully", "Token authentication is enabled"):
+        assert noise not in out, (noise, out[-3000:])
     # The README's promise: the exported model spells numbers it never saw in training.
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
