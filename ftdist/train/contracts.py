@@ -3,7 +3,7 @@ read: the worker's config, the trainer state saved with each checkpoint, and the
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -55,4 +55,3 @@ class TrainState(_Contract):
     """Every logged metrics row up to this step."""
     resumes: list[int] = []
     """Steps at which this run resumed (a restart after a crash, or a re-run of the job)."""
-    spec_name: Optional[str] = None

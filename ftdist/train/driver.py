@@ -39,12 +39,8 @@ class RunSummary:
     """Every logged metrics row (step, loss, lr, eval_loss, ...) up to the final checkpoint."""
 
 
-def run_dir(spec: JobSpec) -> str:
-    return spec.run_dir
-
-
 def export_uri(spec: JobSpec) -> str:
-    return f"{run_dir(spec)}/{EXPORT_DIR}"
+    return f"{spec.run_dir}/{EXPORT_DIR}"
 
 
 # The driver names the code that runs on Ray but does not import it: worker.py and export.py import torch, DeepSpeed,
@@ -138,10 +134,10 @@ def preflight_storage(spec: JobSpec) -> None:
     if is_remote(storage):
         s3.check_access(f"{storage}/{spec.name}", extra_args=spec.checkpoint.encryption.extra_args())
     try:
-        latest = CheckpointStore(run_dir(spec), TransferOptions.from_spec(spec.checkpoint)).latest_valid()
+        latest = CheckpointStore(spec.run_dir, TransferOptions.from_spec(spec.checkpoint)).latest_valid()
     except Exception as e:  # noqa: BLE001  (listing errors surface again, with retries, in the workers)
         if is_remote(storage):
-            raise SpecError(s3.describe_error(e, run_dir(spec))) from None
+            raise SpecError(s3.describe_error(e, spec.run_dir)) from None
         return
     if latest is not None and latest.manifest.world_size != spec.resources.num_workers:
         had = latest.manifest.world_size
@@ -160,7 +156,7 @@ def run_training(spec: JobSpec, *, address: Optional[str] = None, dashboard: boo
     started = connect_ray(address, spec.resources.num_workers + 1, dashboard=dashboard)
     ckpt, history, metrics, error = None, [], {}, None
     try:
-        with run_lease(run_dir(spec)) as lease:  # one live attempt per job: a second is refused here, in one line
+        with run_lease(spec.run_dir) as lease:  # one live attempt per job: a second is refused here, in one line
             try:
                 result = build_trainer(spec, callbacks=callbacks).fit()
             except KeyboardInterrupt:
@@ -182,14 +178,14 @@ def run_training(spec: JobSpec, *, address: Optional[str] = None, dashboard: boo
     finally:
         disconnect_ray(started)
     exp = export_uri(spec) if spec.export.enabled and error is None else None
-    return RunSummary(spec.name, run_dir(spec), ckpt, exp, metrics, error=error, history=history)
+    return RunSummary(spec.name, spec.run_dir, ckpt, exp, metrics, error=error, history=history)
 
 
 def _final_checkpoint(spec: JobSpec, result: Any) -> tuple[Optional[str], list]:
     """(URI of the run's last checkpoint, the logged metrics history stored with it)."""
     if result.checkpoint is None:
         return None, []
-    store = CheckpointStore(run_dir(spec)).store  # read one small file, not the whole checkpoint
+    store = CheckpointStore(spec.run_dir).store  # read one small file, not the whole checkpoint
     name = os.path.basename(result.checkpoint.path.rstrip("/"))
     raw = store.get_bytes(f"{name}/{STATE_FILE}")
     return store.child(name), (TrainState.model_validate_json(raw).history if raw else [])

@@ -245,7 +245,7 @@ def train_fn_per_worker(config: dict) -> None:
         print0(rank, f"[ftdist] step {done}/{n_steps} | {line}")
         if want_ckpt:
             state = TrainState(step=done, tag=checkpoint_name(done), world_size=world, metrics=metrics,
-                               history=history, resumes=resumes, spec_name=spec.name)
+                               history=history, resumes=resumes)
             ckpt_io.save(engine, state, tokenizer)
         else:
             ray.train.report(metrics)
