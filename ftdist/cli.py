@@ -14,8 +14,9 @@ import sys
 from typing import Iterator, Optional
 
 from ftdist.errors import SpecError
-from ftdist.spec import check_local_inputs, load_spec, missing_local_inputs, spec_from_json
-from ftdist.storage.uri import is_remote
+from ftdist.redact import redact
+from ftdist.spec import check_local_inputs, load_spec, missing_local_inputs, parse_size, spec_from_json
+from ftdist.storage.uri import FILE_SCHEME, S3_SCHEME, is_remote, local_path, location_problem
 from ftdist.sweep.space import validate_sweep
 
 
@@ -58,15 +59,29 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _preflight(args: argparse.Namespace, spec) -> None:
+    """What `train` and `tune` check on this machine before Ray starts and before anything is written (the run
+    lease included): the cluster address answers, the data tokenizes, the storage takes writes."""
+    from ftdist.train.driver import preflight_data, preflight_storage
+    from ftdist.train.ray_runtime import check_reachable
+
+    address = args.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        check_reachable(address)
+    stats = preflight_data(spec)
+    if stats is not None:
+        print(f"ftdist: data: {stats.summary()}", file=sys.stderr)
+    preflight_storage(spec)
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     spec = _load(args)
-    from ftdist.train.driver import preflight_data, preflight_storage, run_training
+    from ftdist.train.driver import run_training
 
-    preflight_data(spec)
-    preflight_storage(spec)
+    _preflight(args, spec)
     summary = run_training(spec, address=args.address, dashboard=args.dashboard)
     if summary.error is not None:
-        print(f"ftdist: training failed: {_first_line(summary.error)}", file=sys.stderr)
+        print(f"ftdist: training failed: {redact(_first_line(summary.error))}", file=sys.stderr)
         print(f"ftdist: run folder (re-run the same job to resume): {summary.run_dir}", file=sys.stderr)
         return 1
     m = summary.metrics
@@ -82,10 +97,8 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     spec = _load(args)
     validate_sweep(spec, args.job or "--job-json")
     from ftdist.sweep.tune import run_sweep
-    from ftdist.train.driver import preflight_data, preflight_storage
 
-    preflight_data(spec)
-    preflight_storage(spec)
+    _preflight(args, spec)
     out = run_sweep(spec, address=args.address, resume=args.resume)
     _print_sweep(out)
     return 1 if out.errors or out.report.best is None else 0
@@ -111,7 +124,7 @@ def _print_sweep(out) -> None:
 def _cmd_sweep_report(args: argparse.Namespace) -> int:
     from ftdist.sweep.report import finish, load_saved_spec
 
-    with _storage_errors(args.sweep_uri):
+    with _storage_errors(args.sweep_uri, "sweep"):
         spec = load_saved_spec(args.sweep_uri)
         out = finish(spec, retention=False, export=False)
     _print_sweep(out)
@@ -126,13 +139,19 @@ def _first_line(e: BaseException) -> str:
 
 
 @contextlib.contextmanager
-def _storage_errors(uri: str) -> Iterator[None]:
-    """Storage/checkpoint mistakes as one-line SpecErrors (exit 2)."""
+def _storage_errors(uri: str, what: str = "location") -> Iterator[None]:
+    """Storage/checkpoint mistakes as one-line SpecErrors (exit 2). An s3:// URI is probed first with the same short
+    timeouts and two attempts as train's preflight (s3.check_access), so an unreachable endpoint, a missing bucket
+    or refused credentials answer in seconds, not after the long retries meant for uploads."""
     from botocore.exceptions import BotoCoreError, ClientError
 
+    from ftdist.storage import s3
     from ftdist.storage.checkpoints import CheckpointError
     from ftdist.storage.s3 import describe_error
 
+    _check_uri(uri, what)
+    if is_remote(uri):
+        s3.check_access(uri, probe_write=False)
     try:
         yield
     except (ClientError, BotoCoreError) as e:
@@ -141,15 +160,24 @@ def _storage_errors(uri: str) -> Iterator[None]:
         raise SpecError(str(e).strip("'\"")) from None
 
 
+def _check_uri(uri: str, what: str) -> None:
+    """A storage URI given on the command line: a supported scheme and a valid bucket (never echoing credentials)."""
+    problem = location_problem(uri, (S3_SCHEME, FILE_SCHEME))
+    if problem:
+        raise SpecError(f"{what} {uri}: {problem}")
+
+
 def _cmd_checkpoints(args: argparse.Namespace) -> int:
     from ftdist.storage.checkpoints import CheckpointStore
 
-    if not is_remote(args.job_uri) and not os.path.isdir(args.job_uri):
+    job_uri = args.job_uri.rstrip("/") if is_remote(args.job_uri) else local_path(args.job_uri)
+    if not is_remote(job_uri) and not os.path.isdir(job_uri):
         raise SpecError(f"{args.job_uri}: no such folder (give <checkpoint.storage>/<job name>)")
-    with _storage_errors(args.job_uri):
-        cs = CheckpointStore(args.job_uri)
+    with _storage_errors(job_uri, "job folder"):
+        cs = CheckpointStore(job_uri)
         found = cs.checkpoints(committed_only=not args.all)
         if not found:
+            _no_checkpoints(cs, args.job_uri)
             print(f"{args.job_uri}: no committed checkpoints")
             return 1 if args.verify else 0
         keys = ("loss", "eval_loss")
@@ -174,6 +202,21 @@ def _cmd_checkpoints(args: argparse.Namespace) -> int:
     return 0
 
 
+def _no_checkpoints(cs, shown: str) -> None:
+    """A folder with no checkpoint at all is a mistyped location when it is empty (an s3:// prefix with nothing under
+    it) or holds job folders (the storage root was given, not <storage>/<job name>): say so, exit 2."""
+    from ftdist.storage.checkpoints import CheckpointStore
+
+    if cs.checkpoints(committed_only=False):
+        return
+    jobs = [d for d in cs.store.list_dirs() if CheckpointStore(cs.store.child(d)).checkpoints(committed_only=False)]
+    if jobs:
+        listed = ", ".join(jobs[:5]) + (", ..." if len(jobs) > 5 else "")
+        raise SpecError(f"{shown}: holds jobs ({listed}), not checkpoints; give <checkpoint.storage>/<job name>")
+    if is_remote(shown) and not cs.store.list(""):
+        raise SpecError(f"{shown}: nothing is stored under this prefix (give <checkpoint.storage>/<job name>)")
+
+
 def _human(n: int) -> str:
     for unit in ("B", "KB", "MB", "GB", "TB"):
         if n < 1000 or unit == "TB":
@@ -187,7 +230,17 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
     if args.interpolate is not None and not 0.0 <= args.interpolate <= 1.0:
         raise SpecError(f"--interpolate {args.interpolate}: alpha must be between 0 (base) and 1 (fine-tuned)")
-    with _storage_errors(args.checkpoint):
+    if args.max_shard_size is not None:
+        try:
+            parse_size(args.max_shard_size)
+        except ValueError as e:
+            raise SpecError(f"--max-shard-size: {e}") from None
+    _check_uri(args.to, "--to")
+    if is_remote(args.to):
+        from ftdist.storage import s3
+
+        s3.check_access(args.to)
+    with _storage_errors(args.checkpoint, "checkpoint"):
         out = export_checkpoint(args.checkpoint, args.to, interpolate=args.interpolate, base_model=args.base,
                                 merged=args.merged, max_shard_size=args.max_shard_size)
     for kind, uri in out.items():
@@ -429,7 +482,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         return args.fn(args)
     except SpecError as e:
-        print(f"ftdist: error: {e}", file=sys.stderr)
+        # One line, and never a secret: messages name keys, not values, and `redact` is the last guard.
+        print(f"ftdist: error: {redact(' '.join(str(e).split()))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("ftdist: interrupted", file=sys.stderr)

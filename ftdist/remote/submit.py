@@ -31,6 +31,7 @@ from ray.exceptions import AuthenticationError
 from ray.job_submission import JobSubmissionClient
 
 from ftdist.errors import SpecError
+from ftdist.redact import key_hint, looks_like_secret
 from ftdist.remote.k8s_render import entrypoint
 from ftdist.remote.portability import check_paths, check_portable, is_under
 from ftdist.spec import ENV_NAME_RE, SECRET_ENV_RE, JobSpec, check_local_inputs, load_spec
@@ -66,12 +67,16 @@ def _check_reachable(addr: str, timeout: float = 5.0) -> None:
         raise SpecError(f"--address {addr}: cannot reach the Ray dashboard there ({e.strerror or e})") from None
 
 
+_HEADER_NAME_RE = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$")  # an HTTP token (RFC 9110)
+
+
 def parse_headers(items: list[str]) -> dict[str, str]:
     out = {}
     for item in items or []:
         k, sep, v = item.partition(":")
-        if not sep or not k.strip():
-            raise SpecError(f"--header {item.split(':')[0]!r}: expected 'Name: value'")
+        if not sep or not _HEADER_NAME_RE.match(k.strip()):
+            # What was typed is never quoted back: a header usually carries a credential (`Authorization=Bearer ..`).
+            raise SpecError(f"--header {key_hint(item)}: expected 'Name: value' (the value is not shown)")
         out[k.strip()] = v.strip()
     return out
 
@@ -151,10 +156,11 @@ def _env_vars(env: Optional[list[str]]) -> dict:
     for item in env or []:
         k, sep, v = item.partition("=")
         if not sep or not ENV_NAME_RE.match(k):
-            raise SpecError(f"--env {k or item!r}: expected NAME=VALUE")
-        if SECRET_ENV_RE.search(k):
-            raise SpecError(f"--env {k}: looks like a secret; secrets are never sent in a submission: put it in the "
-                            f"cluster's environment (a Kubernetes Secret, see k8s/README.md) and ftdist reads it there")
+            raise SpecError(f"--env {key_hint(item)}: expected NAME=VALUE (the value is not shown)")
+        if SECRET_ENV_RE.search(k) or looks_like_secret(v):
+            what = "looks like a secret" if SECRET_ENV_RE.search(k) else "has a value that looks like a credential"
+            raise SpecError(f"--env {k}: {what}; secrets are never sent in a submission: put it in the cluster's "
+                            f"environment (a Kubernetes Secret, see k8s/README.md) and ftdist reads it there")
         env_vars[k] = v
     return env_vars
 
@@ -198,7 +204,7 @@ def build_submission(job_file: str, spec: JobSpec, *, kind: str, attempt: int, o
 def submit(job_file: str, overrides: list[str], *, address: Optional[str], kind: str = "train",
            headers: Optional[list[str]] = None, ca_cert: Optional[str] = None, insecure: bool = False,
            working_dir: Optional[str] = None, pip: Optional[list[str]] = None, image: Optional[str] = None,
-           env: Optional[list[str]] = None, py_modules: Optional[list[str]] = None, log=print) -> tuple[Any, str]:
+           env: Optional[list[str]] = None, py_modules: Optional[list[str]] = None, log=None) -> tuple[Any, str]:
     spec = load_spec(job_file, overrides)
     check_local_inputs(spec)
     if kind == "tune":
@@ -208,8 +214,10 @@ def submit(job_file: str, overrides: list[str], *, address: Optional[str], kind:
     else:
         wd = Path(working_dir).resolve() if working_dir else Path(job_file).resolve().parent
         notes = check_paths(job_file, spec, wd, overrides)
-    for note in notes:
-        log(f"[ftdist] note: {note}")
+    # Everything local is checked (the request built with a placeholder attempt) before the cluster is asked,
+    # and notes are printed only once the submission went through: an error is then the only line.
+    build_submission(job_file, spec, kind=kind, attempt=0, overrides=overrides, working_dir=working_dir, pip=pip,
+                     image=image, env=env, py_modules=py_modules)
     c = client(address, headers, ca_cert, insecure)
     attempt = next_attempt(_list(c), spec.name)
     sub = build_submission(job_file, spec, kind=kind, attempt=attempt, overrides=overrides,
@@ -222,7 +230,13 @@ def submit(job_file: str, overrides: list[str], *, address: Optional[str], kind:
             raise SpecError(f"job {spec.name!r}: submission {sub.submission_id} already exists (submitted at the "
                             f"same time from elsewhere?); see `ftdist jobs`") from None
         raise SpecError(f"submit {sub.submission_id}: {_first_line(e)}") from None
+    for note in notes:
+        (log or _stderr)(f"ftdist: note: {note}")
     return c, sid
+
+
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr)
 
 
 def _list(c: Any) -> list:

@@ -4,7 +4,8 @@ Pure: nothing here imports torch, ray or deepspeed, so `ftdist validate` answers
 """
 
 from ftdist.spec.job import (CheckpointSpec, DataSpec, EncryptionSpec, EvalSpec, ExportSpec, FreezeSpec, JobSpec,
-                             LoggingSpec, LoraSpec, ModelSpec, OptimSpec, ResourcesSpec, UploadSpec, ZeroSpec)
+                             LoggingSpec, LoraSpec, ModelSpec, OptimSpec, ResourcesSpec, UploadSpec, ZeroSpec,
+                             parse_size)
 from ftdist.spec.kubernetes import ENV_NAME_RE, SECRET_ENV_RE, KubernetesSpec, SecretEnvSpec
 from ftdist.spec.load import (LOCAL_PATH_KEYS, check_local_inputs, load_spec, local_paths, missing_local_inputs,
                               spec_from_dict, spec_from_json, with_overrides)
@@ -15,5 +16,5 @@ __all__ = [
     "LoraSpec", "ModelSpec", "OptimSpec", "ResourcesSpec", "UploadSpec", "ZeroSpec", "ENV_NAME_RE", "SECRET_ENV_RE",
     "KubernetesSpec", "SecretEnvSpec", "LOCAL_PATH_KEYS", "check_local_inputs", "load_spec", "local_paths",
     "missing_local_inputs", "spec_from_dict", "spec_from_json", "with_overrides", "SchedulerSpec", "SearchDim",
-    "SweepSpec",
+    "SweepSpec", "parse_size",
 ]

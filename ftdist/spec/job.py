@@ -15,9 +15,29 @@ from pydantic import Field, field_validator, model_validator
 from ftdist.spec.base import FieldError, FrozenSpec
 from ftdist.spec.kubernetes import KubernetesSpec
 from ftdist.spec.sweep import SweepSpec
-from ftdist.storage.uri import FILE_SCHEME, S3_SCHEME, bucket_problem, has_scheme, is_remote, resolve
+from ftdist.storage.uri import FILE_SCHEME, S3_SCHEME, is_remote, location_problem, resolve
 
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
+_SIZE_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([KMGTP]?)(i?)B?\s*$", re.I)
+MAX_SEED = 2**32 - 1
+"""numpy's legacy seeding (and everything that seeds through it) takes 0 <= seed < 2**32; torch takes fewer still
+at the negative end. One range for all of them."""
+
+
+def parse_size(s: str) -> int:
+    """Bytes of a size as Hugging Face writes them: 5GB = 5 * 10**9, 5GiB = 5 * 2**30 (also 500MB, 2TiB, 1024)."""
+    m = _SIZE_RE.match(str(s))
+    if not m:
+        raise ValueError(f"not a size: {s!r} (e.g. 5GB, 500MB, 4GiB)")
+    power = " KMGTP".index(m.group(2).upper() or " ")
+    base = 1024 if m.group(3) else 1000
+    return int(float(m.group(1)) * base ** power)
+
+
+def _location(value: Optional[str], schemes: tuple[str, ...] = (S3_SCHEME,)) -> Optional[str]:
+    if value is not None and (problem := location_problem(value, schemes)):
+        raise ValueError(problem)
+    return value
 
 
 class ModelSpec(FrozenSpec):
@@ -41,6 +61,11 @@ class ModelSpec(FrozenSpec):
     loss that never materialises the logits) for the model types Liger supports (Llama, Mistral, Qwen, Gemma, ...).
     Needs the `liger-kernel` package on the workers (`pip install 'ftdist[gpu]'`); the same switch as
     `TrainingArguments.use_liger_kernel` in the Hugging Face Trainer."""
+
+    @field_validator("name_or_path", "tokenizer")
+    @classmethod
+    def _where(cls, v: Optional[str]) -> Optional[str]:
+        return _location(v)
 
     @model_validator(mode="after")
     def _one_source(self) -> "ModelSpec":
@@ -124,7 +149,7 @@ class OptimSpec(FrozenSpec):
     global_batch_size: int = Field(1, ge=1)
     max_steps: Optional[int] = Field(None, ge=1)
     epochs: Optional[float] = Field(None, gt=0)
-    seed: int = 42
+    seed: int = Field(42, ge=0, le=MAX_SEED)
 
     @field_validator("betas")
     @classmethod
@@ -159,6 +184,11 @@ class DataSpec(FrozenSpec):
     on_bad_row: Literal["fail", "skip"] = "fail"
     chat_template: Optional[str] = None
     """Jinja chat template overriding the tokenizer's (for tokenizers that have none)."""
+
+    @field_validator("train", "eval")
+    @classmethod
+    def _where(cls, v: Optional[str]) -> Optional[str]:
+        return _location(v)
 
     @model_validator(mode="after")
     def _checks(self) -> "DataSpec":
@@ -246,11 +276,7 @@ class CheckpointSpec(FrozenSpec):
     @field_validator("storage")
     @classmethod
     def _storage(cls, v: str) -> str:
-        if has_scheme(v) and not v.startswith((S3_SCHEME, FILE_SCHEME)):
-            raise ValueError(f"unsupported storage URI scheme in {v!r} (use a local path or s3://)")
-        if is_remote(v) and (problem := bucket_problem(v)):
-            raise ValueError(problem)
-        return v
+        return _location(v, (S3_SCHEME, FILE_SCHEME))  # type: ignore[return-value]
 
     @model_validator(mode="after")
     def _encryption_needs_s3(self) -> "CheckpointSpec":
@@ -276,6 +302,13 @@ class LoggingSpec(FrozenSpec):
 class ExportSpec(FrozenSpec):
     enabled: bool = True
     max_shard_size: str = "5GB"
+
+    @field_validator("max_shard_size")
+    @classmethod
+    def _size(cls, v: str) -> str:
+        if parse_size(v) <= 0:
+            raise ValueError("export.max_shard_size must be above zero")
+        return v
 
 
 
@@ -343,6 +376,9 @@ class JobSpec(FrozenSpec):
             raise FieldError("model.compile", "model.use_liger_kernel and model.compile together crash torch.compile's "
                                               "autotuning (illegal memory access); choose one (Liger was the faster "
                                               "on an H100)")
+        if self.eval.every_n_steps is not None and not self.has_eval:
+            raise FieldError("eval.every_n_steps", "eval.every_n_steps needs eval data: set data.eval or "
+                                                   "data.eval_fraction")
         best_by = self.checkpoint.keep_best_by
         if best_by and not best_by.replace("_", "").isalnum():
             raise FieldError("checkpoint.keep_best_by", "checkpoint.keep_best_by must be a metric name like eval_loss")

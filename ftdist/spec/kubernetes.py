@@ -8,14 +8,15 @@ from typing import Any, Literal, Optional
 
 from pydantic import Field, field_validator
 
+from ftdist.redact import SECRET_ENV_RE, looks_like_secret
 from ftdist.spec.base import FrozenSpec
+
+__all__ = ["ENV_NAME_RE", "SECRET_ENV_RE", "KubernetesSpec", "SecretEnvSpec"]
 
 
 _QUANTITY_RE = re.compile(r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|Pi|k|M|G|T|P)?$")
 ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _DNS_LABEL_RE = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
-SECRET_ENV_RE = re.compile(r"(SECRET|PASSWORD|PASSWD|TOKEN|CREDENTIAL|PRIVATE|_KEY$|^KEY$|SESSION)", re.I)
-"""Environment variable names that hold secrets: never given as values in job files or submissions."""
 
 
 def _quantity(v: Optional[str]) -> Optional[str]:
@@ -38,14 +39,19 @@ class SecretEnvSpec(FrozenSpec):
     @classmethod
     def _env(cls, v: str) -> str:
         if not ENV_NAME_RE.match(v):
-            raise ValueError(f"{v!r} is not an environment variable name")
+            raise ValueError("not an environment variable name (letters, digits and '_'; the value is not shown)")
         return v
 
-    @field_validator("secret")
+    @field_validator("secret", "key")
     @classmethod
-    def _secret(cls, v: str) -> str:
-        if not _DNS_LABEL_RE.match(v.replace(".", "-")):
-            raise ValueError(f"{v!r} is not a Kubernetes object name")
+    def _secret(cls, v: str, info) -> str:
+        # These name a Secret and a key in it; a pasted credential here must not be echoed back.
+        if looks_like_secret(v):
+            raise ValueError(f"looks like a credential, not the name of one: give the Kubernetes Secret's "
+                             f"{'name' if info.field_name == 'secret' else 'key'} (the value is not shown)")
+        if info.field_name == "secret" and not _DNS_LABEL_RE.match(v.replace(".", "-")):
+            raise ValueError("not a Kubernetes object name (lowercase letters, digits, '-' and '.'; the value is not "
+                             "shown)")
         return v
 
 
@@ -102,10 +108,11 @@ class KubernetesSpec(FrozenSpec):
     @field_validator("env")
     @classmethod
     def _plain_env(cls, v: dict[str, str]) -> dict[str, str]:
-        for k in v:
+        for k, value in v.items():
             if not ENV_NAME_RE.match(k):
-                raise ValueError(f"{k!r} is not an environment variable name")
-            if SECRET_ENV_RE.search(k):
-                raise ValueError(f"{k} looks like a secret: reference it with kubernetes.secret_env (a Kubernetes "
-                                 f"Secret), never as a value in the job file")
+                raise ValueError("a name is not an environment variable name (letters, digits and '_')")
+            if SECRET_ENV_RE.search(k) or looks_like_secret(str(value)):
+                what = "looks like a secret" if SECRET_ENV_RE.search(k) else "has a value that looks like a credential"
+                raise ValueError(f"{k} {what}: reference it with kubernetes.secret_env (a Kubernetes Secret), never "
+                                 f"as a value in the job file")
         return v

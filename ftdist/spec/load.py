@@ -4,56 +4,42 @@ errors (file:line: key: message). Pure apart from reading the job file: no torch
 from __future__ import annotations
 
 import copy
+import difflib
 import json
 import os
+import re
+import types
+import typing
 from pathlib import Path
 from typing import Any, Optional, Union
 
-import yaml
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from ftdist.errors import SpecError
 from ftdist.spec.base import FieldError
 from ftdist.spec.job import METHOD_SECTIONS, JobSpec
+from ftdist.spec.safe_yaml import parse_job_yaml, parse_yaml_value
 from ftdist.storage.uri import is_remote
 
 # ---------------------------------------------------------------------------------------------------------------
 # Loading: YAML with line numbers, relative paths, --set overrides.
 
 
-class _LineLoader(yaml.SafeLoader):
-    """SafeLoader that records the line of every mapping key path."""
-
-
-def _compose_lines(node: yaml.Node, prefix: tuple, out: dict) -> None:
-    if isinstance(node, yaml.MappingNode):
-        for k, v in node.value:
-            key = prefix + (k.value,)
-            out[key] = k.start_mark.line + 1
-            _compose_lines(v, key, out)
-    elif isinstance(node, yaml.SequenceNode):
-        for i, v in enumerate(node.value):
-            out[prefix + (i,)] = v.start_mark.line + 1
-            _compose_lines(v, prefix + (i,), out)
-
-
-def _parse_yaml(text: str, source: str) -> tuple[Any, dict]:
+def _read_job_file(path: Union[str, Path]) -> tuple[Any, dict]:
+    p = Path(path)
+    if not p.is_file():
+        raise SpecError(f"{path}: job file not found" + (" (it is a folder)" if p.is_dir() else ""))
     try:
-        node = yaml.compose(text, Loader=_LineLoader)
-        data = yaml.load(text, Loader=_LineLoader)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"{source}:{mark.line + 1}" if mark is not None else source
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise SpecError(f"{where}: malformed YAML: {problem}") from None
-    lines: dict = {}
-    if node is not None:
-        _compose_lines(node, (), lines)
-    return data, lines
+        raw = p.read_bytes()
+    except OSError as e:
+        raise SpecError(f"{path}: cannot read job file ({e.strerror or e.__class__.__name__})") from None
+    return parse_job_yaml(raw, str(path))
 
 
 def _format_errors(err: ValidationError, source: str, lines: dict) -> str:
-    e = err.errors()[0]
+    errors = err.errors()
+    # An unknown key explains a missing one beside it (`trian:` for `train:`): say it first.
+    e = next((x for x in errors if x["type"] == "extra_forbidden"), errors[0])
     loc = tuple(x for x in e["loc"] if not (isinstance(x, str) and x.startswith("function-")))
     cause = (e.get("ctx") or {}).get("error")
     if isinstance(cause, FieldError):  # a cross-field rule: point at the field it names, not at its section
@@ -63,27 +49,74 @@ def _format_errors(err: ValidationError, source: str, lines: dict) -> str:
     key = ".".join(str(x) for x in loc) or "(top level)"
     msg = e["msg"].removeprefix("Value error, ")
     if e["type"] == "extra_forbidden":
-        msg = "unknown key"
+        msg = "unknown key" + _did_you_mean(str(loc[-1]), _known_keys(JobSpec, loc[:-1]))
     elif e["type"] == "missing":
         msg = "required key is missing"
+    elif e["type"] in ("model_type", "model_attributes_type", "dict_type"):
+        msg = f"expected a mapping of keys (a section), got {_yaml_type(e.get('input'))}"
     where = f"{source}:{line}" if line else source
-    more = f" (and {len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
+    more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
     return f"{where}: {key}: {msg}{more}"
 
 
+def _yaml_type(value: Any) -> str:
+    return {str: "a string", int: "a number", float: "a number", bool: "a boolean", list: "a list",
+            type(None): "nothing"}.get(type(value), type(value).__name__)
+
+
+def _did_you_mean(word: str, known: list[str]) -> str:
+    close = difflib.get_close_matches(word, known, n=1, cutoff=0.6)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
+def _known_keys(model: Any, loc: tuple) -> list[str]:
+    """The keys a section accepts at `loc` (a path of section names, dict keys and list indexes) in the schema."""
+    tp: Any = model
+    for part in loc:
+        tp = _unwrap(tp)
+        if isinstance(tp, type) and issubclass(tp, BaseModel):
+            field = tp.model_fields.get(str(part))
+            if field is None:
+                return []
+            tp = field.annotation
+        elif typing.get_origin(tp) in (dict, list):
+            tp = typing.get_args(tp)[-1]
+        else:
+            return []
+    tp = _unwrap(tp)
+    return list(tp.model_fields) if isinstance(tp, type) and issubclass(tp, BaseModel) else []
+
+
+def _unwrap(tp: Any) -> Any:
+    """Optional[X] / Union[X, ...] -> the first model or container in it."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        for a in typing.get_args(tp):
+            if (isinstance(a, type) and issubclass(a, BaseModel)) or typing.get_origin(a) in (dict, list):
+                return a
+    return tp
+
+
 def parse_override(item: str) -> tuple[list[str], Any]:
-    """`a.b.c=value` -> (['a','b','c'], YAML-parsed value)."""
-    if "=" not in item:
-        raise SpecError(f"--set {item!r}: expected key.path=value")
-    key, _, raw = item.partition("=")
+    """`a.b.c=value` -> (['a','b','c'], YAML-parsed value). Errors never quote the item: a malformed one may be a
+    secret typed in the wrong place (`--set kubernetes.env.HF_TOKEN:hf_...`)."""
+    key, sep, raw = item.partition("=")
+    if not sep:
+        raise SpecError(f"--set {_key_hint(item)}: expected KEY.PATH=VALUE (the value is not shown)")
     parts = key.strip().split(".")
-    if not all(parts):
-        raise SpecError(f"--set {item!r}: empty key segment")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError:
-        value = raw
-    return parts, value
+    if not all(parts) or not all(_KEY_SEGMENT_RE.match(p) for p in parts):
+        raise SpecError(f"--set {_key_hint(key)}: expected KEY.PATH=VALUE with a dotted job key like optim.lr")
+    return parts, parse_yaml_value(raw)
+
+
+_KEY_SEGMENT_RE = re.compile(r"^[A-Za-z0-9_-]+$")
+
+
+def _key_hint(text: str) -> str:
+    """The leading key-like part of what was typed (letters, digits, dots, '_'), to say which --set is meant without
+    echoing anything after it."""
+    m = re.match(r"[A-Za-z0-9_.-]*", text.strip())
+    hint = m.group(0)[:60] if m else ""
+    return f"{hint}..." if hint else "(item)"
 
 
 def apply_overrides(data: dict, overrides: dict[str, Any]) -> dict:
@@ -107,16 +140,25 @@ LOCAL_PATH_KEYS = (("data", "train"), ("data", "eval"), ("model", "name_or_path"
 """Job keys that may name files on this machine (resolved relative to the job file)."""
 
 
-def _resolve_paths(data: dict, base: Path) -> dict:
-    """Data and model paths are relative to the job file's folder; checkpoint.storage to the cwd."""
+_HUB_ID_RE = re.compile(r"^(?:[\w.-]{1,96}/)?[\w.-]{1,96}$")
+"""What the Hugging Face hub accepts as a repo id: `name` or `org/name` (huggingface_hub.validate_repo_id)."""
 
-    def fix(v: Optional[str], must_look_local: bool = True) -> Optional[str]:
-        if v is None or "://" in v or os.path.isabs(v) or v.startswith("~"):
+
+def _resolve_paths(data: dict, base: Path) -> dict:
+    """Data and model paths are relative to the job file's folder (`~` is the user's home); checkpoint.storage is
+    relative to the cwd."""
+
+    def fix(key: str, v: Optional[str], must_look_local: bool = True) -> Optional[str]:
+        if v is None or "://" in v or os.path.isabs(v):
             return v
+        if v.startswith("~"):
+            return os.path.expanduser(v)
         cand = base / v
-        # Hub ids look like relative paths ("org/model"); only rewrite those that exist next to the file.
-        if must_look_local or cand.exists() or v.startswith("."):
+        # Hub ids look like relative paths ("org/model"); only rewrite those that exist next to the file, start
+        # with "." or cannot be hub ids, and refuse a hub-id-looking name that is a typo of a folder beside the job.
+        if must_look_local or cand.exists() or v.startswith(".") or not _looks_like_hub_id(v):
             return str(cand.resolve())
+        _refuse_near_miss(key, v, base)
         return v
 
     out = dict(data)
@@ -124,15 +166,32 @@ def _resolve_paths(data: dict, base: Path) -> dict:
         d = dict(out["data"])
         for k in ("train", "eval"):
             if isinstance(d.get(k), str):
-                d[k] = fix(d[k])
+                d[k] = fix(f"data.{k}", d[k])
         out["data"] = d
     if isinstance(out.get("model"), dict):
         m = dict(out["model"])
         for k in ("name_or_path", "tokenizer"):
             if isinstance(m.get(k), str):
-                m[k] = fix(m[k], must_look_local=False)
+                m[k] = fix(f"model.{k}", m[k], must_look_local=False)
         out["model"] = m
     return out
+
+
+def _looks_like_hub_id(v: str) -> bool:
+    return bool(_HUB_ID_RE.match(v)) and ".." not in v and "--" not in v and not v.endswith((".", "-", ".git"))
+
+
+def _refuse_near_miss(key: str, v: str, base: Path) -> None:
+    """`tokenizr` beside a `tokenizer/` folder is a typo, not a hub id: say so before Ray fetches from the hub."""
+    parent = (base / v).parent
+    if not parent.is_dir():
+        return
+    folders = [p.name for p in parent.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    close = difflib.get_close_matches(Path(v).name, folders, n=1, cutoff=0.75)
+    if close:
+        near = str(Path(v).parent / close[0]) if "/" in v else close[0]
+        raise SpecError(f"{key}: {v}: no such folder next to the job file (did you mean {near}?); a Hugging Face "
+                        f"hub id would be fetched instead, write ./{v} to mean a local folder")
 
 
 def spec_from_dict(data: Any, source: str = "<job>", lines: Optional[dict] = None) -> JobSpec:
@@ -147,13 +206,7 @@ def spec_from_dict(data: Any, source: str = "<job>", lines: Optional[dict] = Non
 def load_spec(path: Union[str, Path], overrides: Optional[list[str]] = None) -> JobSpec:
     """Read, override and validate a job file. Raises SpecError with file:line: key: message."""
     p = Path(path)
-    if not p.is_file():
-        raise SpecError(f"{path}: job file not found")
-    try:
-        text = p.read_text()
-    except (OSError, UnicodeDecodeError) as e:
-        raise SpecError(f"{path}: cannot read job file ({e.__class__.__name__})") from None
-    data, lines = _parse_yaml(text, str(path))
+    data, lines = _read_job_file(p)
     if not isinstance(data, dict):
         raise SpecError(f"{path}: the job file must be a YAML mapping of sections (name, model, data, ...)")
     ov = {".".join(keys): value for keys, value in map(parse_override, overrides or [])}
@@ -176,7 +229,7 @@ def spec_from_json(text: str, overrides: Optional[list[str]] = None) -> JobSpec:
 
 def raw_job(path: Union[str, Path], overrides: Optional[list[str]] = None) -> dict:
     """The job file as written plus --set overrides, before path resolution: tells relative paths from absolute."""
-    data, _ = _parse_yaml(Path(path).read_text(), str(path))
+    data, _ = _read_job_file(path)
     if not isinstance(data, dict):
         return {}
     return apply_overrides(data, {".".join(keys): value for keys, value in map(parse_override, overrides or [])})

@@ -52,6 +52,28 @@ def bucket_problem(uri: str) -> Optional[str]:
     return None
 
 
+_ONE_SLASH_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):/(?!/)")
+
+
+def location_problem(value: str, schemes: tuple[str, ...] = (S3_SCHEME,)) -> Optional[str]:
+    """Why a data, model or storage location cannot be used, or None: an unsupported scheme, an s3:// URI without a
+    valid bucket (or with credentials typed into it), a scheme written with one slash. Never echoes the value."""
+    if has_scheme(value):
+        scheme = value.split("://", 1)[0] + "://"
+        if scheme not in schemes:
+            allowed = " or ".join(schemes)
+            return f"unsupported URI scheme {scheme[:20]} (use a local path or {allowed})"
+        if is_remote(value):
+            if not value[len(S3_SCHEME):].split("/", 1)[0]:
+                return "no bucket in the s3:// URI (s3://<bucket>/<prefix>)"
+            return bucket_problem(value)
+        return None
+    m = _ONE_SLASH_RE.match(value)
+    if m and len(m.group(1)) > 1:  # not a Windows drive letter
+        return f"{m.group(1)}:/ has one slash; did you mean {m.group(1)}://...?"
+    return None
+
+
 def local_path(uri: str) -> str:
     """The filesystem path of a local location (file:// stripped, ~ expanded)."""
     path = uri[len(FILE_SCHEME):] if uri.startswith(FILE_SCHEME) else uri

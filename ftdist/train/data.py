@@ -4,6 +4,7 @@ split off eval, and hand every rank a disjoint shard with the same number of ste
 
 from __future__ import annotations
 
+import difflib
 import json
 import math
 import os
@@ -20,6 +21,8 @@ from ftdist.storage.cache import download
 from ftdist.storage.uri import is_remote
 
 IGNORE_INDEX = -100
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
+"""The roles of OpenAI-style message lists that Hugging Face chat templates render."""
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -170,23 +173,34 @@ class Tokenize:
         if s.format == "prompt_completion":
             # Tokenize the two parts apart so the boundary is exact (no BPE merge across it).
             p = self.bos + self._enc(_field(row, s.prompt_field, str))
-            c = self._enc(_field(row, s.completion_field, str)) + self.eos
-            if not c:
+            c = self._enc(_field(row, s.completion_field, str))
+            if not c:  # checked before EOS goes on: an empty completion would train on EOS alone
                 raise RowError(f"field {s.completion_field!r} is empty")
+            c += self.eos
             mask_p = [IGNORE_INDEX] * len(p) if s.loss_on_completion_only else list(p)
             return Example(p + c, mask_p + c)
         return self._chat(_field(row, s.messages_field, list))
 
     def _render(self, messages: list, gen_prompt: bool) -> list[int]:
-        out = self.tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=gen_prompt)
+        try:
+            out = self.tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=gen_prompt)
+        except Exception as e:  # noqa: BLE001  (templates raise jinja2 errors, ValueError, ...) a row's problem
+            detail = " ".join(str(e).split())[:160]
+            raise RowError(f"the chat template refused this conversation: {detail or type(e).__name__}") from None
         if isinstance(out, dict) or hasattr(out, "keys"):
             out = out["input_ids"]
         return list(out)
 
     def _chat(self, messages: list) -> Example:
+        if not messages:
+            raise RowError("conversation has no messages")
         for i, m in enumerate(messages):
             if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
                 raise RowError(f"message {i} needs string 'role' and 'content'")
+            if m["role"] not in CHAT_ROLES:
+                close = difflib.get_close_matches(m["role"], CHAT_ROLES, n=1)
+                hint = f" (did you mean {close[0]}?)" if close else ""
+                raise RowError(f"message {i} has role {m['role'][:40]!r}{hint}; roles are {', '.join(CHAT_ROLES)}")
         if not any(m["role"] == "assistant" for m in messages):
             raise RowError("conversation has no assistant message")
         ids: list[int] = []

@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import ray
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -23,6 +23,9 @@ from ftdist.storage.store import TransferOptions
 from ftdist.storage.uri import is_remote, without_scheme
 from ftdist.train.contracts import STATE_FILE, TrainState, WorkerConfig
 from ftdist.train.ray_runtime import connect_ray, disconnect_ray, runtime_env_vars
+
+if TYPE_CHECKING:  # the data module imports torch; the driver imports it only inside preflight_data
+    from ftdist.train.data import DataStats
 
 EXPORT_DIR = "export"
 
@@ -109,13 +112,16 @@ def build_trainer(spec: JobSpec, *, callbacks: Optional[list] = None) -> TorchTr
     )
 
 
-def preflight_data(spec: JobSpec) -> Optional[str]:
+def preflight_data(spec: JobSpec) -> Optional["DataStats"]:
     """Read and tokenize local data on the driver before Ray starts, so a bad row, a missing field or too little
-    data is a one-line error (exit 2) with nothing written. Remote (s3://, hub) inputs are checked by the workers."""
+    data is a one-line error (exit 2) with nothing written; the statistics (rows, tokens, skipped bad rows) come
+    back for the user. Remote (s3://, hub) inputs are checked by the workers."""
     # transformers and the tokenizer stay off the path of `ftdist validate` and of runs with remote inputs.
     from ftdist.train.data import ShardedLoader, build_splits
     from ftdist.train.locations import load_tokenizer
+    from ftdist.train.model_config import check_from_config
 
+    check_from_config(spec.model)
     tok_path = spec.model.tokenizer_path
     remote = [p for p in (spec.data.train, spec.data.eval, tok_path) if p and is_remote(p)]
     if remote or not os.path.isdir(os.path.expanduser(tok_path)):
@@ -123,7 +129,7 @@ def preflight_data(spec: JobSpec) -> Optional[str]:
     tok = load_tokenizer(tok_path, spec.model.trust_remote_code)
     splits = build_splits(spec.data, tok, spec.optim.seed)
     ShardedLoader.for_job(spec, splits.train, 0, spec.resources.num_workers)  # raises if < one global batch
-    return splits.stats.summary()
+    return splits.stats
 
 
 def preflight_storage(spec: JobSpec) -> None:

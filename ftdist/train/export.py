@@ -24,6 +24,7 @@ from deepspeed.utils.zero_to_fp32 import GatheredTensor, zero3_partitioned_param
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from ftdist.spec import parse_size
 from ftdist.storage.cache import publish_dir
 from ftdist.storage.checkpoints import STEP_DIR, CheckpointStore
 from ftdist.train.contracts import STATE_FILE, TrainState
@@ -31,17 +32,6 @@ from ftdist.train.locations import resolve_location
 
 Tensors = Iterator[tuple[str, Any]]
 
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGTP]?)(i?)B?\s*$", re.I)
-
-
-def parse_size(s: str) -> int:
-    """Bytes of a size as Hugging Face writes them: 5GB = 5 * 10**9, 5GiB = 5 * 2**30 (also 500MB, 2TiB, 1024)."""
-    m = _SIZE_RE.match(str(s))
-    if not m:
-        raise ValueError(f"not a size: {s!r} (e.g. 5GB, 500MB, 4GiB)")
-    power = " KMGTP".index(m.group(2).upper() or " ")
-    base = 1024 if m.group(3) else 1000
-    return int(float(m.group(1)) * base ** power)
 
 
 class ShardWriter:

@@ -48,7 +48,10 @@ def check_reachable(address: str, timeout: float = 3.0) -> None:
     if address in ("auto", "local"):
         return
     parsed = urlparse(address if "://" in address else f"tcp://{address}")
-    host, port = parsed.hostname, parsed.port
+    try:
+        host, port = parsed.hostname, parsed.port
+    except ValueError:  # a port that is not a number
+        host, port = None, None
     if not host or not port:
         raise SpecError(f"--address {address}: expected host:port (GCS, e.g. 10.0.0.1:6379) or ray://host:10001")
     try:

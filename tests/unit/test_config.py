@@ -70,7 +70,7 @@ def test_mistyped_value(write_job, tmp_path):
         ({"model": {"name_or_path": "x", "from_config": {"model_type": "llama"}, "tokenizer": "t"}}, "exactly one"),
         ({"model": {"from_config": {"hidden_size": 8}, "tokenizer": "t"}}, "model_type"),
         ({"name": "Bad Name!"}, "name"),
-        ({"checkpoint": {"storage": "gs://bucket/x"}}, "unsupported storage URI"),
+        ({"checkpoint": {"storage": "gs://bucket/x"}}, "unsupported URI scheme gs://"),
         ({"data": {"train": "a.jsonl", "eval": "b.jsonl", "eval_fraction": 0.1}}, "not both"),
         ({"lora": {"rank": 0}, "method": "lora"}, "lora.rank"),
         ({"model": {"name_or_path": "x", "dtype": "fp16"}}, "fp16 needs GPUs"),
@@ -93,7 +93,7 @@ def test_set_overrides_and_bad_override(write_job, tmp_path):
     p = write_job(tiny_job_dict(str(tmp_path)))
     spec = load_spec(p, ["optim.lr=2e-5", "zero.stage=3", "lora.rank=4", "method=lora"])
     assert spec.optim.lr == 2e-5 and spec.zero.stage == 3 and spec.lora.rank == 4
-    with pytest.raises(SpecError, match="expected key.path=value"):
+    with pytest.raises(SpecError, match="expected KEY.PATH=VALUE"):
         load_spec(p, ["optim.lr"])
     with pytest.raises(SpecError, match="optim.nope: unknown key"):
         load_spec(p, ["optim.nope=1"])

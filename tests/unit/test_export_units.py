@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from ftdist.train.export import needed_for_export, parse_size
+from ftdist.spec import parse_size
+from ftdist.train.export import needed_for_export
 
 
 @pytest.mark.parametrize("text, size", [("5GB", 5 * 10**9), ("5GiB", 5 * 2**30), ("500MB", 500 * 10**6),
