@@ -69,9 +69,9 @@ def _preflight(args: argparse.Namespace, spec) -> None:
     if address:
         check_reachable(address)
     stats = preflight_data(spec)
-    if stats is not None:
-        print(f"ftdist: data: {stats.summary()}", file=sys.stderr)
     preflight_storage(spec)
+    if stats is not None:  # after every check passed: an error stays the only line
+        print(f"ftdist: data: {stats.summary()}", file=sys.stderr)
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -170,6 +170,7 @@ def _check_uri(uri: str, what: str) -> None:
 def _cmd_checkpoints(args: argparse.Namespace) -> int:
     from ftdist.storage.checkpoints import CheckpointStore
 
+    _check_uri(args.job_uri, "job folder")
     job_uri = args.job_uri.rstrip("/") if is_remote(args.job_uri) else local_path(args.job_uri)
     if not is_remote(job_uri) and not os.path.isdir(job_uri):
         raise SpecError(f"{args.job_uri}: no such folder (give <checkpoint.storage>/<job name>)")

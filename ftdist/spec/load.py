@@ -16,10 +16,11 @@ from typing import Any, Optional, Union
 from pydantic import BaseModel, ValidationError
 
 from ftdist.errors import SpecError
+from ftdist.redact import key_hint
 from ftdist.spec.base import FieldError
 from ftdist.spec.job import METHOD_SECTIONS, JobSpec
 from ftdist.spec.safe_yaml import parse_job_yaml, parse_yaml_value
-from ftdist.storage.uri import is_remote
+from ftdist.storage.uri import is_remote, location_problem
 
 # ---------------------------------------------------------------------------------------------------------------
 # Loading: YAML with line numbers, relative paths, --set overrides.
@@ -101,22 +102,14 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     secret typed in the wrong place (`--set kubernetes.env.HF_TOKEN:hf_...`)."""
     key, sep, raw = item.partition("=")
     if not sep:
-        raise SpecError(f"--set {_key_hint(item)}: expected KEY.PATH=VALUE (the value is not shown)")
+        raise SpecError(f"--set {key_hint(item)}: expected KEY.PATH=VALUE (the value is not shown)")
     parts = key.strip().split(".")
     if not all(parts) or not all(_KEY_SEGMENT_RE.match(p) for p in parts):
-        raise SpecError(f"--set {_key_hint(key)}: expected KEY.PATH=VALUE with a dotted job key like optim.lr")
+        raise SpecError(f"--set {key_hint(key)}: expected KEY.PATH=VALUE with a dotted job key like optim.lr")
     return parts, parse_yaml_value(raw)
 
 
 _KEY_SEGMENT_RE = re.compile(r"^[A-Za-z0-9_-]+$")
-
-
-def _key_hint(text: str) -> str:
-    """The leading key-like part of what was typed (letters, digits, dots, '_'), to say which --set is meant without
-    echoing anything after it."""
-    m = re.match(r"[A-Za-z0-9_.-]*", text.strip())
-    hint = m.group(0)[:60] if m else ""
-    return f"{hint}..." if hint else "(item)"
 
 
 def apply_overrides(data: dict, overrides: dict[str, Any]) -> dict:
@@ -149,8 +142,8 @@ def _resolve_paths(data: dict, base: Path) -> dict:
     relative to the cwd."""
 
     def fix(key: str, v: Optional[str], must_look_local: bool = True) -> Optional[str]:
-        if v is None or "://" in v or os.path.isabs(v):
-            return v
+        if v is None or "://" in v or os.path.isabs(v) or location_problem(v):
+            return v  # URIs, absolute paths, and what the schema refuses with its own message
         if v.startswith("~"):
             return os.path.expanduser(v)
         cand = base / v

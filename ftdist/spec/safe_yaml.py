@@ -33,6 +33,7 @@ def parse_job_yaml(raw: bytes, source: str) -> tuple[Any, dict]:
                         f"{MAX_BYTES // 1_000_000} MB; data belongs in data.train)")
     text = _decode(raw, source)
     _check_characters(text, source)
+    _check_flow_depth(text, source)
     loader = yaml.SafeLoader(text)
     try:
         node = _compose(loader, source)
@@ -78,6 +79,21 @@ def _check_characters(text: str, source: str) -> None:
                             f"(not allowed in YAML)")
 
 
+def _check_flow_depth(text: str, source: str) -> None:
+    """Refuse `[[[[...` / `{{{{...` nested past MAX_DEPTH before PyYAML sees it: its scanner is quadratic in the
+    flow depth (5,000 brackets took 19 s) and its composer recurses per level. Counts brackets even inside quoted
+    strings, which can only over-count: a real job never comes near the limit either way."""
+    depth = 0
+    for lineno, line in enumerate(text.split("\n"), 1):
+        for ch in line:
+            if ch in "[{":
+                depth += 1
+                if depth > MAX_DEPTH:
+                    raise SpecError(f"{source}:{lineno}: malformed YAML: nested more than {MAX_DEPTH} levels deep")
+            elif ch in "]}" and depth:
+                depth -= 1
+
+
 def _compose(loader: yaml.SafeLoader, source: str) -> Any:
     try:
         return loader.get_single_node()
@@ -120,7 +136,9 @@ def _walk(node: yaml.Node, prefix: tuple, out: dict, source: str) -> None:
     if isinstance(node, yaml.MappingNode):
         first: dict = {}
         for k, v in node.value:
-            if isinstance(k, yaml.ScalarNode) and k.value != "<<":
+            if not isinstance(k, yaml.ScalarNode):
+                continue  # a list or mapping as a key: the constructor refuses it with its line
+            if k.value != "<<":
                 if k.value in first:
                     raise SpecError(f"{source}:{k.start_mark.line + 1}: duplicate key {_key_path(prefix, k.value)} "
                                     f"(first on line {first[k.value]}; YAML keys are unique)")
