@@ -9,7 +9,6 @@ failing stub, so a case that got past the checks made before Ray would fail loud
 from __future__ import annotations
 
 import json
-import os
 import re
 import socket
 import time
@@ -22,7 +21,7 @@ import pytest
 import yaml
 
 from ftdist.cli import main
-from tests.conftest import QS, tiny_job_dict
+from tests.conftest import tiny_job_dict
 
 HF_TOKEN = "hf_Zq8XkP2vLm4Rt7Ws9Yb3Nc6Jd1Ge5Hf0"
 AWS_SECRET = "wJalrXUtnFEMIK7MDENGbPxRfiCYzEXAMPLEKEY9q"
