@@ -63,11 +63,13 @@ def _preflight(args: argparse.Namespace, spec) -> None:
     """What `train` and `tune` check on this machine before Ray starts and before anything is written (the run
     lease included): the cluster address answers, the data tokenizes, the storage takes writes."""
     from ftdist.train.driver import preflight_data, preflight_storage
-    from ftdist.train.ray_runtime import check_reachable
+    from ftdist.train.ray_runtime import check_local_gpus, check_reachable
 
     address = args.address or os.environ.get("RAY_ADDRESS")
     if address:
         check_reachable(address)
+    else:
+        check_local_gpus(spec.resources)
     stats = preflight_data(spec)
     preflight_storage(spec)
     if stats is not None:  # after every check passed: an error stays the only line

@@ -220,6 +220,15 @@ class ResourcesSpec(FrozenSpec):
     def use_gpu(self) -> bool:
         return self.gpus_per_worker > 0
 
+    @property
+    def cpus(self) -> float:
+        """CPUs the worker group takes (Ray Train's controller and a trial's driver take none)."""
+        return self.num_workers * self.cpus_per_worker
+
+    @property
+    def gpus(self) -> float:
+        return self.num_workers * self.gpus_per_worker
+
 
 class UploadSpec(FrozenSpec):
     """How each rank streams its checkpoint files to storage (boto3 / s3transfer multipart)."""

@@ -111,8 +111,7 @@ def grid_size(spec: JobSpec) -> int:
 
 
 def trial_cost(spec: JobSpec) -> tuple[float, float]:
-    r = spec.resources
-    return r.num_workers * r.cpus_per_worker, r.num_workers * r.gpus_per_worker
+    return spec.resources.cpus, spec.resources.gpus
 
 
 def concurrency(spec: JobSpec, cluster: dict) -> int:

@@ -4,6 +4,7 @@ then export the final checkpoint."""
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -115,18 +116,20 @@ def build_trainer(spec: JobSpec, *, callbacks: Optional[list] = None) -> TorchTr
 def preflight_data(spec: JobSpec) -> Optional["DataStats"]:
     """Read and tokenize local data on the driver before Ray starts, so a bad row, a missing field or too little
     data is a one-line error (exit 2) with nothing written; the statistics (rows, tokens, skipped bad rows) come
-    back for the user. Remote (s3://, hub) inputs are checked by the workers."""
-    # transformers and the tokenizer stay off the path of `ftdist validate` and of runs with remote inputs.
+    back for the user. The tokenizer comes from its folder or the hub (a hub id that does not exist is an error here;
+    no connection to the hub leaves the check to the workers). s3:// data and tokenizers are checked by the workers
+    (they are downloaded per node, not to the driver)."""
+    # transformers and the tokenizer stay off the path of `ftdist validate`.
     from ftdist.train.data import ShardedLoader, build_splits
-    from ftdist.train.locations import load_tokenizer
+    from ftdist.train.locations import preflight_tokenizer
     from ftdist.train.model_config import check_from_config
 
     check_from_config(spec.model)
-    tok_path = spec.model.tokenizer_path
-    remote = [p for p in (spec.data.train, spec.data.eval, tok_path) if p and is_remote(p)]
-    if remote or not os.path.isdir(os.path.expanduser(tok_path)):
+    if any(p and is_remote(p) for p in (spec.data.train, spec.data.eval, spec.model.tokenizer_path)):
         return None
-    tok = load_tokenizer(tok_path, spec.model.trust_remote_code)
+    tok = preflight_tokenizer(spec.model)
+    if tok is None:
+        return None
     splits = build_splits(spec.data, tok, spec.optim.seed)
     ShardedLoader.for_job(spec, splits.train, 0, spec.resources.num_workers)  # raises if < one global batch
     return splits.stats
@@ -159,7 +162,7 @@ def run_training(spec: JobSpec, *, address: Optional[str] = None, dashboard: boo
     joining a cluster or inside a running Ray, as in a sweep trial). `callbacks`: Ray Train callbacks (a sweep
     trial forwards reports to Tune with one). A failure comes back in RunSummary.error, never as an exception."""
     # A bad address fails here, before anything is written.
-    started = connect_ray(address, spec.resources.num_workers + 1, dashboard=dashboard)
+    started = connect_ray(address, math.ceil(spec.resources.cpus) + 1, dashboard=dashboard)
     ckpt, history, metrics, error = None, [], {}, None
     try:
         with run_lease(spec.run_dir) as lease:  # one live attempt per job: a second is refused here, in one line

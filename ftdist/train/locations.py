@@ -4,9 +4,11 @@ loader. Light on purpose: the driver's data preflight and the export task use it
 from __future__ import annotations
 
 import os
+import sys
 from typing import Any, Optional
 
 from huggingface_hub import snapshot_download
+from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
 from transformers import AutoTokenizer
 
 from ftdist.errors import SpecError
@@ -48,8 +50,34 @@ def prefetch_per_node(spec: ModelSpec, local_rank: int, barrier) -> tuple[Option
     return paths[0], paths[1]  # type: ignore[return-value]
 
 
-def load_tokenizer(path: str, trust_remote_code: bool = False) -> Any:
-    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+def preflight_tokenizer(spec: ModelSpec) -> Optional[Any]:
+    """The job's tokenizer on the driver, for checking the data before Ray starts: from its folder, or from the hub
+    (tokenizer files only). A hub id that does not exist, a gated repo or a missing revision is a one-line error
+    naming the key; no connection to the hub returns None with a note (the workers, maybe on another network, try)."""
+    path = spec.tokenizer_path
+    local = os.path.expanduser(path)
+    if os.path.isdir(local):
+        return load_tokenizer(local, spec.trust_remote_code)
+    key = "model.tokenizer" if spec.tokenizer else "model.name_or_path"
+    try:
+        return load_tokenizer(path, spec.trust_remote_code, revision=spec.revision)
+    except OSError as e:
+        cause = e.__cause__
+        if isinstance(cause, GatedRepoError):
+            raise SpecError(f"{key}: {path}: a gated repo on the Hugging Face hub; request access on its page and "
+                            f"set HF_TOKEN (or `hf auth login`)") from None
+        if isinstance(cause, RepositoryNotFoundError):
+            raise SpecError(f"{key}: {path}: no such folder here and no such (public) repo on the Hugging Face hub; "
+                            f"for a private repo set HF_TOKEN") from None
+        if isinstance(cause, RevisionNotFoundError):
+            raise SpecError(f"model.revision: {spec.revision}: no such branch, tag or commit in {path}") from None
+        print(f"ftdist: note: {key}: {path}: not reachable on the Hugging Face hub from here (data rows are checked "
+              f"by the workers)", file=sys.stderr)
+        return None
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False, revision: Optional[str] = None) -> Any:
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, revision=revision)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok

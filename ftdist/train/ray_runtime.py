@@ -15,6 +15,7 @@ import ray
 from ray._private.runtime_env.constants import RAY_JOB_CONFIG_JSON_ENV_VAR  # the name Ray's job manager uses
 
 from ftdist.errors import SpecError
+from ftdist.spec import ResourcesSpec
 from ftdist.storage import s3
 from ftdist.train.contracts import BASE_ENV
 
@@ -59,6 +60,20 @@ def check_reachable(address: str, timeout: float = 3.0) -> None:
             pass
     except OSError as e:
         raise SpecError(f"--address {address}: cannot reach a Ray cluster there ({e.strerror or e})") from None
+
+
+def check_local_gpus(resources: ResourcesSpec) -> None:
+    """Before an embedded Ray starts: it has this machine's GPUs, and a job asking for more would wait for them
+    forever (Ray queues a placement it cannot make). CPUs are not checked: the embedded Ray is sized to the job."""
+    if not resources.use_gpu:
+        return
+    import torch  # the driver's preflight has it loaded already (the data check)
+
+    have = torch.cuda.device_count()
+    if resources.gpus > have:
+        raise SpecError(f"resources.gpus_per_worker: {resources.num_workers} workers x {resources.gpus_per_worker:g} "
+                        f"GPUs need {resources.gpus:g} GPUs and this machine has {have}; give --address of a Ray "
+                        f"cluster with GPUs, or set resources.gpus_per_worker: 0 to train on CPU")
 
 
 def free_port() -> int:

@@ -428,6 +428,12 @@ CASES = [
          r"--address 127\.0\.0\.1:1: cannot reach a Ray cluster"),
     Case("train-address-port-word", "storage", [*T, "--address", "head:port"], r"--address head:port: expected host:port"),
     Case("train-address-env", "storage", T, r"--address 127\.0\.0\.1:1: cannot reach", env={"RAY_ADDRESS": "127.0.0.1:1"}),
+    Case("gpus-not-here", "storage", T, r"resources\.gpus_per_worker: 2 workers x 1 GPUs need 2 GPUs and this machine "
+         r"has 0", job=lambda j: (j["resources"].update(gpus_per_worker=1), j["model"].update(dtype="bf16")),
+         env={"CUDA_VISIBLE_DEVICES": ""}),
+    Case("gpus-not-here-tune", "storage", TU, r"resources\.gpus_per_worker: .* this machine has 0",
+         job=lambda j: (_sweep()(j), j["resources"].update(gpus_per_worker=1), j["model"].update(dtype="bf16")),
+         env={"CUDA_VISIBLE_DEVICES": ""}),
     Case("submit-no-address", "storage", ["submit", "{job}"], r"--address: give the Ray dashboard address",
          env={"RAY_ADDRESS": None, "RAY_API_SERVER_ADDRESS": None}, job=ON_S3),
     Case("submit-no-scheme", "storage", ["submit", "{job}", "--address", "head:8265"], r"needs the dashboard's HTTP", job=ON_S3),
@@ -655,3 +661,45 @@ def test_secret_redaction_guard():
         assert redact(plain) == plain and not looks_like_secret(plain), plain
     assert key_hint(f"kubernetes.env.HF_TOKEN:{HF_TOKEN}") == "kubernetes.env.HF_TOKEN..."
     assert key_hint(HF_TOKEN) == "(value not shown)"
+
+
+@pytest.mark.parametrize("hub_error, expect", [
+    ("RepositoryNotFoundError", r"model\.name_or_path: acme/no-such-model: no such folder here and no such \(public\) "
+                                r"repo on the Hugging Face hub"),
+    ("GatedRepoError", r"model\.name_or_path: acme/no-such-model: a gated repo"),
+    ("RevisionNotFoundError", r"model\.revision: v9: no such branch, tag or commit"),
+])
+def test_a_hub_tokenizer_that_does_not_exist_is_refused_before_ray(hub_error, expect, tmp_path, monkeypatch, capsys):
+    """With a hub id (the usual job), the driver loads the tokenizer from the hub to check the data rows; what the hub
+    answers for a wrong id, a gated repo or a wrong revision is one line. (The hub's answer is raised the way
+    transformers raises it: an OSError from huggingface_hub's error; no hub is reachable from the tests.)"""
+    from types import SimpleNamespace
+
+    import huggingface_hub.errors as hub_errors
+
+    import ftdist.train.locations as locations
+
+    def from_hub(path, trust_remote_code=False, revision=None):
+        response = SimpleNamespace(headers={}, status_code=404, url=f"https://huggingface.co/{path}", request=None)
+        raise OSError("as transformers words it") from getattr(hub_errors, hub_error)("hub says no", response=response)
+
+    monkeypatch.setattr(locations, "load_tokenizer", from_hub)
+    case = Case("hub", "paths", T, expect, job=_model(from_config=None, tokenizer=None, revision="v9",
+                                                       name_or_path="acme/no-such-model"))
+    argv = _prepare(case, tmp_path, monkeypatch)
+    before = _tree(tmp_path)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and re.search(expect, err), err
+    assert _tree(tmp_path) == before
+
+
+def test_no_connection_to_the_hub_leaves_the_rows_to_the_workers(tmp_path, monkeypatch, capsys):
+    """Offline (as here: HF_HUB_OFFLINE=1 and nothing cached), the driver cannot check the rows with a hub tokenizer:
+    it says so in a note and goes on to Ray (the stub)."""
+    case = Case("offline", "paths", T, "", job=_model(from_config=None, tokenizer=None, name_or_path="acme/model"))
+    argv = _prepare(case, tmp_path, monkeypatch)
+    with pytest.raises(AssertionError, match="let this input through"):
+        main(argv)
+    assert "ftdist: note: model.name_or_path: acme/model: not reachable on the Hugging Face hub" in \
+        capsys.readouterr().err
