@@ -6,6 +6,7 @@ Pure: imports neither torch, ray nor deepspeed, and does no I/O (`ftdist validat
 
 from __future__ import annotations
 
+import difflib
 import re
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
@@ -13,6 +14,7 @@ from typing import Any, Literal, Optional, Union
 from pydantic import Field, field_validator, model_validator
 
 from ftdist.spec.base import FieldError, FrozenSpec
+from ftdist.spec.config_keys import config_keys, model_types
 from ftdist.spec.kubernetes import KubernetesSpec
 from ftdist.spec.sweep import SweepSpec
 from ftdist.storage.uri import FILE_SCHEME, S3_SCHEME, is_remote, location_problem, resolve
@@ -76,11 +78,32 @@ class ModelSpec(FrozenSpec):
                 raise FieldError("from_config", "model.from_config needs a model_type (e.g. llama)")
             if self.tokenizer is None:
                 raise FieldError("from_config", "model.tokenizer is required with model.from_config")
+            _check_config_keys(self.from_config)
         return self
 
     @property
     def tokenizer_path(self) -> str:
         return self.tokenizer or self.name_or_path  # type: ignore[return-value]
+
+
+def _check_config_keys(cfg: dict) -> None:
+    """A model type transformers does not know, or a key its config class does not define (read from transformers'
+    source: see ftdist.spec.config_keys; silent where the source cannot say)."""
+    model_type = str(cfg["model_type"])
+    known_types = model_types()
+    if known_types is not None and model_type not in known_types:
+        raise FieldError("from_config.model_type", f"unknown transformers model type {model_type[:60]!r}"
+                                                   f"{_did_you_mean(model_type, known_types)}")
+    keys = config_keys(model_type)
+    for key in cfg if keys else ():
+        if key != "model_type" and key not in keys:
+            raise FieldError(f"from_config.{key}", f"not a setting of transformers' {model_type} config"
+                                                   f"{_did_you_mean(str(key), sorted(keys))}")
+
+
+def _did_you_mean(word: str, known) -> str:
+    close = difflib.get_close_matches(word, list(known), n=1)
+    return f" (did you mean {close[0]}?)" if close else ""
 
 
 class LoraSpec(FrozenSpec):

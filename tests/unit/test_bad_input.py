@@ -199,6 +199,12 @@ CASES = [
     Case("model-both", "schema", V, r"model\.name_or_path: set exactly one of", job=_model(name_or_path="gpt2")),
     Case("from-config-no-type", "schema", V, r"model\.from_config: model\.from_config needs a model_type",
          job=lambda j: j["model"]["from_config"].pop("model_type")),
+    Case("from-config-typo", "schema", V, r":\d+: model\.from_config\.hiden_size: not a setting of transformers' llama "
+         r"config \(did you mean hidden_size\?\)", job=_cfg(hiden_size=64)),
+    Case("from-config-typo-train", "schema", T, r"model\.from_config\.hiden_size: not a setting",
+         job=_cfg(hiden_size=64)),
+    Case("from-config-type", "schema", V, r":4: model\.from_config\.model_type: unknown transformers model type "
+         r"'lama' \(did you mean llama\?\)", job=_cfg(model_type="lama")),
     Case("dtype-fp8", "schema", V, r"model\.dtype: Input should be", job=_model(dtype="fp8")),
     Case("lora-rank-zero", "schema", V, r"lora\.rank: Input should be greater than or equal to 1",
          job=_top(method="lora", lora={"rank": 0})),
@@ -346,10 +352,6 @@ CASES = [
          files={"data/readme.txt": "x"}),
     Case("data-parquet-corrupt", "rows", T, r"train\.parquet: not a readable Parquet file",
          job=_data(train="train.parquet"), files={"train.parquet": b"PAR1garbage"}),
-    Case("from-config-typo", "rows", T, r"model\.from_config\.hiden_size: not a setting of transformers' LlamaConfig "
-                                        r"\(did you mean hidden_size\?\)", job=_cfg(hiden_size=64)),
-    Case("from-config-type", "rows", T, r"model\.from_config\.model_type: unknown transformers model type 'lama' "
-                                        r"\(did you mean llama\?\)", job=_cfg(model_type="lama")),
     # -- --set overrides -----------------------------------------------------------------------------------------
     Case("set-no-equals", "overrides", [*V, "--set", "optim.lr"], r"--set optim\.lr: expected KEY\.PATH=VALUE"),
     Case("set-secret-colon", "overrides", [*V, "--set", f"kubernetes.env.HF_TOKEN:{HF_TOKEN}"],
@@ -703,3 +705,31 @@ def test_no_connection_to_the_hub_leaves_the_rows_to_the_workers(tmp_path, monke
         main(argv)
     assert "ftdist: note: model.name_or_path: acme/model: not reachable on the Hugging Face hub" in \
         capsys.readouterr().err
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen2", "qwen3", "mistral", "gemma3_text", "gpt2", "bert"])
+def test_validate_reads_the_same_config_keys_as_the_real_class(model_type):
+    """`ftdist validate` reads a config class's settings from transformers' source (no torch import); they must be
+    exactly what the imported class defines, which the driver's preflight checks against."""
+    from transformers import CONFIG_MAPPING
+
+    from ftdist.spec.config_keys import config_keys
+    from ftdist.train.model_config import config_keys as imported_keys
+
+    assert config_keys(model_type) == imported_keys(CONFIG_MAPPING[model_type])
+
+
+def test_the_preflight_checks_from_config_where_the_source_cannot_say(monkeypatch):
+    """Where the source reader answers None (another transformers layout), the driver's preflight still refuses a
+    key the imported config class does not define."""
+    import ftdist.spec.config_keys as source
+    from ftdist.errors import SpecError
+    from ftdist.spec import ModelSpec
+    from ftdist.train.model_config import check_from_config
+
+    monkeypatch.setattr(source, "config_keys", lambda _t: None)
+    monkeypatch.setattr("ftdist.spec.job.config_keys", lambda _t: None)
+    spec = ModelSpec(from_config={"model_type": "llama", "hiden_size": 64}, tokenizer="t")
+    with pytest.raises(SpecError, match=r"model\.from_config\.hiden_size: not a setting of transformers' "
+                                        r"LlamaConfig \(did you mean hidden_size\?\)"):
+        check_from_config(spec)
