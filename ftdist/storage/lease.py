@@ -86,7 +86,9 @@ class Lease:
         return json.dumps({"token": self.token, "generation": self.generation, "holder": _holder(),
                            "heartbeat": time.time(), "ttl_s": self.ttl_s, "released": released}).encode()
 
-    def acquire(self) -> "Lease":
+    def refuse_if_held(self) -> list[int]:
+        """Read only: SpecError when a live attempt holds the lease (the driver's preflight asks before Ray starts);
+        returns the generations found."""
         gens = self._generations()
         if gens:
             cur = self._read(gens[-1]) or {}
@@ -97,6 +99,10 @@ class Lease:
                 raise SpecError(f"{self.what}: another attempt of this job is running ({who}; heartbeat {age:.0f} s "
                                 f"ago); two would write over each other's checkpoints. Stop it, or wait "
                                 f"{float(cur.get('ttl_s', self.ttl_s)):.0f} s after it died")
+        return gens
+
+    def acquire(self) -> "Lease":
+        gens = self.refuse_if_held()
         self.generation = (gens[-1] if gens else 0) + 1
         self.token = uuid.uuid4().hex
         if not self.store.put_bytes(self._key(self.generation), self._body(), if_absent=True):

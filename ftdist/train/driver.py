@@ -137,8 +137,8 @@ def preflight_data(spec: JobSpec) -> Optional["DataStats"]:
 
 def preflight_storage(spec: JobSpec) -> None:
     """Before Ray starts: an s3:// checkpoint storage must be reachable with working credentials, an existing bucket
-    and write access (one-line error, exit 2, nothing left behind). Also refuses to resume a checkpoint written by a
-    different number of workers."""
+    and write access (one-line error, exit 2, nothing left behind). Also refuses a second live attempt of the job
+    (the run lease, read only) and a resume from a checkpoint written by a different number of workers."""
     storage = spec.checkpoint.resolved_storage()
     if is_remote(storage):
         s3.check_access(f"{storage}/{spec.name}", extra_args=spec.checkpoint.encryption.extra_args())
@@ -148,6 +148,7 @@ def preflight_storage(spec: JobSpec) -> None:
         if is_remote(storage):
             raise SpecError(s3.describe_error(e, spec.run_dir)) from None
         return
+    run_lease(spec.run_dir).refuse_if_held()  # read only: a live attempt is refused before Ray starts
     if latest is not None and latest.manifest.world_size != spec.resources.num_workers:
         had = latest.manifest.world_size
         raise SpecError(f"resources.num_workers: {spec.resources.num_workers}, but {latest.uri} (the checkpoint this "

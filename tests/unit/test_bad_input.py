@@ -733,3 +733,18 @@ def test_the_preflight_checks_from_config_where_the_source_cannot_say(monkeypatc
     with pytest.raises(SpecError, match=r"model\.from_config\.hiden_size: not a setting of transformers' "
                                         r"LlamaConfig \(did you mean hidden_size\?\)"):
         check_from_config(spec)
+
+
+def test_a_live_attempt_is_refused_before_ray(tmp_path, monkeypatch, capsys):
+    """The run lease is read before Ray starts: a second `ftdist train` of a running job is one line and writes
+    nothing (the integration test takes the lease path with a real Ray)."""
+    from ftdist.storage.store import open_store
+    from tests.support.leases import foreign_lease
+
+    argv = _prepare(Case("lease", "storage", T, ""), tmp_path, monkeypatch)
+    foreign_lease(open_store(str(tmp_path / "store" / "tiny")), 1, age_s=5)
+    before = _tree(tmp_path)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "store/tiny: another attempt of this job is running (host gpu-node-7" in err
+    assert _tree(tmp_path) == before
