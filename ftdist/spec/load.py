@@ -263,8 +263,11 @@ def missing_local_inputs(spec: JobSpec) -> list[tuple[str, str, str]]:
         if not val or is_remote(val):
             continue
         looks_local = os.path.isabs(val) or val.startswith((".", "~"))
-        if looks_local and not os.path.isdir(os.path.expanduser(val)):
+        folder = os.path.expanduser(val)
+        if looks_local and not os.path.isdir(folder):
             out.append((key, val, "no such directory"))
+        elif key == "model.name_or_path" and looks_local and not os.path.isfile(os.path.join(folder, "config.json")):
+            out.append((key, val, "no config.json here: not a Hugging Face model folder"))
     return out
 
 

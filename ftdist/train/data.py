@@ -157,6 +157,8 @@ class Tokenize:
             tokenizer.chat_template = spec.chat_template
         if spec.format == "chat" and not getattr(tokenizer, "chat_template", None):
             raise SpecError("data.format chat: the tokenizer has no chat template; set data.chat_template")
+        if spec.format == "chat":
+            _check_template(tokenizer, "data.chat_template" if spec.chat_template else "the tokenizer's chat_template")
 
     def _enc(self, text: str) -> list[int]:
         return self.tok(text, add_special_tokens=False)["input_ids"]
@@ -222,6 +224,19 @@ class Tokenize:
             labels += new if trainable else [IGNORE_INDEX] * len(new)
             ids = full
         return Example(ids, labels)
+
+
+def _check_template(tokenizer: Any, key: str) -> None:
+    """A template that does not compile is the job's mistake, not every row's: one line naming it."""
+    from jinja2 import TemplateSyntaxError
+
+    probe = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]
+    try:
+        tokenizer.apply_chat_template(probe, tokenize=False)
+    except TemplateSyntaxError as e:
+        raise SpecError(f"{key}: not a valid Jinja template (template line {e.lineno}: {e.message})") from None
+    except Exception:  # noqa: BLE001  (a template may refuse the probe conversation itself: rows are checked later)
+        pass
 
 
 def _adds_bos(tok: Any) -> bool:

@@ -142,6 +142,8 @@ def preflight_storage(spec: JobSpec) -> None:
     storage = spec.checkpoint.resolved_storage()
     if is_remote(storage):
         s3.check_access(f"{storage}/{spec.name}", extra_args=spec.checkpoint.encryption.extra_args())
+    else:
+        _check_local_storage(storage)
     try:
         latest = CheckpointStore(spec.run_dir, TransferOptions.from_spec(spec.checkpoint)).latest_valid()
     except Exception as e:  # noqa: BLE001  (listing errors surface again, with retries, in the workers)
@@ -154,6 +156,17 @@ def preflight_storage(spec: JobSpec) -> None:
         raise SpecError(f"resources.num_workers: {spec.resources.num_workers}, but {latest.uri} (the checkpoint this "
                         f"job would resume from) was written by {had} workers; set num_workers={had}, or use a new "
                         f"job name and start from `ftdist export {latest.uri} --to ...`")
+
+
+def _check_local_storage(storage: str) -> None:
+    """A local checkpoint.storage must be (or be creatable as) a folder this user can write."""
+    existing = storage
+    while not os.path.exists(existing) and os.path.dirname(existing) != existing:
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise SpecError(f"checkpoint.storage: {storage}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise SpecError(f"checkpoint.storage: {storage}: {existing} is not writable by this user")
 
 
 def run_training(spec: JobSpec, *, address: Optional[str] = None, dashboard: bool = False,

@@ -56,9 +56,13 @@ def preflight_tokenizer(spec: ModelSpec) -> Optional[Any]:
     naming the key; no connection to the hub returns None with a note (the workers, maybe on another network, try)."""
     path = spec.tokenizer_path
     local = os.path.expanduser(path)
-    if os.path.isdir(local):
-        return load_tokenizer(local, spec.trust_remote_code)
     key = "model.tokenizer" if spec.tokenizer else "model.name_or_path"
+    if os.path.isdir(local):
+        try:
+            return load_tokenizer(local, spec.trust_remote_code)
+        except (OSError, ValueError, TypeError) as e:  # transformers says "couldn't instantiate the backend ..."
+            raise SpecError(f"{key}: {path}: no tokenizer in this folder (tokenizer.json or tokenizer_config.json "
+                            f"with its files; {type(e).__name__})") from None
     try:
         return load_tokenizer(path, spec.trust_remote_code, revision=spec.revision)
     except OSError as e:

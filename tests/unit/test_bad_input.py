@@ -294,6 +294,12 @@ CASES = [
                                        r"tokenizer\?\)", job=_model(tokenizer="tokenizr"), files={"tokenizer/x": ""}),
     Case("tokenizer-typo-train", "paths", T, r"model\.tokenizer: tokenizr: no such folder",
          job=_model(tokenizer="tokenizr"), files={"tokenizer/x": ""}),
+    Case("tokenizer-folder-empty", "paths", T, r"model\.tokenizer: .*emptytok: no tokenizer in this folder",
+         job=_model(tokenizer="emptytok"), files={"emptytok/readme.txt": "x"}),
+    Case("model-folder-no-config", "paths", V, r"model\.name_or_path: .*mymodel: no config\.json here",
+         job=_model(from_config=None, tokenizer=None, name_or_path="./mymodel"), files={"mymodel/weights.bin": ""}),
+    Case("storage-is-a-file", "paths", T, r"checkpoint\.storage: .*afile/runs: .*afile is a file, not a folder",
+         job=_set("checkpoint", storage="afile/runs"), files={"afile": "x"}),
     Case("storage-gs", "paths", V, r"checkpoint\.storage: unsupported URI scheme gs://",
          job=_set("checkpoint", storage="gs://b/runs")),
     Case("storage-no-bucket", "paths", V, r"checkpoint\.storage: no bucket", job=_set("checkpoint", storage="s3://")),
@@ -339,6 +345,10 @@ CASES = [
              "{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}")),
          files={"chat.jsonl": _chat([{"role": "user", "content": "a"}, {"role": "user", "content": "b"},
                                      {"role": "assistant", "content": "c"}])}),
+    Case("chat-template-syntax", "rows", T, r"data\.chat_template: not a valid Jinja template \(template line 1: "
+         r"unexpected '}'\)", job=_data(train="chat.jsonl", format="chat",
+                                        chat_template="{% for m in messages %}{{ m['content'] }"),
+         files={"chat.jsonl": _chat([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}])}),
     Case("too-few-rows", "rows", T, r"fewer than one global batch", job=_data(train="train.jsonl"),
          files={"train.jsonl": _rows(3)}),
     Case("all-rows-skipped", "rows", T, r"train\.jsonl: no usable training examples \(0 rows, 0 tokens, 40 bad rows "
