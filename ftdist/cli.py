@@ -179,9 +179,12 @@ def _cmd_checkpoints(args: argparse.Namespace) -> int:
     with _storage_errors(job_uri, "job folder"):
         cs = CheckpointStore(job_uri)
         found = cs.checkpoints(committed_only=not args.all)
+        if args.verify not in (None, "latest") and args.verify not in {c.name for c in found if c.committed}:
+            have = ", ".join(c.name for c in found if c.committed) or "none committed"
+            raise SpecError(f"--verify {args.verify}: no such committed checkpoint in {args.job_uri} ({have})")
         if not found:
             _no_checkpoints(cs, args.job_uri)
-            print(f"{args.job_uri}: no committed checkpoints")
+            print(f"{args.job_uri}: no committed checkpoints", file=sys.stderr if args.verify else sys.stdout)
             return 1 if args.verify else 0
         keys = ("loss", "eval_loss")
         print(f"{'checkpoint':<16} {'step':>8} {'workers':>7} {'zero':>4} {'method':<6} {'size':>10}  metrics")

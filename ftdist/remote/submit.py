@@ -51,7 +51,11 @@ def dashboard_address(address: Optional[str]) -> str:
                         "(or set RAY_API_SERVER_ADDRESS)")
     if "://" not in addr:
         raise SpecError(f"--address {addr}: the Jobs API needs the dashboard's HTTP address, e.g. http://{addr}")
-    u = urlparse(addr)
+    try:
+        u = urlparse(addr)
+        u.port  # noqa: B018  (parses the port: a non-number raises here, not deep in the client)
+    except ValueError as e:
+        raise SpecError(f"--address {addr}: not a valid URL ({e})") from None
     if u.scheme not in ("http", "https") or not u.hostname:
         raise SpecError(f"--address {addr}: expected http(s)://<head>:8265 (the Ray dashboard), not {u.scheme}://")
     return addr.rstrip("/")

@@ -17,6 +17,8 @@ __all__ = ["ENV_NAME_RE", "SECRET_ENV_RE", "KubernetesSpec", "SecretEnvSpec"]
 _QUANTITY_RE = re.compile(r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|Pi|k|M|G|T|P)?$")
 ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _DNS_LABEL_RE = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+_DNS_SUBDOMAIN_RE = re.compile(r"^(?=.{1,253}$)[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+_LABEL_RE = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
 
 
 def _quantity(v: Optional[str]) -> Optional[str]:
@@ -97,6 +99,28 @@ class KubernetesSpec(FrozenSpec):
     @classmethod
     def _q(cls, v: Optional[str]) -> Optional[str]:
         return _quantity(v)
+
+    @field_validator("image_pull_secrets")
+    @classmethod
+    def _pull_secrets(cls, v: list[str]) -> list[str]:
+        for name in v:
+            if looks_like_secret(name) or not _DNS_SUBDOMAIN_RE.match(name):
+                raise ValueError("an entry is not a Kubernetes Secret name (lowercase letters, digits, '-' and '.'; "
+                                 "the value is not shown)")
+        return v
+
+    @field_validator("labels")
+    @classmethod
+    def _labels(cls, v: dict[str, str]) -> dict[str, str]:
+        for key, value in v.items():
+            prefix, _, name = key.rpartition("/")
+            if (prefix and not _DNS_SUBDOMAIN_RE.match(prefix)) or not _LABEL_RE.match(name):
+                raise ValueError(f"{key[:80]!r} is not a Kubernetes label key ([prefix/]name: letters, digits, '-', "
+                                 f"'_', '.', at most 63, alphanumeric at both ends)")
+            if value and not _LABEL_RE.match(value):
+                raise ValueError(f"the value of {key[:80]} is not a Kubernetes label value (letters, digits, '-', "
+                                 f"'_', '.', at most 63, alphanumeric at both ends)")
+        return v
 
     @field_validator("namespace")
     @classmethod

@@ -57,7 +57,12 @@ _ONE_SLASH_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):/(?!/)")
 
 def location_problem(value: str, schemes: tuple[str, ...] = (S3_SCHEME,)) -> Optional[str]:
     """Why a data, model or storage location cannot be used, or None: an unsupported scheme, an s3:// URI without a
-    valid bucket (or with credentials typed into it), a scheme written with one slash. Never echoes the value."""
+    valid bucket (or with credentials typed into it), a scheme written with one slash, an empty value or one with
+    spaces around it (a YAML quoting slip). Never echoes the value."""
+    if not value.strip():
+        return "empty (give a path or URI)"
+    if value != value.strip():
+        return "has spaces or a line break at its start or end"
     if has_scheme(value):
         scheme = value.split("://", 1)[0] + "://"
         if scheme not in schemes:
