@@ -9,6 +9,7 @@ failing stub, so a case that got past the checks made before Ray would fail loud
 from __future__ import annotations
 
 import json
+import os
 import re
 import socket
 import time
@@ -29,6 +30,8 @@ JWT = "eyJhbGciOiJSUzI1NiIsImtpZCI6IjEyMyJ9.eyJzdWIiOiJzeXN0ZW06c2VydmljZWFjY291
 CONN = f"DefaultEndpointsProtocol=https;AccountName=acme;AccountKey={AWS_SECRET}==;EndpointSuffix=core.windows.net"
 CHAT_TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
                  "{% if add_generation_prompt %}<assistant>{% endif %}")
+ENV_SECRETS = {"HF_TOKEN": "hf_EnvToken0123456789abcdefXYZ", "WANDB_API_KEY": "wandb-env-0a1b2c3d4e5f6a7b8c9d",
+               "AWS_SECRET_ACCESS_KEY": "env/Secret+Key0123456789abcdefghijKLMN", "RAY_AUTH_TOKEN": "ray-env-token-5e6f7a8b"}
 CLOSED = "http://127.0.0.1:1"  # nothing listens on port 1: connection refused at once
 
 
@@ -499,6 +502,8 @@ def _prepare(case: Case, tmp_path: Path, monkeypatch) -> list:
     monkeypatch.chdir(tmp_path)
     (tmp_path / "home").mkdir()
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    for k, v in ENV_SECRETS.items():  # what a user's shell holds: no error may ever print it
+        monkeypatch.setenv(k, v)
     for k, v in case.env.items():
         if v is None:
             monkeypatch.delenv(k, raising=False)
@@ -533,6 +538,8 @@ def test_bad_input_is_one_line_exit_2_nothing_written(case, tmp_path, monkeypatc
     assert _tree(tmp_path) == before  # nothing written: no run folder, no lease, no export, no cache
     if case.secret:
         assert case.secret not in out + err
+    for name in ENV_SECRETS:
+        assert os.environ.get(name, "<unset>") not in out + err, name
 
 
 def test_the_table_covers_every_family_with_over_100_cases():
