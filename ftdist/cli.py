@@ -76,6 +76,26 @@ def _preflight(args: argparse.Namespace, spec) -> None:
         print(f"ftdist: data: {stats.summary()}", file=sys.stderr)
 
 
+def _cmd_plan(args: argparse.Namespace) -> int:
+    import json
+
+    from ftdist.plan.report import make_plan, render, to_json
+
+    spec = load_spec(args.job, args.overrides)
+    check_local_inputs(spec)
+    if spec.sweep is not None:
+        validate_sweep(spec, args.job)
+    for flag, value in (("--gpus", args.gpus), ("--gpus-per-node", args.gpus_per_node), ("--rows", args.rows)):
+        if value is not None and value < 1:
+            raise SpecError(f"{flag} {value}: must be at least 1")
+    if args.price_per_gpu_hour is not None and not args.price_per_gpu_hour >= 0:
+        raise SpecError(f"--price-per-gpu-hour {args.price_per_gpu_hour}: must be a price (0 or more)")
+    plan = make_plan(spec, gpu_name=args.gpu, gpus=args.gpus, gpus_per_node=args.gpus_per_node,
+                     price=args.price_per_gpu_hour, rows=args.rows)
+    print(json.dumps(to_json(plan), indent=2) if args.json else render(plan))
+    return 0 if plan.memory.fits else 1
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     spec = _load(args)
     from ftdist.train.driver import run_training
@@ -370,6 +390,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="do not require the job's data/model paths on this machine (a cluster job's /mnt/... paths); "
                         "missing ones are listed as notes")
     v.set_defaults(fn=_cmd_validate)
+
+    pl = sub.add_parser("plan", help="memory per GPU and node, speed, GPU-hours and cost of a job (and its sweep) "
+                                     "before it runs; exit 1 when it does not fit (no torch, no GPU)")
+    _add_job_args(pl)
+    pl.add_argument("--gpu", default=None, metavar="TYPE",
+                    help="GPU type: H100-80GB, H200-141GB, A100-80GB, A100-40GB, L40S-48GB, A10G-24GB, L4-24GB "
+                         "(default: the job's resources.accelerator_type, else H100-80GB)")
+    pl.add_argument("--gpus", type=int, default=None, help="data-parallel GPUs (default: resources.num_workers)")
+    pl.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node, for host memory (default 8)")
+    pl.add_argument("--price-per-gpu-hour", type=float, default=None, metavar="X", help="money per GPU-hour")
+    pl.add_argument("--rows", type=int, default=None,
+                    help="training examples, for optim.epochs when data.train is not a local JSONL file")
+    pl.add_argument("--json", action="store_true", help="print the plan as JSON")
+    pl.set_defaults(fn=_cmd_plan)
 
     t = sub.add_parser("train", help="run a job with Ray Train + DeepSpeed")
     _add_job_args(t, inline=True)

@@ -23,11 +23,11 @@ import torch.distributed as dist
 from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.models.llama import modeling_llama  # noqa: F401  (imported before RSS is sampled: code is not model memory)
 
+from ftdist.bench.common import BENCH_LLAMA, WORLD, batches, bench_spec, engine_for, spawn, task
+from ftdist.plan.shape import ModelShape
 from ftdist.spec import ModelSpec, spec_from_dict
 from ftdist.train.driver import run_training
 from ftdist.train.modeling import load_model
-
-from ftdist.bench.common import BENCH_LLAMA, WORLD, batches, bench_spec, engine_for, spawn, task
 
 # fp32 on CPU: parameters 4 bytes, gradients 4 bytes, optimizer K = 12 bytes per parameter (DeepSpeed keeps an
 # fp32 master copy of its partition even in fp32 mode, plus Adam's exp_avg and exp_avg_sq). The paper's
@@ -256,26 +256,14 @@ def _gpu_text(path: str, tokens_wanted: int) -> None:
                 written += len(line)
 
 
-def _layer_matmul_params(cfg: dict) -> int:
-    """Weights of one Llama decoder layer's matmuls: q, o, k, v (grouped KV heads); gate, up, down."""
-    h, ff = cfg["hidden_size"], cfg["intermediate_size"]
-    kv = h // cfg["num_attention_heads"] * cfg["num_key_value_heads"]
-    return h * h * 2 + h * kv * 2 + 3 * h * ff
-
-
 def sum_params(cfg: dict) -> int:
-    """All parameters of an untied Llama: layers (+ their two norms), embeddings, LM head, final norm."""
-    h, L, v = cfg["hidden_size"], cfg["num_hidden_layers"], cfg["vocab_size"]
-    return L * (_layer_matmul_params(cfg) + 2 * h) + 2 * h * v + h
+    """All parameters of the benchmark's Llama (the planner's count: tested equal to transformers')."""
+    return ModelShape.from_config(cfg).params()
 
 
 def model_flops_per_token(cfg: dict, seq: int) -> float:
-    """Training FLOPs per token, PaLM appendix B convention: 6N for the matmuls of the N non-embedding parameters
-    (the LM head counts; the embedding lookup and the norm weights do not) + 12·L·h·s for attention scores and
-    values."""
-    h, L, v = cfg["hidden_size"], cfg["num_hidden_layers"], cfg["vocab_size"]
-    n = L * _layer_matmul_params(cfg) + h * v
-    return 6 * n + 12 * L * h * seq
+    """Training FLOPs per token (PaLM appendix B), as `ftdist plan` computes them."""
+    return ModelShape.from_config(cfg).flops_per_token(seq)
 
 
 def _bare_gpu(rank: int, spec_json: dict, warmup: int, steps: int) -> dict:

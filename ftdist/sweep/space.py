@@ -110,6 +110,17 @@ def grid_size(spec: JobSpec) -> int:
     return n
 
 
+def num_samples(spec: JobSpec) -> int:
+    """Tune's num_samples: how often the grid (the product of grid dimensions) is sampled."""
+    sw = spec.sweep
+    return sw.num_samples if sw.max_trials is None or sw.search == "grid" else min(sw.num_samples, sw.max_trials)
+
+
+def trial_count(spec: JobSpec) -> int:
+    """Trials the sweep runs: every grid point, num_samples times (Tune's semantics)."""
+    return grid_size(spec) * num_samples(spec)
+
+
 def trial_cost(spec: JobSpec) -> tuple[float, float]:
     return spec.resources.cpus, spec.resources.gpus
 

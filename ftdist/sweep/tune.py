@@ -26,7 +26,7 @@ from ftdist.errors import SpecError
 from ftdist.spec import JobSpec, SearchDim, spec_from_dict
 from ftdist.storage.lease import run_lease
 from ftdist.sweep.report import SweepSummary, finish, load_report, save_spec, tune_storage
-from ftdist.sweep.space import TRIAL_PREFIX, concurrency, sweep_dir, trial_cost, trial_spec
+from ftdist.sweep.space import TRIAL_PREFIX, concurrency, num_samples, sweep_dir, trial_cost, trial_spec
 from ftdist.train.driver import run_training
 from ftdist.train.ray_runtime import connect_ray, disconnect_ray
 
@@ -136,13 +136,12 @@ def build_tuner(spec: JobSpec, max_concurrent: int, resume: bool = False):
         raise SpecError(f"{sweep_dir(spec)}: a sweep named {spec.name} already exists there; add --resume to finish "
                         f"it, or change name")
     sw = spec.sweep
-    num_samples = sw.num_samples if sw.max_trials is None or sw.search == "grid" else min(sw.num_samples, sw.max_trials)
     return tune.Tuner(
         _trainable(spec),
         param_space=param_space(spec),
         tune_config=tune.TuneConfig(
             metric=sw.metric, mode=sw.mode, search_alg=_search_alg(spec, max_concurrent), scheduler=_scheduler(spec),
-            num_samples=num_samples, time_budget_s=sw.time_budget_s,
+            num_samples=num_samples(spec), time_budget_s=sw.time_budget_s,
             trial_dirname_creator=lambda t: f"{TRIAL_PREFIX}{t.trial_id}",
         ),
         run_config=tune.RunConfig(name=spec.name, storage_path=storage, storage_filesystem=fs, stop=_stopper(spec),

@@ -1,0 +1,181 @@
+"""`ftdist plan`: parameter counts against transformers and peft, model states against the ZeRO paper, the fits /
+does-not-fit verdict and its fix, ASHA's share against the sweeps ftdist measured, the command's output."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ftdist.cli import main
+from ftdist.plan.cost import asha_fraction
+from ftdist.plan.gpus import GPUS, GiB
+from ftdist.plan.memory import plan_memory
+from ftdist.plan.report import make_plan
+from ftdist.plan.shape import ModelShape
+from ftdist.spec import load_spec
+from tests.conftest import REPO
+
+DATA = Path(__file__).parent / "data"
+LLAMA_8B, LLAMA_70B = DATA / "llama-3.1-8b", DATA / "llama-3.1-70b"
+
+
+def _shape(folder: Path) -> ModelShape:
+    return ModelShape.from_config(json.loads((folder / "config.json").read_text()))
+
+
+def _job(tmp_path: Path, model: Path, *sets: str):
+    """jobs/llama-8b-full-zero3.yaml with the model's local config.json and --set overrides."""
+    return load_spec(REPO / "jobs" / "llama-8b-full-zero3.yaml", [f"model.name_or_path={model}", *sets])
+
+
+def test_llama_31_parameter_counts_are_exact():
+    assert _shape(LLAMA_8B).params() == 8_030_261_248
+    assert _shape(LLAMA_70B).params() == 70_553_706_496
+
+
+@pytest.mark.parametrize("cfg", [
+    dict(model_type="llama", tie_word_embeddings=False),
+    dict(model_type="llama", tie_word_embeddings=True, attention_bias=True, mlp_bias=True),
+    dict(model_type="qwen2", tie_word_embeddings=True),
+    dict(model_type="mistral", num_attention_heads=8, head_dim=16),
+    dict(model_type="qwen3", head_dim=32),
+], ids=["llama", "llama-tied-biases", "qwen2", "mistral-head-dim", "qwen3-qk-norm"])
+def test_parameter_counts_equal_transformers(cfg):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(**{"vocab_size": 320, "hidden_size": 64, "intermediate_size": 96,
+                                     "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+                                     **cfg})
+    model = AutoModelForCausalLM.from_config(config)
+    assert ModelShape.from_config(config.to_dict()).params() == sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("targets", [None, ["q_proj", "v_proj"]], ids=["all-linear", "q-v"])
+def test_lora_trainable_parameters_equal_peft(targets):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model("llama", vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                                  num_attention_heads=4, num_key_value_heads=2)
+    model = get_peft_model(AutoModelForCausalLM.from_config(config),
+                           LoraConfig(r=8, target_modules=targets or "all-linear"))
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert ModelShape.from_config(config.to_dict()).lora_params(8, targets) == trainable
+
+
+def test_flops_per_token_match_the_gpu_benchmark():
+    """The bench's 1.10B Llama: 7.04 GFLOP/token at sequence 2048 (README, GPU benchmark)."""
+    from ftdist.bench.common import BENCH_LLAMA
+
+    cfg = dict(BENCH_LLAMA, vocab_size=32000, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+               num_attention_heads=32, num_key_value_heads=8)
+    shape = ModelShape.from_config(cfg)
+    assert round(shape.params() / 1e9, 2) == 1.10
+    assert round(shape.flops_per_token(2048) / 1e9, 2) == 7.04
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_model_states_follow_the_zero_paper(stage, tmp_path):
+    """Mixed precision with Adam: 2Ψ + 2Ψ + KΨ (K = 12), partitioned over N by stage (Rajbhandari et al. 2020, 5.1)."""
+    psi, n = 8_030_261_248, 16
+    spec = _job(tmp_path, LLAMA_8B, f"zero.stage={stage}")
+    m = plan_memory(spec, _shape(LLAMA_8B), GPUS["H100-80GB"], n, 8)
+    expected = {0: 16 * psi, 1: 4 * psi + 12 * psi / n, 2: 2 * psi + 14 * psi / n, 3: 16 * psi / n}[stage]
+    assert m.model_states == pytest.approx(expected, abs=3)  # bytes, rounded per line
+
+
+def test_8b_full_fine_tuning_without_zero_does_not_fit_one_80gb_gpu(tmp_path):
+    spec = _job(tmp_path, LLAMA_8B, "zero.stage=0", "resources.num_workers=1", "optim.global_batch_size=8",
+                "optim.micro_batch_size=1")
+    plan = make_plan(spec, gpus=1)
+    assert not plan.memory.fits and plan.memory.model_states == 16 * 8_030_261_248
+    # ZeRO cannot partition over one GPU: the optimizer states have to leave it.
+    assert plan.fix is not None and plan.fix[0] == "zero.offload_optimizer: cpu" and plan.fix[1].fits
+
+
+def test_the_shipped_8b_jobs_fit_their_gpus(tmp_path):
+    for job in ("llama-8b-full-zero3.yaml", "llama-8b-lora.yaml"):
+        spec = load_spec(REPO / "jobs" / job, [f"model.name_or_path={LLAMA_8B}"])
+        plan = make_plan(spec, rows=200_000)  # their data is on s3://: the row count is given
+        assert plan.memory.fits, (job, plan.memory.gpu)
+        assert plan.memory.peak < 80 * GiB and plan.steps and plan.gpu_hours > 0
+
+
+def test_70b_full_fine_tuning_needs_a_change_on_8_gpus(tmp_path):
+    spec = _job(tmp_path, LLAMA_70B, "resources.num_workers=8", "optim.global_batch_size=64")
+    plan = make_plan(spec, gpus=8)
+    assert not plan.memory.fits  # 16 x 70.55e9 / 8 = 141 GB of model states alone
+    assert plan.fix is not None and plan.fix[1].fits
+
+
+@pytest.mark.parametrize("max_t, grace, rf, measured", [(48, 4, 3, 0.427), (48, 4, 4, 0.427), (24, 3, 3, 0.516),
+                                                        (24, 3, 4, 0.500)])
+def test_asha_share_against_the_sweeps_ftdist_ran(max_t, grace, rf, measured):
+    """README, sweep benchmark: 8 trials one at a time; the simulated share is within 0.05 of what ASHA ran."""
+    assert abs(asha_fraction(8, max_t, grace, rf, 1) - measured) < 0.05
+
+
+def test_plan_command_table_json_and_exit_codes(tmp_path, capsys):
+    job = REPO / "jobs" / "llama-8b-lora.yaml"
+    assert main(["plan", str(job), "--set", f"model.name_or_path={LLAMA_8B}", "--price-per-gpu-hour", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "ftdist plan: llama31-8b-lora on 8 x H100-80GB, ZeRO-2, lora (rank 16)" in out
+    assert "8.03 B parameters" in out and ": fits (" in out and "GPU-hours; $" in out
+    assert main(["plan", str(job), "--set", f"model.name_or_path={LLAMA_8B}", "--json", "--gpu", "A10G-24GB"]) in (0, 1)
+    data = json.loads(capsys.readouterr().out)
+    assert data["gpu"] == "A10G-24GB" and data["parameters"] == 8_030_261_248 and "assumed" in data["mfu_source"]
+    full = REPO / "jobs" / "llama-8b-full-zero3.yaml"
+    sets = ["--set", f"model.name_or_path={LLAMA_8B}", "--set", "zero.stage=0", "--set", "resources.num_workers=1",
+            "--set", "optim.global_batch_size=8", "--set", "optim.micro_batch_size=1"]
+    assert main(["plan", str(full), *sets]) == 1  # does not fit: exit 1, and the fix is printed
+    assert "DOES NOT FIT" in (out := capsys.readouterr().out) and "smallest change that fits: zero.offload" in out
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (["--gpu", "TPUv5"], "--gpu TPUv5: not a GPU type the planner knows"),
+    (["--gpus", "3"], "--gpus 3: optim.global_batch_size"),
+    (["--gpus", "0"], "--gpus 0: must be at least 1"),
+    (["--price-per-gpu-hour", "-1"], "--price-per-gpu-hour -1.0: must be a price"),
+    (["--set", "model.name_or_path=meta-llama/Llama-3.1-8B"], "config.json is not in the hub cache and HF_HUB_OFFLINE"),
+])
+def test_plan_bad_input_is_one_line(extra, needle, capsys):
+    rc = main(["plan", str(REPO / "jobs" / "llama-8b-lora.yaml"), "--set", f"model.name_or_path={LLAMA_8B}", *extra])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and needle in err, err
+
+
+def test_plan_imports_no_torch(tmp_path):
+    code = ("import sys; from ftdist.cli import main; rc = main(['plan', %r, '--set', 'model.name_or_path=%s']); "
+            "print('HEAVY', [m for m in ('torch', 'ray', 'deepspeed', 'transformers') if m in sys.modules])"
+            % (str(REPO / "jobs" / "llama-8b-lora.yaml"), LLAMA_8B))
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert "HEAVY []" in r.stdout, r.stdout + r.stderr
+
+
+def test_the_quickstart_job_file_plans(tmp_path, capsys):
+    (tmp_path / "q.yaml").write_text(yaml.safe_dump(yaml.safe_load((REPO / "jobs" / "quickstart.yaml").read_text())))
+    assert main(["plan", str(REPO / "jobs" / "quickstart-sweep.yaml"), "--price-per-gpu-hour", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "sweep: 6 trials x 60 steps, ASHA runs" in out and "runs on CPU" in out
+
+
+def test_executed_flops_by_method(tmp_path):
+    """Full fine-tuning executes exactly the PaLM count MFU is measured against; LoRA skips the base's weight
+    gradients, freeze skips the lower layers' backward; checkpointing adds a forward."""
+    from ftdist.plan.cost import executed_flops_per_token
+
+    shape = _shape(LLAMA_8B)
+    spec = _job(tmp_path, LLAMA_8B)
+    full = executed_flops_per_token(spec, shape, "full", False)
+    assert full == shape.flops_per_token(spec.data.max_length)
+    lora = executed_flops_per_token(spec, shape, "lora", False)
+    frozen = load_spec(REPO / "jobs" / "llama-8b-full-zero3.yaml",
+                       [f"model.name_or_path={LLAMA_8B}", "method=freeze", "freeze.train_top_layers=2"])
+    freeze = executed_flops_per_token(frozen, shape, "freeze", False)
+    assert freeze < lora < full and 0.6 < lora / full < 0.8
+    assert executed_flops_per_token(spec, shape, "full", True) == pytest.approx(full * 4 / 3)
