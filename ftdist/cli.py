@@ -110,6 +110,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
     shown = ", ".join(f"{k} {m[k]:.4g}" for k in ("loss", "eval_loss", "eval_perplexity") if k in m)
     print(f"ftdist: done at step {m.get('step')}: {shown}")
     print(f"ftdist: checkpoint: {summary.checkpoint}")
+    if summary.state is not None:  # every attempt of the run so far, as recorded in the checkpoint's manifest
+        st = summary.state
+        gpu = f"{st.gpu_seconds / 3600:.3g} GPU-hours, " if st.gpu_seconds else ""
+        print(f"ftdist: spent {gpu}{st.worker_seconds / 3600:.3g} worker-hours ({len(st.resumes)} resumes)")
     if summary.export_dir:
         print(f"ftdist: exported model: {summary.export_dir}")
     return 0
@@ -207,14 +211,18 @@ def _cmd_checkpoints(args: argparse.Namespace) -> int:
             print(f"{args.job_uri}: no committed checkpoints", file=sys.stderr if args.verify else sys.stdout)
             return 1 if args.verify else 0
         keys = ("loss", "eval_loss")
-        print(f"{'checkpoint':<16} {'step':>8} {'workers':>7} {'zero':>4} {'method':<6} {'size':>10}  metrics")
+        gpu = any(c.manifest and c.manifest.gpu_hours for c in found)
+        hours = "GPU-h" if gpu else "worker-h"
+        print(f"{'checkpoint':<16} {'step':>8} {'workers':>7} {'zero':>4} {'method':<6} {'size':>10} {hours:>8}  "
+              f"metrics")
         for c in found:
             m = c.manifest
             metrics = m.metrics if m else {}
             shown = " ".join(f"{k}={metrics[k]:.4g}" for k in keys if k in metrics)
             status = "" if c.committed else "  (uncommitted)"
             workers, stage, method = (m.world_size, m.zero_stage, m.method) if m else ("-", "-", "-")
-            print(f"{c.name:<16} {c.step:>8} {workers:>7} {stage:>4} {method:<6} {_human(c.size):>10}  "
+            spent = f"{(m.gpu_hours if gpu else m.worker_hours):.3g}" if m else "-"
+            print(f"{c.name:<16} {c.step:>8} {workers:>7} {stage:>4} {method:<6} {_human(c.size):>10} {spent:>8}  "
                   f"{shown}{status}")
         if args.verify:
             name = found[-1].name if args.verify == "latest" else args.verify

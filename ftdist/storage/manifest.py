@@ -56,6 +56,10 @@ class CheckpointMeta(_Record):
     export_max_shard_size: str = "5GB"
     """The job's export.max_shard_size: `ftdist export` of this checkpoint uses it unless told otherwise."""
     metrics: dict[str, float] = {}
+    worker_hours: float = 0.0
+    """Worker-hours (wall hours x workers) the run spent up to this checkpoint, every attempt included."""
+    gpu_hours: float = 0.0
+    """GPU-hours the run spent up to this checkpoint (0 on CPU), for `ftdist plan`'s prediction beside it."""
 
 
 class Manifest(CheckpointMeta):

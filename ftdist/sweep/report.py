@@ -70,7 +70,16 @@ class SweepReport:
         return keys
 
     def columns(self) -> list[str]:
-        return ["trial", *self.param_columns(), "steps", "stopped_early", self.spec.sweep.metric, "wall_s", "status"]
+        return ["trial", *self.param_columns(), "steps", "stopped_early", self.spec.sweep.metric, "wall_s",
+                self._hours_column(), "status"]
+
+    def _hours_column(self) -> str:
+        return "gpu_hours" if self.spec.resources.use_gpu else "worker_hours"
+
+    def hours(self, t: TrialRecord) -> float:
+        """What a trial spent: its wall time (Tune's time_total_s) x its workers (x their GPUs)."""
+        r = self.spec.resources
+        return t.wall_s * r.num_workers * (r.gpus_per_worker if r.use_gpu else 1) / 3600
 
     def table(self) -> list[list[Any]]:
         sw, keys, out = self.spec.sweep, self.param_columns(), []
@@ -79,7 +88,8 @@ class SweepReport:
             m = t.last(sw.metric)
             early = t.status == "TERMINATED" and t.steps < (self.spec.optim.max_steps or 0)
             out.append([t.trial_id, *[params.get(k) for k in keys], t.steps, "yes" if early else "no",
-                        m, round(t.wall_s, 1), t.status if not t.error else f"{t.status}: {t.error}"])
+                        m, round(t.wall_s, 1), round(self.hours(t), 4),
+                        t.status if not t.error else f"{t.status}: {t.error}"])
         return out
 
     def csv_text(self) -> str:

@@ -36,7 +36,8 @@ def spec_hash(spec: JobSpec) -> str:
     return hashlib.sha256(body.encode()).hexdigest()
 
 
-def checkpoint_meta(spec: JobSpec, step: int, metrics: dict) -> CheckpointMeta:
+def checkpoint_meta(spec: JobSpec, step: int, metrics: dict, worker_seconds: float = 0.0,
+                    gpu_seconds: float = 0.0) -> CheckpointMeta:
     """The trainer's part of a checkpoint's manifest. The job spec is hashed, not copied."""
     return CheckpointMeta(
         step=step, zero_stage=spec.zero.stage, method=spec.method, job_name=spec.name, spec_sha256=spec_hash(spec),
@@ -44,6 +45,7 @@ def checkpoint_meta(spec: JobSpec, step: int, metrics: dict) -> CheckpointMeta:
         merge_on_export=spec.method == "lora" and spec.lora.merge_on_export,
         export_max_shard_size=spec.export.max_shard_size,
         metrics={k: v for k, v in metrics.items() if isinstance(v, (int, float))},
+        worker_hours=worker_seconds / 3600, gpu_hours=gpu_seconds / 3600,
     )
 
 
@@ -163,13 +165,14 @@ class RankCheckpointer:
         save_per_worker(engine, tmp, state, self.rank)
         if self.rank == 0:
             save_hf_metadata(engine.module, tokenizer, os.path.join(tmp, HF_DIR))
-        self.publish(tmp, state.step, state.metrics)
+        self.publish(tmp, state.step, state.metrics, state.worker_seconds, state.gpu_seconds)
 
-    def publish(self, local_dir: str, step: int, metrics: dict) -> None:
+    def publish(self, local_dir: str, step: int, metrics: dict, worker_seconds: float = 0.0,
+                gpu_seconds: float = 0.0) -> None:
         """Hand a locally saved checkpoint folder to Ray Train with ftdist's uploader; async by default. The
         folder is deleted once uploaded."""
         self._idle.wait()
-        self._meta = checkpoint_meta(self.spec, step, metrics)
+        self._meta = checkpoint_meta(self.spec, step, metrics, worker_seconds, gpu_seconds)
         self._idle.clear()
         mode = CheckpointUploadMode.ASYNC if self.spec.checkpoint.upload.mode == "async" else CheckpointUploadMode.SYNC
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(local_dir),

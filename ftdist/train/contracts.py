@@ -55,3 +55,8 @@ class TrainState(_Contract):
     """Every logged metrics row up to this step."""
     resumes: list[int] = []
     """Steps at which this run resumed (a restart after a crash, or a re-run of the job)."""
+    worker_seconds: float = 0.0
+    """Wall seconds x workers that every attempt up to this checkpoint spent (start-up, training, evaluation,
+    checkpoint saves). An attempt's work after its last checkpoint, which the next attempt redoes, is not counted."""
+    gpu_seconds: float = 0.0
+    """The same in GPU-seconds (wall seconds x workers x GPUs per worker)."""

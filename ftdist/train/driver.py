@@ -41,6 +41,8 @@ class RunSummary:
     error: Optional[BaseException] = None
     history: list = field(default_factory=list)
     """Every logged metrics row (step, loss, lr, eval_loss, ...) up to the final checkpoint."""
+    state: Optional[TrainState] = None
+    """The final checkpoint's trainer state (step, resumes, worker- and GPU-seconds spent)."""
 
 
 def export_uri(spec: JobSpec) -> str:
@@ -177,7 +179,7 @@ def run_training(spec: JobSpec, *, address: Optional[str] = None, dashboard: boo
     trial forwards reports to Tune with one). A failure comes back in RunSummary.error, never as an exception."""
     # A bad address fails here, before anything is written.
     started = connect_ray(address, math.ceil(spec.resources.cpus) + 1, dashboard=dashboard)
-    ckpt, history, metrics, error = None, [], {}, None
+    ckpt, state, metrics, error = None, None, {}, None
     try:
         with run_lease(spec.run_dir) as lease:  # one live attempt per job: a second is refused here, in one line
             try:
@@ -189,7 +191,7 @@ def run_training(spec: JobSpec, *, address: Optional[str] = None, dashboard: boo
             except Exception as e:  # Ray raises TrainingFailedError/WorkerGroupError with the worker traceback inside
                 error = e
             else:
-                ckpt, history = _final_checkpoint(spec, result)
+                ckpt, state = _final_checkpoint(spec, result)
                 metrics, error = dict(result.metrics or {}), result.error
                 if error is None and ckpt and spec.export.enabled:
                     try:
@@ -201,14 +203,15 @@ def run_training(spec: JobSpec, *, address: Optional[str] = None, dashboard: boo
     finally:
         disconnect_ray(started)
     exp = export_uri(spec) if spec.export.enabled and error is None else None
-    return RunSummary(spec.name, spec.run_dir, ckpt, exp, metrics, error=error, history=history)
+    return RunSummary(spec.name, spec.run_dir, ckpt, exp, metrics, error=error,
+                      history=state.history if state else [], state=state)
 
 
-def _final_checkpoint(spec: JobSpec, result: Any) -> tuple[Optional[str], list]:
-    """(URI of the run's last checkpoint, the logged metrics history stored with it)."""
+def _final_checkpoint(spec: JobSpec, result: Any) -> tuple[Optional[str], Optional[TrainState]]:
+    """(URI of the run's last checkpoint, the trainer state stored with it)."""
     if result.checkpoint is None:
-        return None, []
+        return None, None
     store = CheckpointStore(spec.run_dir).store  # read one small file, not the whole checkpoint
     name = os.path.basename(result.checkpoint.path.rstrip("/"))
     raw = store.get_bytes(f"{name}/{STATE_FILE}")
-    return store.child(name), (TrainState.model_validate_json(raw).history if raw else [])
+    return store.child(name), (TrainState.model_validate_json(raw) if raw else None)

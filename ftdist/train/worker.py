@@ -149,6 +149,7 @@ def train_fn_per_worker(config: dict) -> None:
     start_step = 0
     history: list[dict] = []  # every logged metrics row; travels in each checkpoint's state file
     resumes: list[int] = []  # steps this run resumed at (a restart after a crash, or a re-run of the job)
+    spent_before = (0.0, 0.0)  # (worker-seconds, GPU-seconds) of earlier attempts, from the checkpoint
     ckpt_io = RankCheckpointer(spec, rank, world)
     resume = ckpt_io.resume_point(ray.train.get_checkpoint())
     if resume is not None:
@@ -158,6 +159,7 @@ def train_fn_per_worker(config: dict) -> None:
         start_step = state.step
         history = [h for h in state.history if h["step"] <= start_step]
         resumes = [*state.resumes, start_step]
+        spent_before = (state.worker_seconds, state.gpu_seconds)
         print0(rank, f"[ftdist] resumed from {ckpt_io.store.store.child(resume)} at step {start_step}")
     clock.mark("restore")
 
@@ -244,8 +246,10 @@ def train_fn_per_worker(config: dict) -> None:
         )
         print0(rank, f"[ftdist] step {done}/{n_steps} | {line}")
         if want_ckpt:
+            attempt_s = (time.time() - clock.t0) * world  # this attempt, from the run's start stamp
             state = TrainState(step=done, tag=checkpoint_name(done), world_size=world, metrics=metrics,
-                               history=history, resumes=resumes)
+                               history=history, resumes=resumes, worker_seconds=spent_before[0] + attempt_s,
+                               gpu_seconds=spent_before[1] + attempt_s * spec.resources.gpus_per_worker)
             ckpt_io.save(engine, state, tokenizer)
         else:
             ray.train.report(metrics)

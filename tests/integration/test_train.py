@@ -81,6 +81,13 @@ def test_resume_continues_with_identical_loss(ray_cluster, tmp_path):
     for step in range(1, 9):
         assert b[step] == pytest.approx(a[step], rel=1e-5, abs=1e-6), (step, a, b)
     assert rest.metrics["eval_loss"] == pytest.approx(full.metrics["eval_loss"], rel=1e-5)
+    # What the run spent is carried across attempts: the resumed run's total includes the first attempt's.
+    assert rest.state.resumes == [4] and part.state.worker_seconds > 0
+    assert rest.state.worker_seconds > part.state.worker_seconds and rest.state.gpu_seconds == 0
+    from ftdist.storage.checkpoints import CheckpointStore
+
+    manifest = CheckpointStore(f"{tmp_path}/store/resumed").read_manifest("step_00000008")
+    assert manifest.worker_hours == pytest.approx(rest.state.worker_seconds / 3600)
 
 
 def _base_model():

@@ -78,6 +78,7 @@ def test_sweep_asha_report_retention_export(ray_cluster, tmp_path):
     header = md.splitlines()[0]
     assert md.count(f"| {best} |") == 1 and header.startswith("| trial |") and "optim.lr" in header
     assert "lora.rank" in header and "stopped_early" in header and "eval_loss" in header
+    assert all(float(row["worker_hours"]) > 0 for row in table)  # wall x workers, per trial (CPU: no GPU-hours)
     assert (sweep / "report" / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert f"best trial {best}" in r.stdout
 

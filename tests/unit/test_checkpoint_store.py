@@ -43,3 +43,20 @@ def test_retention_keeps_newest_and_best(tmp_path):
     assert [c.step for c in cs.checkpoints()] == [4, 6, 8]
     assert cs.apply_retention(1) == ["step_00000004", "step_00000006"]
     assert [c.step for c in cs.checkpoints()] == [8]
+
+
+def test_checkpoints_listing_shows_what_the_run_spent(tmp_path, capsys):
+    """`ftdist checkpoints` puts each checkpoint's recorded hours beside it: GPU-hours when the run had GPUs, else
+    worker-hours (a run on CPU)."""
+    from ftdist.cli import main
+
+    cs = CheckpointStore(str(tmp_path / "job"))
+    for step, hours in ((4, 0.25), (8, 0.5)):
+        name = f"step_{step:08d}"
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "f").write_text(name)
+        cs.upload_rank(str(tmp_path / name), name, 0)
+        cs.commit(name, 1, _meta(step, worker_hours=hours * 2, gpu_hours=hours), timeout_s=5)
+    assert main(["checkpoints", str(tmp_path / "job")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "GPU-h" in lines[0] and lines[1].split()[7] == "0.25" and lines[2].split()[7] == "0.5"  # after "16 B"

@@ -94,3 +94,15 @@ def test_total_steps_budget_spans_a_resumed_sweep(tmp_path, monkeypatch):
     assert resumed.steps == {"a": 12, "b": 6} and not resumed.stop_all()
     resumed("b", {"step": 8})
     assert resumed.stop_all()
+
+
+def test_the_sweep_table_says_what_each_trial_spent(tmp_path):
+    """Per trial: wall time (Tune's time_total_s) x workers (x GPUs per worker) in hours, next to the metric."""
+    from ftdist.sweep.report import SweepReport, TrialRecord
+
+    spec = spec_from_dict(_sweep_job(str(tmp_path)))
+    report = SweepReport(spec, [TrialRecord("a", {}, "TERMINATED", [{"step": 12, "time_total_s": 360.0}])])
+    row = dict(zip(report.columns(), report.table()[0]))
+    assert row["worker_hours"] == 360.0 * spec.resources.num_workers / 3600
+    gpu = spec.model_copy(update={"resources": spec.resources.model_copy(update={"gpus_per_worker": 2})})
+    assert "gpu_hours" in SweepReport(gpu, []).columns()
