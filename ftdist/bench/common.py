@@ -17,7 +17,7 @@ from ftdist.spec import JobSpec, spec_from_dict
 from ftdist.train.data import ShardedLoader, build_splits, collate
 from ftdist.train.ds_config import to_deepspeed
 from ftdist.train.locations import load_tokenizer
-from ftdist.train.modeling import apply_kernels, load_model
+from ftdist.train.modeling import apply_kernels, apply_method, load_model
 from ftdist.train.optim import torch_adamw
 from ftdist.train.ray_runtime import free_port
 from ftdist.train.worker import skip_inference_comm_op
@@ -104,7 +104,7 @@ def engine_for(spec_json: dict):
     """(spec, DeepSpeed engine) of a bench job in a process of spawn()."""
     spec = spec_from_dict(spec_json)
     ds_cfg = to_deepspeed(spec, dist.get_world_size())
-    model = apply_kernels(load_model(spec.model, None, ds_cfg), spec)
+    model = apply_method(apply_kernels(load_model(spec.model, None, ds_cfg), spec), spec)  # as the worker does
     opt = torch_adamw(model, spec)
     engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds_cfg, dist_init_required=False)
     if spec.model.compile:

@@ -3,7 +3,7 @@
 1. throughput: tokens/s of `run_training` (Ray Train + DeepSpeed, 2 workers) / a bare DeepSpeed loop
    (torch.distributed gloo, 2 spawned processes, no Ray) on the same tiny Llama, data, batches and DeepSpeed dict.
 2. memory: per-rank bytes of parameters + gradients + optimizer state held by the DeepSpeed engine under ZeRO-1/2/3
-   / the ZeRO paper's per-rank model-state formula, fp32 variant (see MODEL_STATE_FORMULA).
+   / the ZeRO paper's per-rank model-state formula, fp32 variant, as `ftdist plan` computes it.
 3. load: peak resident memory of a rank while ftdist loads a model under ZeRO-3 / the full model's size.
 4. gpu: tokens/s and model FLOPs utilisation of `run_training` against the bare loop on one GPU.
 """
@@ -24,6 +24,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.models.llama import modeling_llama  # noqa: F401  (imported before RSS is sampled: code is not model memory)
 
 from ftdist.bench.common import BENCH_LLAMA, WORLD, batches, bench_spec, engine_for, spawn, task
+from ftdist.plan.memory import model_state_bytes
 from ftdist.plan.shape import ModelShape
 from ftdist.spec import ModelSpec, spec_from_dict
 from ftdist.train.driver import run_training
@@ -31,13 +32,8 @@ from ftdist.train.modeling import load_model
 
 # fp32 on CPU: parameters 4 bytes, gradients 4 bytes, optimizer K = 12 bytes per parameter (DeepSpeed keeps an
 # fp32 master copy of its partition even in fp32 mode, plus Adam's exp_avg and exp_avg_sq). The paper's
-# mixed-precision numbers (2 + 2 + 12) become (4 + 4 + 12):
+# mixed-precision numbers (2 + 2 + 12) become (4 + 4 + 12); the prediction is `ftdist plan`'s (model_state_bytes):
 #   stage 1: 4Ψ + 4Ψ + 12Ψ/N    stage 2: 4Ψ + (4 + 12)Ψ/N    stage 3: (4 + 4 + 12)Ψ/N
-MODEL_STATE_FORMULA = {
-    1: lambda psi, n: 8 * psi + 12 * psi / n,
-    2: lambda psi, n: 4 * psi + 16 * psi / n,
-    3: lambda psi, n: 20 * psi / n,
-}
 FORMULA_TEXT = {1: "8Ψ+12Ψ/N", 2: "4Ψ+16Ψ/N", 3: "20Ψ/N"}
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -131,18 +127,20 @@ def _tensors_in(obj: Any, depth: int = 0, skip=("ipg", "bucket", "buffer")):
 
 
 def _model_state(rank: int, spec_json: dict) -> dict:
-    """Bytes of params + grads + optimizer state held on this rank, measured with gradients present (after the
-    backward of an accumulation boundary, before step) once Adam's state exists (second step)."""
+    """Bytes of params + grads + optimizer state held on this rank once Adam's state exists (second step): the
+    largest over the step's micro-batches, each measured after its backward (under ZeRO-1 a micro-batch inside an
+    accumulation window holds every full gradient; at the boundary DeepSpeed has already reduced them into
+    partitions)."""
     spec, engine = engine_for(spec_json)
     next_batch = batches(spec, rank)
     params = list(engine.module.parameters())
     psi = sum(getattr(p, "ds_numel", p.numel()) for p in params)
-    measured = {}
+    measured = {"bytes": 0, "comm_buffers": 0}
     for step in range(2):
-        for m in range(spec.grad_accum):
+        for _ in range(spec.grad_accum):
             b = next_batch()
             engine.backward(engine(**b).loss)
-            if step == 1 and m == spec.grad_accum - 1:
+            if step == 1:
                 opt = engine.optimizer
                 param_t = [getattr(p, "ds_tensor", p) if hasattr(p, "ds_tensor") else p.data for p in params]
                 grads = [p.grad for p in params]
@@ -150,7 +148,8 @@ def _model_state(rank: int, spec_json: dict) -> dict:
                 state = [t for s in inner.state.values() for t in s.values() if hasattr(t, "untyped_storage")]
                 everything = _storage_bytes(param_t + grads + list(_tensors_in(opt)) + state)
                 comm = _storage_bytes(list(_tensors_in(opt, skip=()))) - _storage_bytes(list(_tensors_in(opt)))
-                measured = {"bytes": everything, "comm_buffers": max(0, comm)}
+                measured = {"bytes": max(measured["bytes"], everything),
+                            "comm_buffers": max(measured["comm_buffers"], comm)}
             engine.step()
     return {"psi": psi, **measured}
 
@@ -162,7 +161,7 @@ def bench_memory(tmp: str) -> list[dict]:
         res = spawn(_model_state, spec.model_dump(mode="json"))
         psi = res[0]["psi"]
         measured = max(r["bytes"] for r in res)
-        formula = MODEL_STATE_FORMULA[stage](psi, WORLD)
+        formula = sum(model_state_bytes(spec, ModelShape.from_config(BENCH_LLAMA), WORLD).values())
         rows.append({"stage": stage, "psi": psi, "measured": measured, "formula": formula,
                      "ratio": measured / formula, "comm_buffers": max(r["comm_buffers"] for r in res)})
     return rows

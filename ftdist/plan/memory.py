@@ -72,22 +72,33 @@ class MemoryPlan:
 MODEL_STATES = ("parameters", "gradients", "optimizer states")
 
 
-def plan_memory(spec: JobSpec, shape: ModelShape, card: Gpu, world: int, gpus_per_node: int,
-                setting: Optional[Setting] = None) -> MemoryPlan:
+def model_state_bytes(spec: JobSpec, shape: ModelShape, world: int, setting: Optional[Setting] = None) -> dict:
+    """Per-rank bytes of parameters, gradients and optimizer states wherever they live (device or host): the ZeRO
+    paper's formulas with the job's dtype, method and stage. `ftdist bench --only memory` and
+    tests/integration/test_plan_measured.py compare them with what DeepSpeed holds."""
     s = setting or Setting.of(spec)
     d = 2 if spec.model.dtype in ("bf16", "fp16") else 4
     # Adam's two moments, plus the fp32 master copy that DeepSpeed's ZeRO optimizers keep even for fp32 weights
     # (measured: `ftdist bench --only memory`); without ZeRO an fp32 model steps with plain torch AdamW.
     k = 12 if (d == 2 or s.stage >= 1) else 8
     total, trainable = shape.params(), trainable_params(spec, shape, s.method)
-    n = world
-    params = total * d / (n if s.stage == 3 else 1)
-    grads = trainable * d / (n if s.stage >= 2 else 1)
-    optim = trainable * k / (n if s.stage >= 1 else 1)
+    return {"parameters": total * d / (world if s.stage == 3 else 1),
+            "gradients": trainable * d / (world if s.stage >= 2 else 1),
+            "optimizer states": trainable * k / (world if s.stage >= 1 else 1)}
+
+
+def plan_memory(spec: JobSpec, shape: ModelShape, card: Gpu, world: int, gpus_per_node: int,
+                setting: Optional[Setting] = None) -> MemoryPlan:
+    s = setting or Setting.of(spec)
+    d = 2 if spec.model.dtype in ("bf16", "fp16") else 4
+    k = 12 if (d == 2 or s.stage >= 1) else 8
+    trainable, total, n = trainable_params(spec, shape, s.method), shape.params(), world
+    states = model_state_bytes(spec, shape, world, s)
+    params = states["parameters"]
     plan = MemoryPlan(s, capacity=card.memory)
     plan.gpu.append(("parameters", 0 if s.offload_params else int(params)))
-    plan.gpu.append(("gradients", 0 if s.offload_optimizer else int(grads)))
-    plan.gpu.append(("optimizer states", 0 if s.offload_optimizer else int(optim)))
+    plan.gpu.append(("gradients", 0 if s.offload_optimizer else int(states["gradients"])))
+    plan.gpu.append(("optimizer states", 0 if s.offload_optimizer else int(states["optimizer states"])))
     seq, b = spec.data.max_length, s.micro_batch
     per_layer = _layer_activation_elements(shape, spec.model.attn_implementation, seq) * b * seq * d
     if s.gradient_checkpointing:  # each layer's input kept; one layer's activations alive during its recompute
