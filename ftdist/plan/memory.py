@@ -77,7 +77,7 @@ def model_state_bytes(spec: JobSpec, shape: ModelShape, world: int, setting: Opt
     paper's formulas with the job's dtype, method and stage. `ftdist bench --only memory` and
     tests/integration/test_plan_measured.py compare them with what DeepSpeed holds."""
     s = setting or Setting.of(spec)
-    d = 2 if spec.model.dtype in ("bf16", "fp16") else 4
+    d = _weight_bytes(spec)
     # Adam's two moments, plus the fp32 master copy that DeepSpeed's ZeRO optimizers keep even for fp32 weights
     # (measured: `ftdist bench --only memory`); without ZeRO an fp32 model steps with plain torch AdamW.
     k = 12 if (d == 2 or s.stage >= 1) else 8
@@ -87,18 +87,23 @@ def model_state_bytes(spec: JobSpec, shape: ModelShape, world: int, setting: Opt
             "optimizer states": trainable * k / (world if s.stage >= 1 else 1)}
 
 
+def _weight_bytes(spec: JobSpec) -> int:
+    return 2 if spec.model.dtype in ("bf16", "fp16") else 4
+
+
 def plan_memory(spec: JobSpec, shape: ModelShape, card: Gpu, world: int, gpus_per_node: int,
                 setting: Optional[Setting] = None) -> MemoryPlan:
     s = setting or Setting.of(spec)
-    d = 2 if spec.model.dtype in ("bf16", "fp16") else 4
-    k = 12 if (d == 2 or s.stage >= 1) else 8
-    trainable, total, n = trainable_params(spec, shape, s.method), shape.params(), world
+    d = _weight_bytes(spec)
+    trainable = trainable_params(spec, shape, s.method)
     states = model_state_bytes(spec, shape, world, s)
-    params = states["parameters"]
+    params, optim = states["parameters"], states["optimizer states"]
+    # The step's fp32 gradient partition (DeepSpeed upcasts the reduced gradients for the master weights).
+    fp32_grads = trainable * 4 / (world if s.stage >= 1 else 1)
     plan = MemoryPlan(s, capacity=card.memory)
     plan.gpu.append(("parameters", 0 if s.offload_params else int(params)))
     plan.gpu.append(("gradients", 0 if s.offload_optimizer else int(states["gradients"])))
-    plan.gpu.append(("optimizer states", 0 if s.offload_optimizer else int(states["optimizer states"])))
+    plan.gpu.append(("optimizer states", 0 if s.offload_optimizer else int(optim)))
     seq, b = spec.data.max_length, s.micro_batch
     per_layer = _layer_activation_elements(shape, spec.model.attn_implementation, seq) * b * seq * d
     if s.gradient_checkpointing:  # each layer's input kept; one layer's activations alive during its recompute
@@ -110,17 +115,17 @@ def plan_memory(spec: JobSpec, shape: ModelShape, card: Gpu, world: int, gpus_pe
     plan.gpu.append(("logits and loss", int(logits)))
     plan.gpu.append(("DeepSpeed buffers", int(_buffers(spec, shape, s, trainable, d))))
     if not s.offload_optimizer and d == 2:
-        # The step's fp32 gradient partition (DeepSpeed upcasts the reduced gradients for the master weights).
-        plan.gpu.append(("fp32 gradients at the step", int(trainable * 4 / (n if s.stage >= 1 else 1))))
+        plan.gpu.append(("fp32 gradients at the step", int(fp32_grads)))
     plan.gpu.append(("CUDA context and workspaces", CUDA_CONTEXT))
     plan.gpu.append(("allocator headroom", int(ALLOCATOR_HEADROOM * sum(b for _, b in plan.gpu))))
     per_node = min(gpus_per_node, world)
     if s.offload_optimizer:
-        plan.host.append(("offloaded optimizer states and fp32 gradients", int(trainable * (k + 4) / n * per_node)))
+        plan.host.append(("offloaded optimizer states and fp32 gradients", int((optim + fp32_grads) * per_node)))
     if s.offload_params:
         plan.host.append(("offloaded parameters", int(params * per_node)))
-    # Loading: under ZeRO-3 each rank materialises its partition; otherwise every process holds the whole model.
-    plan.host.append(("loading the weights", int(total * d / (n if s.stage == 3 else 1) * per_node)))
+    # Loading: under ZeRO-3 each rank materialises its partition (the per-rank parameters); otherwise every process
+    # holds the whole model.
+    plan.host.append(("loading the weights", int(params * per_node)))
     return plan
 
 
