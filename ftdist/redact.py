@@ -10,6 +10,7 @@ that input lands in a terminal scrollback, a CI log or a ticket.
 from __future__ import annotations
 
 import re
+from typing import Optional
 
 SECRET_ENV_RE = re.compile(r"(SECRET|PASSWORD|PASSWD|TOKEN|CREDENTIAL|PRIVATE|_KEY$|^KEY$|SESSION|APIKEY)", re.I)
 """Environment variable names that hold secrets: never given as values in job files or submissions."""
@@ -41,6 +42,16 @@ REDACTED = "<redacted>"
 def looks_like_secret(value: str) -> bool:
     """Whether a value (an env var value, a name typed where a name belongs) holds something credential-like."""
     return any(r.search(value) for r in _SECRET_VALUE_RES)
+
+
+def env_secret_problem(name: str, value: str) -> Optional[str]:
+    """Why an environment variable may not be given as a plain value (a job file's kubernetes.env, `submit --env`):
+    its name says secret, or its value looks like a credential; None when it may."""
+    if SECRET_ENV_RE.search(name):
+        return "looks like a secret"
+    if looks_like_secret(value):
+        return "has a value that looks like a credential"
+    return None
 
 
 def redact(text: str) -> str:

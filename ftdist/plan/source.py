@@ -44,8 +44,7 @@ def _s3_config(uri: str) -> bytes:
 
     bucket, key = split_s3(uri.rstrip("/") + "/config.json")
     try:
-        return s3.client(s3.ClientOptions(max_attempts=2, connect_timeout=3.0, read_timeout=15.0)).get_object(
-            Bucket=bucket, Key=key)["Body"].read()
+        return s3.client(s3.PROBE).get_object(Bucket=bucket, Key=key)["Body"].read()
     except (ClientError, BotoCoreError) as e:
         raise SpecError(s3.describe_error(e, uri)) from None
 

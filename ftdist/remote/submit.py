@@ -31,10 +31,10 @@ from ray.exceptions import AuthenticationError
 from ray.job_submission import JobSubmissionClient
 
 from ftdist.errors import SpecError
-from ftdist.redact import key_hint, looks_like_secret
+from ftdist.redact import env_secret_problem, key_hint
 from ftdist.remote.k8s_render import entrypoint
 from ftdist.remote.portability import check_paths, check_portable, is_under
-from ftdist.spec import ENV_NAME_RE, SECRET_ENV_RE, JobSpec, check_local_inputs, load_spec
+from ftdist.spec import ENV_NAME_RE, JobSpec, check_local_inputs, load_spec
 from ftdist.storage import s3
 from ftdist.sweep.space import validate_sweep
 
@@ -161,9 +161,8 @@ def _env_vars(env: Optional[list[str]]) -> dict:
         k, sep, v = item.partition("=")
         if not sep or not ENV_NAME_RE.match(k):
             raise SpecError(f"--env {key_hint(item)}: expected NAME=VALUE (the value is not shown)")
-        if SECRET_ENV_RE.search(k) or looks_like_secret(v):
-            what = "looks like a secret" if SECRET_ENV_RE.search(k) else "has a value that looks like a credential"
-            raise SpecError(f"--env {k}: {what}; secrets are never sent in a submission: put it in the cluster's "
+        if problem := env_secret_problem(k, v):
+            raise SpecError(f"--env {k}: {problem}; secrets are never sent in a submission: put it in the cluster's "
                             f"environment (a Kubernetes Secret, see k8s/README.md) and ftdist reads it there")
         env_vars[k] = v
     return env_vars

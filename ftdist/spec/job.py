@@ -6,13 +6,13 @@ Pure: imports neither torch, ray nor deepspeed, and does no I/O (`ftdist validat
 
 from __future__ import annotations
 
-import difflib
 import re
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 from pydantic import Field, field_validator, model_validator
 
+from ftdist.errors import did_you_mean
 from ftdist.spec.base import FieldError, FrozenSpec
 from ftdist.spec.config_keys import config_keys, model_types
 from ftdist.spec.kubernetes import KubernetesSpec
@@ -93,17 +93,12 @@ def _check_config_keys(cfg: dict) -> None:
     known_types = model_types()
     if known_types is not None and model_type not in known_types:
         raise FieldError("from_config.model_type", f"unknown transformers model type {model_type[:60]!r}"
-                                                   f"{_did_you_mean(model_type, known_types)}")
+                                                   f"{did_you_mean(model_type, known_types)}")
     keys = config_keys(model_type)
     for key in cfg if keys else ():
         if key != "model_type" and key not in keys:
             raise FieldError(f"from_config.{key}", f"not a setting of transformers' {model_type} config"
-                                                   f"{_did_you_mean(str(key), sorted(keys))}")
-
-
-def _did_you_mean(word: str, known) -> str:
-    close = difflib.get_close_matches(word, list(known), n=1)
-    return f" (did you mean {close[0]}?)" if close else ""
+                                                   f"{did_you_mean(str(key), sorted(keys))}")
 
 
 class LoraSpec(FrozenSpec):

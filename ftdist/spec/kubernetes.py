@@ -8,10 +8,8 @@ from typing import Any, Literal, Optional
 
 from pydantic import Field, field_validator
 
-from ftdist.redact import SECRET_ENV_RE, looks_like_secret
+from ftdist.redact import env_secret_problem, looks_like_secret
 from ftdist.spec.base import FrozenSpec
-
-__all__ = ["ENV_NAME_RE", "SECRET_ENV_RE", "KubernetesSpec", "SecretEnvSpec"]
 
 
 _QUANTITY_RE = re.compile(r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|Pi|k|M|G|T|P)?$")
@@ -135,8 +133,7 @@ class KubernetesSpec(FrozenSpec):
         for k, value in v.items():
             if not ENV_NAME_RE.match(k):
                 raise ValueError("a name is not an environment variable name (letters, digits and '_')")
-            if SECRET_ENV_RE.search(k) or looks_like_secret(str(value)):
-                what = "looks like a secret" if SECRET_ENV_RE.search(k) else "has a value that looks like a credential"
-                raise ValueError(f"{k} {what}: reference it with kubernetes.secret_env (a Kubernetes Secret), never "
-                                 f"as a value in the job file")
+            if problem := env_secret_problem(k, str(value)):
+                raise ValueError(f"{k} {problem}: reference it with kubernetes.secret_env (a Kubernetes Secret), "
+                                 f"never as a value in the job file")
         return v

@@ -15,7 +15,7 @@ from typing import Any, Optional, Union
 
 from pydantic import BaseModel, ValidationError
 
-from ftdist.errors import SpecError
+from ftdist.errors import SpecError, did_you_mean
 from ftdist.redact import key_hint
 from ftdist.spec.base import FieldError
 from ftdist.spec.job import METHOD_SECTIONS, JobSpec
@@ -50,7 +50,7 @@ def _format_errors(err: ValidationError, source: str, lines: dict) -> str:
     key = ".".join(str(x) for x in loc) or "(top level)"
     msg = e["msg"].removeprefix("Value error, ")
     if e["type"] == "extra_forbidden":
-        msg = "unknown key" + _did_you_mean(str(loc[-1]), _known_keys(JobSpec, loc[:-1]))
+        msg = "unknown key" + did_you_mean(str(loc[-1]), _known_keys(JobSpec, loc[:-1]))
     elif e["type"] == "missing":
         msg = "required key is missing"
     elif e["type"] in ("model_type", "model_attributes_type", "dict_type"):
@@ -63,11 +63,6 @@ def _format_errors(err: ValidationError, source: str, lines: dict) -> str:
 def _yaml_type(value: Any) -> str:
     return {str: "a string", int: "a number", float: "a number", bool: "a boolean", list: "a list",
             type(None): "nothing"}.get(type(value), type(value).__name__)
-
-
-def _did_you_mean(word: str, known: list[str]) -> str:
-    close = difflib.get_close_matches(word, known, n=1, cutoff=0.6)
-    return f" (did you mean {close[0]}?)" if close else ""
 
 
 def _known_keys(model: Any, loc: tuple) -> list[str]:

@@ -48,6 +48,11 @@ class ClientOptions:
     max_pool_connections: int = 32
 
 
+PROBE = ClientOptions(max_attempts=2, connect_timeout=3.0, read_timeout=15.0)
+"""For a check the user waits on (preflight, `ftdist checkpoints`, reading a config.json): a wrong endpoint answers
+in seconds, where the upload defaults retry for half a minute."""
+
+
 def client(opts: ClientOptions = ClientOptions()) -> Any:
     """A boto3 S3 client. botocore's 'standard' retry mode retries throttling, 5xx, timeouts and connection errors
     with exponential backoff and full jitter, up to max_attempts per request (each multipart part is a request)."""
@@ -109,7 +114,7 @@ def check_access(uri: str, probe_write: bool = True, extra_args: Optional[dict] 
     """Before training: the endpoint answers, the credentials work, the bucket exists and (probe_write) ftdist may
     write and delete under the prefix. Raises SpecError with one line; leaves nothing behind."""
     bucket, key = split_s3(uri)
-    c = client(ClientOptions(max_attempts=2, connect_timeout=3.0, read_timeout=15.0))
+    c = client(PROBE)
     try:
         try:
             c.head_bucket(Bucket=bucket)

@@ -4,7 +4,6 @@ split off eval, and hand every rank a disjoint shard with the same number of ste
 
 from __future__ import annotations
 
-import difflib
 import json
 import math
 import os
@@ -15,7 +14,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
-from ftdist.errors import SpecError
+from ftdist.errors import SpecError, did_you_mean
 from ftdist.spec import DataSpec, JobSpec
 from ftdist.storage.cache import download
 from ftdist.storage.uri import is_remote
@@ -200,9 +199,8 @@ class Tokenize:
             if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
                 raise RowError(f"message {i} needs string 'role' and 'content'")
             if m["role"] not in CHAT_ROLES:
-                close = difflib.get_close_matches(m["role"], CHAT_ROLES, n=1)
-                hint = f" (did you mean {close[0]}?)" if close else ""
-                raise RowError(f"message {i} has role {m['role'][:40]!r}{hint}; roles are {', '.join(CHAT_ROLES)}")
+                raise RowError(f"message {i} has role {m['role'][:40]!r}{did_you_mean(m['role'], CHAT_ROLES)}; roles "
+                               f"are {', '.join(CHAT_ROLES)}")
         if not any(m["role"] == "assistant" for m in messages):
             raise RowError("conversation has no assistant message")
         ids: list[int] = []

@@ -8,11 +8,10 @@ runs in `train`/`tune`'s preflight and not in `ftdist validate`.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import inspect
 from typing import Any, Optional
 
-from ftdist.errors import SpecError
+from ftdist.errors import SpecError, did_you_mean
 from ftdist.spec import ModelSpec
 
 
@@ -26,18 +25,16 @@ def check_from_config(model: ModelSpec) -> None:
     cfg = model.from_config
     model_type = str(cfg["model_type"])
     if model_type not in CONFIG_MAPPING:
-        close = difflib.get_close_matches(model_type, list(CONFIG_MAPPING.keys()), n=1)
-        hint = f" (did you mean {close[0]}?)" if close else ""
-        raise SpecError(f"model.from_config.model_type: unknown transformers model type {model_type[:60]!r}{hint}")
+        raise SpecError(f"model.from_config.model_type: unknown transformers model type {model_type[:60]!r}"
+                        f"{did_you_mean(model_type, CONFIG_MAPPING.keys())}")
     cls = CONFIG_MAPPING[model_type]
     known = config_keys(cls)
     if known is None:
         return
     for key in cfg:
         if key != "model_type" and key not in known:
-            close = difflib.get_close_matches(str(key), sorted(known), n=1)
-            hint = f" (did you mean {close[0]}?)" if close else ""
-            raise SpecError(f"model.from_config.{key}: not a setting of transformers' {cls.__name__}{hint}")
+            raise SpecError(f"model.from_config.{key}: not a setting of transformers' {cls.__name__}"
+                            f"{did_you_mean(str(key), sorted(known))}")
 
 
 def config_keys(cls: Any) -> Optional[set]:
