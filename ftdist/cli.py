@@ -33,6 +33,12 @@ def _add_job_args(p: argparse.ArgumentParser, inline: bool = False) -> None:
 
 def _load(args: argparse.Namespace):
     """The job spec from the file (or --job-json), with --set applied; local inputs checked."""
+    spec = _load_unchecked(args)
+    check_local_inputs(spec)
+    return spec
+
+
+def _load_unchecked(args: argparse.Namespace):
     if getattr(args, "job_json", None) is not None:
         if args.job:
             raise SpecError("give a job file or --job-json, not both")
@@ -41,7 +47,6 @@ def _load(args: argparse.Namespace):
         spec = load_spec(args.job, args.overrides)
     else:
         raise SpecError("give a job file (or --job-json)")
-    check_local_inputs(spec)
     return spec
 
 
@@ -94,6 +99,32 @@ def _cmd_plan(args: argparse.Namespace) -> int:
                      price=args.price_per_gpu_hour, rows=args.rows)
     print(json.dumps(to_json(plan), indent=2) if args.json else render(plan))
     return 0 if plan.memory.fits else 1
+
+
+def _cmd_preflight(args: argparse.Namespace) -> int:
+    import json
+    import time
+
+    from ftdist.preflight.report import render, to_json
+    from ftdist.preflight.run import run_preflight
+
+    # No check of local inputs: on a cluster they are paths on the nodes, which the preflight checks there.
+    spec = _load_unchecked(args)
+    if spec.sweep is not None:
+        validate_sweep(spec, args.job or "--job-json")
+    if not args.timeout > 0:
+        raise SpecError(f"--timeout {args.timeout}: must be a number of seconds above 0")
+    start = time.monotonic()
+    checklist = run_preflight(spec, args.address, tuple(args.skip), args.timeout)
+    print(json.dumps(to_json(checklist), indent=2) if args.json else render(checklist), flush=True)
+    failed = checklist.failed
+    if failed:
+        print(f"ftdist: preflight failed: {len(failed)} problem{'s' * (len(failed) > 1)} (FAIL above); the job "
+              f"was not started", file=sys.stderr)
+        return 2
+    print(f"ftdist: preflight passed ({len(checklist.checks)} checks in {time.monotonic() - start:.0f} s)",
+          file=sys.stderr)
+    return 0
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -421,6 +452,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="embedded Ray: start Ray's dashboard on 127.0.0.1 and print its URL (off by default: its "
                         "processes take CPU from the workers)")
     t.set_defaults(fn=_cmd_train)
+
+    pf = sub.add_parser("preflight", help="check on the cluster that it can run the job: resources, versions, "
+                                          "storage from every node, /dev/shm, disk, memory, a collective and one "
+                                          "training step (exit 2 with the fix when a check fails)")
+    _add_job_args(pf, inline=True)
+    pf.add_argument("--address", default=None,
+                    help="the Ray cluster to check (default: RAY_ADDRESS, else an embedded local Ray)")
+    pf.add_argument("--skip", action="append", default=[], choices=("collective", "step"),
+                    help="leave out a slow check (repeatable): the collective, or the training step")
+    pf.add_argument("--timeout", type=float, default=120.0, metavar="S",
+                    help="seconds each check may take before its node is reported (default 120)")
+    pf.add_argument("--json", action="store_true", help="print the checklist as JSON")
+    pf.set_defaults(fn=_cmd_preflight)
 
     tu = sub.add_parser("tune", help="hyperparameter sweep (the job's sweep: section) with Ray Tune")
     _add_job_args(tu, inline=True)

@@ -122,10 +122,11 @@ def s3_credentials():
 @pytest.fixture(scope="session")
 def s3_server(s3_credentials):
     """A real SeaweedFS S3 server on 127.0.0.1 for the whole session, accepting the session's credentials. Its
-    endpoint goes into this process's AWS environment; ftdist forwards it to Ray's processes."""
-    from tests.support.seaweed import start_seaweedfs
+    endpoint goes into this process's AWS environment; ftdist forwards it to Ray's processes. A second, read-only
+    identity (server.read_only) plays a node whose credentials may not write."""
+    from tests.support.seaweed import new_credentials, start_seaweedfs
 
-    server = start_seaweedfs(credentials=s3_credentials)
+    server = start_seaweedfs(credentials=s3_credentials, read_only=new_credentials())
     with _environ(server.env()):
         yield server
     server.stop()

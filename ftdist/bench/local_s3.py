@@ -48,6 +48,8 @@ class S3Server:
     secret_key: str
     proc: subprocess.Popen
     workdir: str
+    read_only: Optional[tuple[str, str]] = None
+    """(access key, secret key) of an identity that may only read and list, when the server was started with one"""
 
     def env(self) -> dict:
         return {"AWS_ENDPOINT_URL": self.endpoint, "AWS_ACCESS_KEY_ID": self.access_key,
@@ -83,16 +85,17 @@ def weed_binary() -> str:
 
 
 def start_seaweedfs(timeout: float = 60.0, attempts: int = 3, volume_mb: int = 64,
-                    credentials: Optional[tuple[str, str]] = None) -> S3Server:
+                    credentials: Optional[tuple[str, str]] = None,
+                    read_only: Optional[tuple[str, str]] = None) -> S3Server:
     """`volume_mb`: SeaweedFS' volume size limit. Small volumes (the default) leave room for the many buckets of a
     test session: each bucket grows its own volumes, and `weed mini` caps their number at free disk / volume size.
     The benchmark (one bucket, many GiB) asks for 1 GiB volumes: writing GiB into 64 MiB volumes made the server
     slow and erratic (one 256 MiB upload took 1.8-3.4 s, against 1.5-2.1 s with 1 GiB volumes). Volume files grow
     as written either way. `credentials` (access key, secret key): the identity the server accepts (default: a new
-    random one)."""
+    random one). `read_only` (access key, secret key): a second identity that may read and list but not write."""
     for i in range(attempts):
         try:
-            return _start(timeout, volume_mb, credentials or new_credentials())
+            return _start(timeout, volume_mb, credentials or new_credentials(), read_only)
         except RuntimeError as e:
             if "address already in use" not in str(e) or i == attempts - 1:
                 raise
@@ -104,13 +107,18 @@ def new_credentials() -> tuple[str, str]:
     return "ftdist" + secrets.token_hex(4), secrets.token_hex(20)
 
 
-def _start(timeout: float, volume_mb: int, credentials: tuple[str, str]) -> S3Server:
+def _start(timeout: float, volume_mb: int, credentials: tuple[str, str],
+           read_only: Optional[tuple[str, str]] = None) -> S3Server:
     workdir = tempfile.mkdtemp(prefix="ftdist-seaweed-")
     access, secret = credentials
     cfg = os.path.join(workdir, "s3.json")
+    identities = [{"name": "ftdist", "credentials": [{"accessKey": access, "secretKey": secret}],
+                   "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]
+    if read_only:
+        identities.append({"name": "reader", "credentials": [{"accessKey": read_only[0], "secretKey": read_only[1]}],
+                           "actions": ["Read", "List"]})
     with open(cfg, "w") as fh:
-        json.dump({"identities": [{"name": "ftdist", "credentials": [{"accessKey": access, "secretKey": secret}],
-                                   "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}, fh)
+        json.dump({"identities": identities}, fh)
     os.chmod(cfg, 0o600)
     base = _free_base()
     args = [weed_binary(), "mini", f"-dir={workdir}/data", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
@@ -121,7 +129,7 @@ def _start(timeout: float, volume_mb: int, credentials: tuple[str, str]) -> S3Se
     os.makedirs(f"{workdir}/data")
     log = open(os.path.join(workdir, "weed.log"), "wb")
     proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=workdir)
-    server = S3Server(f"http://127.0.0.1:{base + 3}", access, secret, proc, workdir)
+    server = S3Server(f"http://127.0.0.1:{base + 3}", access, secret, proc, workdir, read_only)
     deadline = time.monotonic() + timeout
     last = None
     while time.monotonic() < deadline:

@@ -17,6 +17,14 @@ MiB = 1024 ** 2
 GiB = 1024 ** 3
 
 
+def size_text(n: float) -> str:
+    """Bytes in the largest binary unit that keeps a digit before the point: 11.7 MiB, 89.8 GiB."""
+    for unit, scale in (("TiB", 1024 * GiB), ("GiB", GiB), ("MiB", MiB), ("KiB", 1024)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n:.0f} B"
+
+
 @dataclass(frozen=True)
 class Gpu:
     name: str

@@ -87,6 +87,34 @@ def model_state_bytes(spec: JobSpec, shape: ModelShape, world: int, setting: Opt
             "optimizer states": trainable * k / (world if s.stage >= 1 else 1)}
 
 
+@dataclass(frozen=True)
+class CheckpointSize:
+    """What one DeepSpeed checkpoint of the job writes (ftdist stages it on each node's local disk, then uploads)."""
+
+    module: int
+    """The module's weights in the model dtype (`mp_rank_00_model_states.pt`), written by rank 0 under ZeRO 0-2
+    (LoRA and freeze included: DeepSpeed saves the whole module); 0 under ZeRO-3, whose ranks save partitions."""
+    per_rank: int
+    """One rank's optimizer partition (`zero_pp_rank_N_..._optim_states.pt`: fp32 master weights and Adam's two
+    moments of its share of the trainable parameters; without ZeRO rank 0 alone writes the whole optimizer)."""
+
+    def node_bytes(self, ranks: int, with_rank0: bool = True) -> int:
+        """Staged on a node that hosts `ranks` of the job's workers."""
+        return (self.module if with_rank0 else 0) + ranks * self.per_rank
+
+    def total(self, world: int) -> int:
+        return self.module + world * self.per_rank
+
+
+def checkpoint_size(spec: JobSpec, shape: ModelShape, world: int, setting: Optional[Setting] = None) -> CheckpointSize:
+    s = setting or Setting.of(spec)
+    states = model_state_bytes(spec, shape, world, s)
+    module = 0 if s.stage == 3 else shape.params() * _weight_bytes(spec)
+    if s.stage == 0:  # no partitions: rank 0 writes the optimizer beside the module
+        return CheckpointSize(int(module + states["optimizer states"]), 0)
+    return CheckpointSize(int(module), int(states["optimizer states"]))
+
+
 def _weight_bytes(spec: JobSpec) -> int:
     return 2 if spec.model.dtype in ("bf16", "fp16") else 4
 

@@ -7,8 +7,8 @@ from typing import Any, Optional
 
 from ftdist.errors import SpecError
 from ftdist.plan.cost import Speed, asha_fraction, count_rows, job_steps, plan_speed
-from ftdist.plan.gpus import GiB, Gpu, gpu
-from ftdist.plan.memory import MemoryPlan, fixes, plan_memory, trainable_params
+from ftdist.plan.gpus import GiB, Gpu, gpu, size_text
+from ftdist.plan.memory import CheckpointSize, MemoryPlan, checkpoint_size, fixes, plan_memory, trainable_params
 from ftdist.plan.shape import ModelShape
 from ftdist.plan.source import model_config
 from ftdist.spec import JobSpec
@@ -39,6 +39,7 @@ class Plan:
     price: Optional[float]
     sweep: Optional[SweepCost]
     notes: list[str]
+    checkpoint: Optional[CheckpointSize] = None
 
     @property
     def wall_s(self) -> Optional[float]:
@@ -80,7 +81,7 @@ def make_plan(spec: JobSpec, *, gpu_name: Optional[str] = None, gpus: Optional[i
         notes.append(f"sequences counted at data.max_length ({spec.data.max_length}); shorter examples without "
                      f"packing make every number here an upper bound")
     plan = Plan(spec, card, world, gpus_per_node, shape, trainable_params(spec, shape, memory.setting.method), memory,
-                fix, speed, steps, price, None, notes)
+                fix, speed, steps, price, None, notes, checkpoint_size(spec, shape, world, memory.setting))
     plan.sweep = _sweep_cost(plan)
     return plan
 
@@ -145,6 +146,11 @@ def render(plan: Plan) -> str:
                        f"ones")
     out += ["", f"{'per node (host memory, ' + str(min(plan.gpus_per_node, plan.world)) + ' GPUs)':<48}{'GiB':>8}"]
     out += [f"  {what:<46}{_gib(b)}" for what, b in m.host]
+    c = plan.checkpoint
+    parts = ([f"{size_text(c.module)} from rank 0"] if c.module else []) + \
+        ([f"{size_text(c.per_rank)} from each of {plan.world} ranks"] if c.per_rank else [])
+    out += [f"checkpoint: {size_text(c.total(plan.world))} ({' + '.join(parts)}), staged on the nodes' local disks "
+            f"before the upload"]
     out += ["", f"speed: {s.flops_per_token / 1e9:.2f} GFLOP/token x {s.tokens_per_s_per_gpu:,.0f} tokens/s per GPU "
                 f"at {s.utilisation.mfu:.1%} MFU ({s.utilisation.source})",
             f"  optimizer step {s.step_s:.2f} s ({spec.optim.global_batch_size} sequences)"]
@@ -167,6 +173,7 @@ def to_json(plan: Plan) -> dict[str, Any]:
         "parameters": plan.shape.params(), "trainable_parameters": plan.trainable,
         "setting": asdict(m.setting), "fits": m.fits, "capacity_bytes": m.capacity, "peak_bytes": m.peak,
         "model_state_bytes": m.model_states, "gpu_bytes": dict(m.gpu), "host_bytes_per_node": dict(m.host),
+        "checkpoint_bytes": plan.checkpoint.total(plan.world), "checkpoint_bytes_per_rank": plan.checkpoint.per_rank,
         "fix": {"change": plan.fix[0], "peak_bytes": plan.fix[1].peak} if plan.fix else None,
         "flops_per_token": s.flops_per_token, "mfu": s.utilisation.mfu, "mfu_source": s.utilisation.source,
         "tokens_per_s_per_gpu": s.tokens_per_s_per_gpu, "step_s": s.step_s, "steps": plan.steps,

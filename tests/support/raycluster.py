@@ -14,6 +14,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
+from typing import Optional
 
 
 def free_port() -> int:
@@ -64,6 +65,24 @@ class LocalRayCluster:
     dashboard: str
     token_path: str
     env: dict = field(default_factory=dict)
+    nodes: int = 1
+
+    def add_node(self, cpus: int, name: str, env: Optional[dict] = None, gpus: int = 0,
+                 wrap: tuple[str, ...] = ()) -> int:
+        """Start one more worker node and return its raylet's port (ftdist names a node by `ip:port`). `env`: its own
+        environment (what its processes inherit instead of this cluster's); `wrap`: a command the `ray start` runs
+        under (e.g. `unshare` with a mount of its own)."""
+        ports = {name_: port for name_, port in zip(_NODE_PORTS, free_ports(len(_NODE_PORTS)))}
+        base = 20000 + (os.getpid() * 401 + self.nodes * 200) % 12000
+        ports.update({"min-worker-port": base, "max-worker-port": base + 199})
+        self.nodes += 1
+        ray = os.path.join(os.path.dirname(sys.executable), "ray")
+        _run([*wrap, ray, "start", f"--address={self.gcs}", f"--num-cpus={cpus}", f"--num-gpus={gpus}",
+              "--object-store-memory=78643200", *self._common(), *_flags(ports)], env or self.env, self.root, name)
+        return ports["node-manager-port"]
+
+    def _common(self) -> list[str]:
+        return ["--node-ip-address=127.0.0.1", "--disable-usage-stats", f"--temp-dir={self.root}/tmp"]
 
     def client_env(self, **extra: str) -> dict:
         """Environment for a client of this cluster (the ftdist CLI): token auth, no inherited RAY_ADDRESS."""
@@ -111,8 +130,8 @@ def start_cluster(head_cpus: int = 1, worker_cpus: tuple[int, ...] = (2,)) -> Lo
     ray = os.path.join(bindir, "ray")
     head, *workers = _cluster_ports(1 + len(worker_cpus))
     cluster = LocalRayCluster(root, f"127.0.0.1:{head['port']}", f"http://127.0.0.1:{head['dashboard-port']}",
-                              token_path, env)
-    common = ["--node-ip-address=127.0.0.1", "--disable-usage-stats", f"--temp-dir={root}/tmp"]
+                              token_path, env, nodes=1 + len(worker_cpus))
+    common = cluster._common()
     try:
         _run([ray, "start", "--head", f"--num-cpus={head_cpus}", "--include-dashboard=true",
               "--dashboard-host=127.0.0.1", *common, *_flags(head)], env, root, "head")

@@ -1,0 +1,1 @@
+"""`ftdist preflight`: check that a cluster can really run a job before GPUs are spent on it."""
