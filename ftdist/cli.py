@@ -119,8 +119,8 @@ def _cmd_preflight(args: argparse.Namespace) -> int:
     print(json.dumps(to_json(checklist), indent=2) if args.json else render(checklist), flush=True)
     failed = checklist.failed
     if failed:
-        print(f"ftdist: preflight failed: {len(failed)} problem{'s' * (len(failed) > 1)} (FAIL above); the job "
-              f"was not started", file=sys.stderr)
+        print(f"ftdist: preflight failed: {len(failed)} problem{'s' * (len(failed) > 1)} (FAIL above) in "
+              f"{time.monotonic() - start:.0f} s; the job was not started", file=sys.stderr)
         return 2
     print(f"ftdist: preflight passed ({len(checklist.checks)} checks in {time.monotonic() - start:.0f} s)",
           file=sys.stderr)
@@ -553,7 +553,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="benchmark ftdist against a bare DeepSpeed loop; prints a table")
     b.add_argument("--steps", type=int, default=30, help="timed optimizer steps per run")
-    b.add_argument("--only", choices=["throughput", "memory", "load", "checkpoint", "tune", "gpu"], action="append",
+    b.add_argument("--only", choices=["throughput", "memory", "load", "checkpoint", "tune", "gpu", "peak"], action="append",
                    help="run only these parts (repeatable)")
     b.add_argument("--rounds", type=int, default=2,
                    help="throughput: how many times ftdist and the bare loop take turns (the ratio is of the means)")

@@ -1,5 +1,5 @@
 """`ftdist bench`: runs the chosen sections and prints one table, ftdist beside the bare libraries doing the same
-work (training.py: throughput, memory, load, GPU; storage.py: checkpoints; tune.py: sweeps)."""
+work (training.py: throughput, memory, load, GPU; peak.py: the planner against measured ranks; storage.py: checkpoints; tune.py: sweeps)."""
 
 from __future__ import annotations
 
@@ -63,6 +63,14 @@ def main(args: argparse.Namespace) -> int:
                 lines.append(
                     f"| ZeRO-{r['stage']} model states per rank (Ψ={r['psi']:,}, N={WORLD}) | {_mb(r['measured'])} | "
                     f"{_mb(r['formula'])} ({FORMULA_TEXT[r['stage']]}, fp32) | {r['ratio']:.3f} | <= 1.05 |")
+        if "peak" in parts:
+            from ftdist.bench.peak import bench_peak
+
+            for r in bench_peak(tmp):
+                lines.append(f"| `ftdist plan` / measured per rank, {r['setting']}: model states "
+                             f"{_mb(r['model_states_predicted'])} / {_mb(r['model_states_measured'])}; peak "
+                             f"{_mb(r['peak_predicted'])} / {_mb(r['peak_measured'])} (peak RSS - baseline) | | | "
+                             f"{r['model_states_ratio']:.3f}; {r['peak_ratio']:.3f} | [0.9, 1.1]; [0.8, 1.25] |")
         if "load" in parts:
             for r in bench_load(tmp):
                 lines.append(f"| peak RSS of a rank while loading {r['params'] / 1e6:.0f}M params, ZeRO-3, N={WORLD} | "

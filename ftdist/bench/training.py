@@ -126,6 +126,19 @@ def _tensors_in(obj: Any, depth: int = 0, skip=("ipg", "bucket", "buffer")):
             yield from _tensors_in(v, depth + 1, skip)
 
 
+def held_model_states(engine: Any) -> tuple[int, int]:
+    """(bytes of params + grads + optimizer state the engine holds now, bytes of its comm buckets)."""
+    params = list(engine.module.parameters())
+    opt = engine.optimizer
+    param_t = [getattr(p, "ds_tensor", p) if hasattr(p, "ds_tensor") else p.data for p in params]
+    grads = [p.grad for p in params]
+    inner = getattr(opt, "optimizer", opt)
+    state = [t for s in inner.state.values() for t in s.values() if hasattr(t, "untyped_storage")]
+    everything = _storage_bytes(param_t + grads + list(_tensors_in(opt)) + state)
+    comm = _storage_bytes(list(_tensors_in(opt, skip=()))) - _storage_bytes(list(_tensors_in(opt)))
+    return everything, comm
+
+
 def _model_state(rank: int, spec_json: dict) -> dict:
     """Bytes of params + grads + optimizer state held on this rank once Adam's state exists (second step): the
     largest over the step's micro-batches, each measured after its backward (under ZeRO-1 a micro-batch inside an
@@ -133,21 +146,14 @@ def _model_state(rank: int, spec_json: dict) -> dict:
     partitions)."""
     spec, engine = engine_for(spec_json)
     next_batch = batches(spec, rank)
-    params = list(engine.module.parameters())
-    psi = sum(getattr(p, "ds_numel", p.numel()) for p in params)
+    psi = sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters())
     measured = {"bytes": 0, "comm_buffers": 0}
     for step in range(2):
         for _ in range(spec.grad_accum):
             b = next_batch()
             engine.backward(engine(**b).loss)
             if step == 1:
-                opt = engine.optimizer
-                param_t = [getattr(p, "ds_tensor", p) if hasattr(p, "ds_tensor") else p.data for p in params]
-                grads = [p.grad for p in params]
-                inner = getattr(opt, "optimizer", opt)
-                state = [t for s in inner.state.values() for t in s.values() if hasattr(t, "untyped_storage")]
-                everything = _storage_bytes(param_t + grads + list(_tensors_in(opt)) + state)
-                comm = _storage_bytes(list(_tensors_in(opt, skip=()))) - _storage_bytes(list(_tensors_in(opt)))
+                everything, comm = held_model_states(engine)
                 measured = {"bytes": max(measured["bytes"], everything),
                             "comm_buffers": max(measured["comm_buffers"], comm)}
             engine.step()

@@ -9,7 +9,7 @@ layers) cost their 2 (or 4) bytes and nothing else. Offload moves the optimizer 
 the partitioned weights to host memory.
 
 Activations are counted per decoder layer from what PyTorch keeps for the backward of a Llama-style layer (listed
-in `_layer_activation_elements`); gradient checkpointing keeps each layer's input and recomputes one layer at a
+in `layer_activation_bytes`); gradient checkpointing keeps each layer's input and recomputes one layer at a
 time. Logits and the loss are counted as Hugging Face computes them (bf16 logits, an fp32 copy for the loss and its
 log-softmax), or not at all under Liger's fused linear + cross-entropy (it works in chunks). DeepSpeed's buffers
 come from the job's own zero: settings (bucket sizes, capped by the gradients that exist).
@@ -70,6 +70,17 @@ class MemoryPlan:
 
 
 MODEL_STATES = ("parameters", "gradients", "optimizer states")
+DEVICE_ONLY = ("CUDA context and workspaces", "allocator headroom")
+OFFLOADED = ("offloaded optimizer states and fp32 gradients", "offloaded parameters")
+
+
+def cpu_process_bytes(plan: MemoryPlan) -> int:
+    """Peak training memory of one process when the device is the CPU (a CPU run, where "GPU" and host memory are the
+    same RAM): the per-GPU lines without CUDA's context and the caching allocator's headroom, plus what offload put
+    in host memory. Plan with gpus_per_node=1 so that host lines are per process. This is the number that
+    tests/integration/test_plan_measured.py holds against a process's peak RSS."""
+    device = sum(b for what, b in plan.gpu if what not in DEVICE_ONLY)
+    return device + sum(b for what, b in plan.host if what in OFFLOADED)
 
 
 def model_state_bytes(spec: JobSpec, shape: ModelShape, world: int, setting: Optional[Setting] = None) -> dict:
@@ -82,8 +93,11 @@ def model_state_bytes(spec: JobSpec, shape: ModelShape, world: int, setting: Opt
     # (measured: `ftdist bench --only memory`); without ZeRO an fp32 model steps with plain torch AdamW.
     k = 12 if (d == 2 or s.stage >= 1) else 8
     total, trainable = shape.params(), trainable_params(spec, shape, s.method)
+    grads = trainable * d / (world if s.stage >= 2 else 1)
+    if s.offload_optimizer and s.stage in (1, 2):  # the host's fp32 gradient partition the CPU step reads
+        grads += trainable * 4 / world  # (measured: `ftdist bench --only peak`; ZeRO-3 keeps no second copy)
     return {"parameters": total * d / (world if s.stage == 3 else 1),
-            "gradients": trainable * d / (world if s.stage >= 2 else 1),
+            "gradients": grads,
             "optimizer states": trainable * k / (world if s.stage >= 1 else 1)}
 
 
@@ -133,24 +147,19 @@ def plan_memory(spec: JobSpec, shape: ModelShape, card: Gpu, world: int, gpus_pe
     plan.gpu.append(("gradients", 0 if s.offload_optimizer else int(states["gradients"])))
     plan.gpu.append(("optimizer states", 0 if s.offload_optimizer else int(optim)))
     seq, b = spec.data.max_length, s.micro_batch
-    per_layer = _layer_activation_elements(shape, spec.model.attn_implementation, seq) * b * seq * d
-    if s.gradient_checkpointing:  # each layer's input kept; one layer's activations alive during its recompute
-        acts = shape.layers * b * seq * shape.hidden * d + per_layer
-    else:
-        acts = shape.layers * per_layer
-    plan.gpu.append(("activations", int(acts)))
+    plan.gpu.append(("activations", int(activation_bytes(spec, shape, s))))
     logits = 0 if spec.model.use_liger_kernel else b * seq * shape.vocab * (d + 4 + 4)
     plan.gpu.append(("logits and loss", int(logits)))
     plan.gpu.append(("DeepSpeed buffers", int(_buffers(spec, shape, s, trainable, d))))
     if not s.offload_optimizer and d == 2:
         plan.gpu.append(("fp32 gradients at the step", int(fp32_grads)))
-    plan.gpu.append(("CUDA context and workspaces", CUDA_CONTEXT))
-    plan.gpu.append(("allocator headroom", int(ALLOCATOR_HEADROOM * sum(b for _, b in plan.gpu))))
+    plan.gpu.append((DEVICE_ONLY[0], CUDA_CONTEXT))
+    plan.gpu.append((DEVICE_ONLY[1], int(ALLOCATOR_HEADROOM * sum(b for _, b in plan.gpu))))
     per_node = min(gpus_per_node, world)
     if s.offload_optimizer:
-        plan.host.append(("offloaded optimizer states and fp32 gradients", int((optim + fp32_grads) * per_node)))
+        plan.host.append((OFFLOADED[0], int((optim + fp32_grads) * per_node)))
     if s.offload_params:
-        plan.host.append(("offloaded parameters", int(params * per_node)))
+        plan.host.append((OFFLOADED[1], int(params * per_node)))
     # Loading: under ZeRO-3 each rank materialises its partition (the per-rank parameters); otherwise every process
     # holds the whole model.
     plan.host.append(("loading the weights", int(params * per_node)))
@@ -171,17 +180,57 @@ def trainable_params(spec: JobSpec, shape: ModelShape, method: str) -> int:
     return shape.trainable_params(method)
 
 
-def _layer_activation_elements(shape: ModelShape, attn: str, seq: int) -> float:
-    """Elements per token that one Llama-style decoder layer keeps for its backward:
-    input and normed input of attention (2h), q, k, v after rotary (h_q + 2 kv), the attention output (h_q),
-    input and normed input of the MLP (2h), gate, SiLU(gate), up and their product (4 i). SDPA/flash keep only a
-    logsumexp per head and query (negligible); eager attention keeps the softmax in fp32 and its bf16 copy
-    (3 x heads x seq per token, in units of 2 bytes)."""
-    hq, kv = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
-    elements = 4 * shape.hidden + 2 * hq + 2 * kv + 4 * shape.intermediate
+def layer_activation_bytes(shape: ModelShape, attn: str, seq: int, d: int,
+                           lora: Optional[tuple[int, bool]] = None) -> float:
+    """Bytes per token that one Llama-style decoder layer keeps for its backward, as autograd saves them in
+    transformers 5 (counted with torch.autograd.graph.saved_tensors_hooks on real models, parameters excluded, fitted
+    exactly over hidden, heads, KV heads, head and MLP sizes in fp32 and bf16: tests/unit/test_plan.py), in units
+    of the weight size `d`:
+    - each RMSNorm (2 per layer): its input, the normalised input and the output in fp32 (3h); in 16-bit it keeps an
+      fp32 copy of the input and of the normalised input plus the 16-bit normalised input and output (4h);
+    - MLP: gate, SiLU(gate), up and their product (4i);
+    - SDPA / flash attention: the rotated q and k, v and the output (2 h_q + 2 kv) and an fp32 logsumexp per head;
+    - eager attention: q, k and v repeated to all heads, the output and its contiguous copy (4 h_q), and the softmax
+      per head and key (fp32; in 16-bit the fp32 softmax and its 16-bit copy).
+    `lora` (rank, dropout > 0): peft's LoRA on every linear layer (frozen norms keep less; each adapter keeps its
+    input, in fp32 when the base is 16-bit since peft keeps adapters in fp32, and with dropout its own dropped-out
+    copy and mask); these are fitted coefficients, for all-linear targets (fewer targets keep less: an upper bound)."""
+    h, hq, kv, i = shape.hidden, shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim, shape.intermediate
     if attn == "eager":
-        elements += 3 * shape.heads * seq
-    return elements
+        attention = (4 * hq + shape.heads * seq * (1 if d == 4 else 3)) * d
+    else:
+        attention = (2 * hq + 2 * kv) * d + shape.heads * 4
+    full = 2 * (3 if d == 4 else 4) * h * d + attention + 4 * i * d
+    if lora is None:
+        return full
+    rank, dropout = lora
+    coef = _LORA_BYTES[(d, dropout)]  # bytes per token: (h, h_q, kv, i) with SDPA; the adapters' rank term: 28 r
+    lora_sdpa = coef[0] * h + coef[1] * hq + coef[2] * kv + coef[3] * i + shape.heads * 4 + 28 * rank
+    full_sdpa = 2 * (3 if d == 4 else 4) * h * d + (2 * hq + 2 * kv) * d + shape.heads * 4 + 4 * i * d
+    return full + lora_sdpa - full_sdpa
+
+
+# Measured with saved_tensors_hooks on transformers 5 + peft 0.21 (all-linear targets, SDPA), bytes per token and
+# layer for (hidden, h_q, kv, intermediate), by (weight bytes, dropout > 0).
+_LORA_BYTES = {(4, False): (16, 8, 8, 16), (4, True): (48, 16, 8, 20),
+               (2, False): (28, 8, 4, 10), (2, True): (48, 12, 4, 14)}
+
+
+def activation_bytes(spec: JobSpec, shape: ModelShape, s: "Setting") -> float:
+    """What autograd keeps for the backward of one micro batch: every layer that trains or lies above one that
+    trains (freeze: the frozen lower layers keep nothing, their input needs no gradient), each layer's input only
+    under gradient checkpointing (plus one layer recomputed at a time), and the final norm."""
+    d, seq, b = _weight_bytes(spec), spec.data.max_length, s.micro_batch
+    lora = (spec.lora.rank if spec.lora else 8, (spec.lora.dropout if spec.lora else 0.05) > 0) \
+        if s.method == "lora" else None
+    per_layer = layer_activation_bytes(shape, spec.model.attn_implementation, seq, d, lora) * b * seq
+    layers = shape.layers
+    if s.method == "freeze" and spec.freeze is not None:
+        layers = min(layers, spec.freeze.train_top_layers)
+    final_norm = (3 if d == 4 else 4) * shape.hidden * b * seq * d
+    if s.gradient_checkpointing:  # each layer's input kept; one layer's activations alive during its recompute
+        return layers * b * seq * shape.hidden * d + (per_layer if layers else 0) + final_norm
+    return layers * per_layer + final_norm
 
 
 def _buffers(spec: JobSpec, shape: ModelShape, s: Setting, trainable: int, d: int) -> float:

@@ -165,7 +165,11 @@ def _ready(pg, timeout_s: float) -> bool:
 
 def _last_line(e: BaseException) -> str:
     lines = [ln.strip() for ln in str(getattr(e, "cause", None) or e).splitlines() if ln.strip()]
-    return lines[-1][:300] if lines else type(e).__name__
+    # c10d/gloo prefix their messages with the C++ source location: "[enforce fail at .../device.cc:84] ifa != ..."
+    return _SOURCE_PREFIX.sub("", lines[-1])[:300] if lines else type(e).__name__
+
+
+_SOURCE_PREFIX = re.compile(r"^\[enforce fail at [^\]]*\]\s*(\S+ != nullptr\.\s*)?")
 
 
 def _fmt(bundle: dict) -> str:

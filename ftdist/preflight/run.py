@@ -133,11 +133,11 @@ def check_resources(spec: JobSpec, nodes: list[Node], cl: Checklist) -> bool:
     slots = sum(n.slots for n in nodes)
     hosts = sum(1 for n in nodes if n.slots)
     if slots < r.num_workers:
-        cl.add(Check("resources", False, f"{r.num_workers} workers of {want} each: the cluster has room for {slots} "
+        cl.add(Check("resources", False, f"{r.num_workers} worker{'s' * (r.num_workers != 1)} of {want} each: the cluster has room for {slots} "
                                          f"(a worker must fit on one node)",
                      fix="more or larger nodes, fewer resources.num_workers, or smaller resources.*_per_worker"))
         return False
-    detail = f"{r.num_workers} workers of {want} each: room for {slots} on {hosts} of {_nodes(len(nodes))}"
+    detail = f"{r.num_workers} worker{'s' * (r.num_workers != 1)} of {want} each: room for {slots} on {hosts} of {_nodes(len(nodes))}"
     if spec.sweep is not None:
         trials = slots // r.num_workers
         cap = spec.sweep.max_concurrent_trials

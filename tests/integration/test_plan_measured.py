@@ -1,26 +1,24 @@
 """`ftdist plan`'s model states against what DeepSpeed really holds per rank (real DeepSpeed, 2 gloo ranks, the
-bench's 3.6M-parameter Llama in fp32): parameters, gradients and optimizer states measured with gradients present
-once Adam's state exists (the counters `ftdist bench --only memory` uses)."""
+bench's 3.07M-parameter Llama in fp32 at sequence 256): parameters, gradients and optimizer states measured with
+gradients present once Adam's state exists (the counters `ftdist bench --only memory` uses), over the grid of
+`ftdist bench --only peak`: ZeRO 0-3, optimizer and parameter offload, full and LoRA, micro batches 1 and 4,
+gradient checkpointing on and off. The same run measures each rank's peak resident memory; the planner's peak is not
+yet held to it (README, Planning: the gaps that remain), so it is printed, not asserted."""
 
 from __future__ import annotations
 
 import pytest
 
-from ftdist.bench.common import BENCH_LLAMA, WORLD, bench_spec, spawn
-from ftdist.bench.training import _model_state
-from ftdist.plan.memory import model_state_bytes
-from ftdist.plan.shape import ModelShape
-from ftdist.spec import with_overrides
+from ftdist.bench.peak import GRID, bench_peak
 
 pytestmark = pytest.mark.deepspeed
 
 
-@pytest.mark.parametrize("stage, method", [(1, "full"), (2, "full"), (3, "full"), (2, "lora"), (3, "lora"),
-                                           (2, "freeze")])
-def test_planned_model_states_match_deepspeed(stage, method, tmp_path):
-    spec = bench_spec(str(tmp_path / "store"), 4, stage=stage)
-    if method != "full":
-        spec = with_overrides(spec, {"method": method})
-    measured = max(r["bytes"] for r in spawn(_model_state, spec.model_dump(mode="json")))
-    predicted = sum(model_state_bytes(spec, ModelShape.from_config(BENCH_LLAMA), WORLD).values())
-    assert 0.9 <= predicted / measured <= 1.1, (predicted, measured)
+def test_planned_model_states_match_deepspeed_over_the_grid(tmp_path):
+    rows = bench_peak(str(tmp_path))
+    assert [r["setting"] for r in rows] == [label for label, _ in GRID]
+    for r in rows:
+        print(f"{r['setting']:<52} model states {r['model_states_ratio']:.3f}  peak {r['peak_ratio']:.3f}")
+    off = [(r["setting"], round(r["model_states_ratio"], 3)) for r in rows
+           if not 0.9 <= r["model_states_ratio"] <= 1.1]
+    assert not off, off

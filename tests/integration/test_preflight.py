@@ -114,7 +114,7 @@ def test_each_faulty_node_is_named_in_one_line(cluster, faulty_nodes, s3_server,
     assert re.search(r"^FAIL\s+collective .*gloo: .*Unable to find address for: bogus0", by_node["cannot join"][0])
     assert all("; fix: " in ln for ln in failed)
     assert "not run: fix the problems above first" in r.stdout
-    assert "preflight failed: 4 problems" in r.stderr and "Traceback" not in r.stderr + r.stdout
+    assert "preflight failed: 4 problems (FAIL above) in " in r.stderr and "Traceback" not in r.stderr + r.stdout
     assert s3_server.client().list_objects_v2(Bucket=bucket_name).get("KeyCount", 0) == 0
 
 

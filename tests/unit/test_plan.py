@@ -181,3 +181,54 @@ def test_executed_flops_by_method(tmp_path):
     seq = spec.data.max_length  # checkpointing recomputes every layer's forward (not the LM head's)
     layer_forward = 2 * shape.layer_matmul_params() + 4 * shape.heads * shape.head_dim * seq
     assert executed_flops_per_token(spec, shape, "full", True) == full + shape.layers * layer_forward
+
+
+def _saved_per_layer(cfg: dict, dtype, attn: str, batch: int, seq: int, lora=None) -> float:
+    """Bytes autograd saves for the backward of one decoder layer (a 3-layer model minus a 1-layer one, halved),
+    parameters excluded: what the planner's activation lines must add up to."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    def saved(layers: int) -> int:
+        config = AutoConfig.for_model(**{**cfg, "num_hidden_layers": layers}, attn_implementation=attn)
+        model = AutoModelForCausalLM.from_config(config).to(dtype)
+        if lora:
+            from peft import LoraConfig, get_peft_model
+
+            model = get_peft_model(model, LoraConfig(r=lora[0], lora_dropout=lora[1], target_modules="all-linear"))
+            model.train()
+        params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        seen: dict[int, int] = {}
+
+        def pack(t):
+            st = t.untyped_storage()
+            if st.data_ptr() not in params:
+                seen[st.data_ptr()] = st.nbytes()
+            return t
+
+        ids = torch.randint(3, cfg["vocab_size"], (batch, seq))
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(input_ids=ids, labels=ids)
+        return sum(seen.values())
+
+    return (saved(3) - saved(1)) / 2
+
+
+@pytest.mark.parametrize("dtype, attn, kv_heads, lora", [
+    ("fp32", "sdpa", 4, None), ("fp32", "sdpa", 8, None), ("bf16", "sdpa", 2, None), ("bf16", "eager", 4, None),
+    ("fp32", "eager", 8, None), ("fp32", "sdpa", 4, (8, 0.0)), ("fp32", "sdpa", 2, (16, 0.05)),
+    ("bf16", "sdpa", 4, (8, 0.0)), ("bf16", "sdpa", 4, (4, 0.1))])
+def test_activation_lines_equal_what_autograd_saves(dtype, attn, kv_heads, lora):
+    import torch
+
+    from ftdist.plan.memory import layer_activation_bytes
+
+    cfg = {"model_type": "llama", "vocab_size": 64, "hidden_size": 96, "intermediate_size": 200,
+           "num_attention_heads": 8, "num_key_value_heads": kv_heads, "head_dim": 16, "max_position_embeddings": 64}
+    d = 4 if dtype == "fp32" else 2
+    batch, seq = 2, 48
+    measured = _saved_per_layer(cfg, torch.float32 if d == 4 else torch.bfloat16, attn, batch, seq, lora)
+    shape = ModelShape.from_config({**cfg, "num_hidden_layers": 1})
+    planned = layer_activation_bytes(shape, attn, seq, d, lora and (lora[0], lora[1] > 0)) * batch * seq
+    # The planner leaves out each RMSNorm's fp32 reciprocal root: 2 values per token and layer.
+    assert planned == pytest.approx(measured - 2 * 4 * batch * seq, rel=3e-3), (planned, measured)

@@ -1,0 +1,120 @@
+"""`ftdist bench --only peak`: the planner's per-rank memory against what real DeepSpeed ranks hold, on CPU.
+
+For each setting of a grid (ZeRO 0-3, optimizer and parameter offload, full and LoRA, micro batches 1 and 4,
+gradient checkpointing on and off), two gloo ranks train the benchmark Llama (at sequence 256, packed) for two
+steps and measure, during the second (Adam's state exists):
+- model states: bytes of parameters, gradients and optimizer states the engine holds (the `--only memory` counters);
+- peak training memory: the process's peak resident memory (VmHWM, reset before the step by /proc/self/clear_refs)
+  minus its resident memory before the engine was built. glibc is told to serve every allocation of 64 KiB or more
+  with mmap (MALLOC_MMAP_THRESHOLD_), so freed tensors leave the process and resident memory is what is alive.
+Predicted: `ftdist plan`'s model states and `cpu_process_bytes` (its per-GPU lines without CUDA's context and
+headroom, plus offloaded states, which on a CPU run live in the same RAM). Settings run one after another in the same
+two processes (each engine freed before the next), so the grid costs one start-up."""
+
+from __future__ import annotations
+
+import gc
+import os
+from typing import Any
+
+from ftdist.bench.common import BENCH_LLAMA, WORLD, batches, bench_spec, engine_for, spawn
+from ftdist.plan.gpus import gpu
+from ftdist.plan.memory import cpu_process_bytes, model_state_bytes, plan_memory
+from ftdist.plan.shape import ModelShape
+from ftdist.spec import JobSpec, with_overrides
+
+SEQ = 256
+PEAK_LLAMA = {**BENCH_LLAMA, "max_position_embeddings": SEQ}
+
+GRID: list[tuple[str, dict]] = [
+    ("ZeRO-0 full, micro batch 4", {"zero.stage": 0}),
+    ("ZeRO-1 full, micro batch 4", {"zero.stage": 1}),
+    ("ZeRO-2 full, micro batch 4", {"zero.stage": 2}),
+    ("ZeRO-3 full, micro batch 4", {"zero.stage": 3}),
+    ("ZeRO-2 full, micro batch 1", {"zero.stage": 2, "optim.micro_batch_size": 1}),
+    ("ZeRO-0 full, micro batch 4, checkpointing", {"zero.stage": 0, "model.gradient_checkpointing": True}),
+    ("ZeRO-3 full, micro batch 1, checkpointing", {"zero.stage": 3, "optim.micro_batch_size": 1,
+                                                   "model.gradient_checkpointing": True}),
+    ("ZeRO-2 LoRA, micro batch 4", {"zero.stage": 2, "method": "lora"}),
+    ("ZeRO-3 LoRA, micro batch 1, checkpointing", {"zero.stage": 3, "method": "lora", "optim.micro_batch_size": 1,
+                                                   "model.gradient_checkpointing": True}),
+    ("ZeRO-2 optimizer offload, micro batch 4", {"zero.stage": 2, "zero.offload_optimizer": "cpu"}),
+    ("ZeRO-3 optimizer + parameter offload, micro batch 4", {"zero.stage": 3, "zero.offload_optimizer": "cpu",
+                                                             "zero.offload_params": "cpu"}),
+]
+
+
+def peak_spec(storage: str, overrides: dict) -> JobSpec:
+    base = with_overrides(bench_spec(storage, 2), {"model.from_config": PEAK_LLAMA, "data.max_length": SEQ,
+                                                   "data.packing": True, "optim.micro_batch_size": 4,
+                                                   "optim.global_batch_size": 16})
+    return with_overrides(base, overrides)
+
+
+def predicted(spec: JobSpec) -> dict[str, int]:
+    shape = ModelShape.from_config(PEAK_LLAMA)
+    plan = plan_memory(spec, shape, gpu(None), WORLD, gpus_per_node=1)
+    return {"model_states": int(sum(model_state_bytes(spec, shape, WORLD).values())),
+            "peak": cpu_process_bytes(plan)}
+
+
+def _status(key: str) -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(key):
+                return int(line.split()[1]) * 1024
+    raise KeyError(key)
+
+
+def _reset_peak() -> None:
+    with open("/proc/self/clear_refs", "w") as fh:  # "5": reset the peak resident set size (VmHWM) to now
+        fh.write("5")
+
+
+def _measure(rank: int, spec_jsons: list[dict]) -> dict:
+    from ftdist.bench.training import held_model_states
+
+    out = []
+    for spec_json in spec_jsons:
+        from ftdist.spec import spec_from_dict
+
+        next_batch = batches(spec_from_dict(spec_json), rank)
+        next_batch()  # tokenizer and data loaded before the baseline: they are not training memory
+        gc.collect()
+        base = _status("VmRSS")
+        spec, engine = engine_for(spec_json)
+        states = 0
+        for step in range(2):
+            if step == 1:
+                _reset_peak()
+            for _ in range(spec.grad_accum):  # DeepSpeed steps at the accumulation boundary
+                engine.backward(engine(**next_batch()).loss)
+                if step == 1:
+                    states = max(states, held_model_states(engine)[0])
+                engine.step()
+        out.append({"peak": _status("VmHWM") - base, "model_states": states})
+        engine.destroy()
+        del engine, next_batch
+        gc.collect()
+    return {"settings": out}
+
+
+def bench_peak(tmp: str) -> list[dict[str, Any]]:
+    specs = [(label, peak_spec(os.path.join(tmp, "peak"), over)) for label, over in GRID]
+    saved = os.environ.get("MALLOC_MMAP_THRESHOLD_")
+    os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"  # read by glibc at the start of the spawned ranks
+    try:
+        ranks = spawn(_measure, [s.model_dump(mode="json") for _, s in specs])
+    finally:
+        if saved is None:
+            os.environ.pop("MALLOC_MMAP_THRESHOLD_")
+        else:
+            os.environ["MALLOC_MMAP_THRESHOLD_"] = saved
+    rows = []
+    for i, (label, spec) in enumerate(specs):
+        measured = {k: max(r["settings"][i][k] for r in ranks) for k in ("model_states", "peak")}
+        pred = predicted(spec)
+        rows.append({"setting": label, **{f"{k}_predicted": pred[k] for k in pred},
+                     **{f"{k}_measured": measured[k] for k in measured},
+                     **{f"{k}_ratio": pred[k] / measured[k] for k in pred}})
+    return rows
