@@ -114,8 +114,16 @@ def _cmd_preflight(args: argparse.Namespace) -> int:
         validate_sweep(spec, args.job or "--job-json")
     if not args.timeout > 0:
         raise SpecError(f"--timeout {args.timeout}: must be a number of seconds above 0")
+    from ftdist.train.ray_runtime import check_reachable
+
+    address = args.address or os.environ.get("RAY_ADDRESS")
+    if address:  # one line now, not Ray's minute of retries (and never a Ray this process already runs)
+        check_reachable(address)
     start = time.monotonic()
-    checklist = run_preflight(spec, args.address, tuple(args.skip), args.timeout)
+    # With --json, stdout carries the JSON alone: the workers' log lines that Ray streams to this process during the
+    # step go to stderr meanwhile.
+    with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
+        checklist = run_preflight(spec, args.address, tuple(args.skip), args.timeout)
     print(json.dumps(to_json(checklist), indent=2) if args.json else render(checklist), flush=True)
     failed = checklist.failed
     if failed:

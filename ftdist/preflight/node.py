@@ -32,6 +32,8 @@ class NodeRequest:
     """Server-side encryption arguments, as checkpoints are written."""
     locations: list[tuple[str, str]] = field(default_factory=list)
     """(job key, location) of every input the workers read on this node: data, model, tokenizer."""
+    shared_marker: Optional[str] = None
+    """A file the driver wrote under a local run folder: every node must see it (one shared filesystem)."""
 
 
 @dataclass
@@ -68,9 +70,16 @@ def inspect_node(req: NodeRequest) -> NodeFacts:
         staging_dir=staging,
         staging_free=shutil.disk_usage(staging).free,
         memory_bytes=memory_limit(),
-        storage_problem=roundtrip(req.storage, req.extra_args),
+        storage_problem=roundtrip(req.storage, req.extra_args) or _unshared(req),
         location_problems=[(key, p) for key, where in req.locations if (p := location_problem(where))],
     )
+
+
+def _unshared(req: NodeRequest) -> Optional[str]:
+    if req.shared_marker is None or os.path.exists(req.shared_marker):
+        return None
+    return (f"{req.storage}: this node does not see what the driver wrote there: a local checkpoint.storage must be "
+            f"one shared filesystem mounted on every node (or use s3://)")
 
 
 def memory_limit() -> int:

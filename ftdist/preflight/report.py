@@ -6,6 +6,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
+from ftdist.redact import redact
+
 
 @dataclass
 class Check:
@@ -46,9 +48,9 @@ def render(cl: Checklist) -> str:
         where = f"node {c.node}: " if c.node else ""
         fix = f"; fix: {c.fix}" if c.fix and not c.ok else ""
         out.append(f"  {mark:<5}{c.name:<{width + 2}}{where}{c.detail}{fix}")
-    return "\n".join(out)
+    return redact("\n".join(out))  # node errors are other programs' words: the last guard against a secret in them
 
 
 def to_json(cl: Checklist) -> dict[str, Any]:
     return {"target": cl.target, "ok": cl.ok, "seconds": round(cl.seconds, 1),
-            "checks": [asdict(c) for c in cl.checks]}
+            "checks": [{k: redact(v) if isinstance(v, str) else v for k, v in asdict(c).items()} for c in cl.checks]}

@@ -10,13 +10,16 @@ Every problem is one line naming its node. Nothing is left behind in storage."""
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 import secrets
 import time
 from dataclasses import dataclass
 from typing import Optional
 
 import ray
+from botocore.exceptions import BotoCoreError, ClientError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from ftdist.errors import SpecError
@@ -29,8 +32,9 @@ from ftdist.preflight.node import NodeFacts, NodeRequest, inspect_node, versions
 from ftdist.preflight.report import Check, Checklist
 from ftdist.spec import JobSpec
 from ftdist.spec.load import with_overrides
+from ftdist.storage import s3
 from ftdist.storage.probe import leaves_no_folders
-from ftdist.storage.uri import is_remote
+from ftdist.storage.uri import is_remote, local_path
 from ftdist.train.ray_runtime import connect_ray, disconnect_ray, runtime_env_vars
 
 CHECKS = ("collective", "step")
@@ -164,7 +168,17 @@ def _needs(spec: JobSpec) -> Needs:
 
 
 def _inspect_nodes(spec: JobSpec, nodes: list[Node], timeout_s: float, cl: Checklist) -> None:
-    req = NodeRequest(spec.run_dir, spec.checkpoint.encryption.extra_args(), _read_locations(spec))
+    marker = _shared_marker(spec.run_dir)
+    try:
+        _gather_facts(spec, nodes, NodeRequest(spec.run_dir, spec.checkpoint.encryption.extra_args(),
+                                               _read_locations(spec), marker), timeout_s, cl)
+    finally:
+        if marker:
+            with contextlib.suppress(OSError):
+                os.remove(marker)
+
+
+def _gather_facts(spec: JobSpec, nodes: list[Node], req: NodeRequest, timeout_s: float, cl: Checklist) -> None:
     env = {"env_vars": runtime_env_vars(use_gpu=spec.resources.use_gpu)}
     task = ray.remote(num_cpus=0, max_retries=0)(inspect_node)
     refs = {task.options(runtime_env=env, scheduling_strategy=NodeAffinitySchedulingStrategy(n.node_id, soft=False))
@@ -183,6 +197,22 @@ def _inspect_nodes(spec: JobSpec, nodes: list[Node], timeout_s: float, cl: Check
         cl.add(Check("node", False, f"the check task did not finish in {timeout_s:.0f} s", node=refs[ref].label,
                      fix="is the node overloaded, or its runtime environment still installing?"))
         ray.cancel(ref, force=True)
+
+
+def _shared_marker(run_dir: str) -> Optional[str]:
+    """A file written from here into a local run folder, for the nodes to look for (inside the run folder, which
+    the caller removes with everything in it if the checks created it); None for s3:// or when this machine cannot
+    write there (the path may exist on the nodes only: their own round trip says whether they can)."""
+    if is_remote(run_dir):
+        return None
+    marker = os.path.join(local_path(run_dir), f".ftdist-preflight-shared-{secrets.token_hex(4)}")
+    try:
+        os.makedirs(os.path.dirname(marker), exist_ok=True)
+        with open(marker, "w"):
+            pass
+    except OSError:
+        return None
+    return marker
 
 
 def _read_locations(spec: JobSpec) -> list[tuple[str, str]]:
@@ -322,14 +352,20 @@ def _check_step(spec: JobSpec, needs: Needs, cl: Checklist) -> None:
                                     "eval.every_n_steps": None, "eval.max_batches": 1, "export.enabled": False,
                                     "sweep": None})
     start = time.monotonic()
-    store = CheckpointStore(scratch.run_dir)
-    with leaves_no_folders(scratch.run_dir):
-        try:
-            summary = run_training(scratch)
-            seconds = time.monotonic() - start
-            latest = store.latest_valid() if summary.error is None else None
-        finally:
-            store.store.delete_prefix("")
+    try:
+        with leaves_no_folders(scratch.run_dir):
+            store = CheckpointStore(scratch.run_dir)
+            try:
+                summary = run_training(scratch)
+                seconds = time.monotonic() - start
+                latest = store.latest_valid() if summary.error is None else None
+            finally:
+                store.store.delete_prefix("")
+    except (SpecError, ClientError, BotoCoreError, OSError) as e:  # the driver's own access to the run folder
+        message = s3.describe_error(e, scratch.run_dir) if isinstance(e, (ClientError, BotoCoreError)) else str(e)
+        cl.add(Check("step", False, f"from this machine (the driver): {message}",
+                     fix="the driver reads and writes the run folder too (its lease, the final state)"))
+        return
     if summary.error is not None or latest is None:
         why = str(summary.error).strip().splitlines()[-1][:300] if summary.error else "no committed checkpoint"
         cl.add(Check("step", False, f"one training step and checkpoint: {why}",

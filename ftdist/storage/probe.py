@@ -86,13 +86,24 @@ def leaves_no_folders(uri: str) -> Iterator[None]:
     parts = key.split("/")
     markers = ["/".join(parts[:i]) + "/" for i in range(1, len(parts) + 1)]
     c = s3.client(s3.PROBE)
-    before = {m for m in markers if _exists(c, bucket, m)}
+    try:
+        before = {m for m in markers if _exists(c, bucket, m)}
+    except BotoCoreError:  # no credentials here (the nodes may have theirs): nothing to tidy from here either
+        before = None
     try:
         yield
     finally:
+        if before is not None:
+            _remove_new_markers(c, bucket, markers, before)
+
+
+def _remove_new_markers(c, bucket: str, markers: list[str], before: set[str]) -> None:
+    try:
         for m in reversed(markers):  # deepest first: its parent is then empty
             if m not in before and _exists(c, bucket, m) and not _has_children(c, bucket, m):
                 c.delete_object(Bucket=bucket, Key=m)
+    except (ClientError, BotoCoreError):
+        pass  # tidying only: an empty marker left behind is harmless
 
 
 def _exists(c, bucket: str, key: str) -> bool:

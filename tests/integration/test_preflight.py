@@ -10,6 +10,7 @@ The CLI runs as a subprocess, as a user runs it."""
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -58,17 +59,18 @@ def _lines(out: str, mark: str) -> list[str]:
 
 
 def test_a_healthy_cluster_passes_and_leaves_nothing_behind(cluster, s3_server, bucket_name, tmp_path):
-    r = _preflight(cluster, _job(tmp_path, bucket_name))
+    # --json: stdout is the checklist alone, though the step's workers log to this process meanwhile
+    r = _preflight(cluster, _job(tmp_path, bucket_name), "--json")
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-3000:]
-    checks = _lines(r.stdout, "ok")
-    names = [ln.split()[1] for ln in checks]
-    assert names == ["resources", "versions", "storage", "locations", "/dev/shm", "disk", "memory", "collective",
-                     "step"], r.stdout
-    assert "2 nodes" in r.stdout and not _lines(r.stdout, "FAIL")
-    assert re.search(r"gloo all-reduce among 2 workers on 2 nodes: [0-9.]+ GB/s", r.stdout)
-    step = next(ln for ln in checks if ln.split()[1] == "step")
-    ratio = float(re.search(r"([0-9.]+) x planned", step).group(1))
-    assert 0.9 <= ratio <= 1.1, step  # the planner's checkpoint size against the real one
+    report = json.loads(r.stdout)
+    checks = {c["name"]: c for c in report["checks"]}
+    assert list(checks) == ["resources", "versions", "storage", "locations", "/dev/shm", "disk", "memory",
+                            "collective", "step"], r.stdout
+    assert report["ok"] and all(c["ok"] and not c["skipped"] for c in report["checks"])
+    assert "2 nodes" in report["target"] and "[ftdist] step 1/1" in r.stderr  # the workers' lines went to stderr
+    assert re.search(r"gloo all-reduce among 2 workers on 2 nodes: [0-9.]+ GB/s", checks["collective"]["detail"])
+    ratio = float(re.search(r"([0-9.]+) x planned", checks["step"]["detail"]).group(1))
+    assert 0.9 <= ratio <= 1.1, checks["step"]  # the planner's checkpoint size against the real one
     assert "ftdist: preflight passed" in r.stderr
     left = [o["Key"] for o in s3_server.client().list_objects_v2(Bucket=bucket_name).get("Contents", [])]
     assert not left, f"the preflight left objects in the bucket: {left}"

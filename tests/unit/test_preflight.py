@@ -249,3 +249,47 @@ def test_an_unknown_skip_is_refused(tmp_path, write_job, capsys):
     with pytest.raises(SystemExit) as e:
         main(["preflight", str(job), "--skip", "storage"])
     assert e.value.code == 2 and "invalid choice: 'storage'" in capsys.readouterr().err
+
+
+def test_node_errors_pass_the_secret_guard():
+    token = "hf_Zq8XkP2vLm4Rt7Ws9Yb3Nc6Jd1Ge5Hf0"
+    cl = Checklist("t")
+    cl.add(Check("node", False, f"the check task failed: HTTPError 401 for token {token}", node="10.0.0.2:1"))
+    assert token not in render(cl) and token not in str(to_json(cl))
+
+
+def test_a_driver_without_credentials_tidies_nothing_and_does_not_fail(monkeypatch):
+    from ftdist.storage.probe import leaves_no_folders
+
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
+    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent")
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # never reached: no credentials to sign with
+    ran = []
+    with leaves_no_folders("s3://bucket/runs/job"):
+        ran.append(True)
+    assert ran == [True]
+
+
+def test_a_node_that_does_not_share_local_storage_is_told(tmp_path):
+    run = tmp_path / "runs" / "job"
+    marker = tmp_path / "runs" / "marker"  # what the driver wrote; here, a file the "node" cannot see
+    facts = inspect_node(NodeRequest(str(run), {}, [], str(marker)))
+    assert "does not see what the driver wrote there" in facts.storage_problem and "shared filesystem" in \
+        facts.storage_problem
+    marker.parent.mkdir(parents=True)
+    marker.write_text("")
+    assert inspect_node(NodeRequest(str(run), {}, [], str(marker))).storage_problem is None
+
+
+def test_a_bad_address_is_refused_even_inside_a_running_ray(tmp_path, write_job, capsys, monkeypatch):
+    """The address is checked before anything else, so a process that already runs Ray (a notebook, the test
+    session) does not quietly check that Ray instead."""
+    import ray
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    job = write_job(tiny_job_dict(str(tmp_path / "runs")))
+    assert main(["preflight", str(job), "--address", "127.0.0.1:1"]) == 2
+    assert "cannot reach a Ray cluster there" in capsys.readouterr().err
