@@ -68,17 +68,25 @@ def _preflight(args: argparse.Namespace, spec) -> None:
     """What `train` and `tune` check on this machine before Ray starts and before anything is written (the run
     lease included): the cluster address answers, the data tokenizes, the storage takes writes."""
     from ftdist.train.driver import preflight_data, preflight_storage
-    from ftdist.train.ray_runtime import check_local_gpus, check_reachable
+    from ftdist.train.ray_runtime import check_local_gpus
 
-    address = args.address or os.environ.get("RAY_ADDRESS")
-    if address:
-        check_reachable(address)
-    else:
+    if not _check_address(args):
         check_local_gpus(spec.resources)
     stats = preflight_data(spec)
     preflight_storage(spec)
     if stats is not None:  # after every check passed: an error stays the only line
         print(f"ftdist: data: {stats.summary()}", file=sys.stderr)
+
+
+def _check_address(args: argparse.Namespace) -> Optional[str]:
+    """The cluster address (--address, else RAY_ADDRESS) answers, checked before anything starts: one line now,
+    not Ray's minute of retries (and never quietly the Ray this process may already run). None: no cluster given."""
+    from ftdist.train.ray_runtime import check_reachable
+
+    address = args.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        check_reachable(address)
+    return address
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
@@ -103,7 +111,6 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
 def _cmd_preflight(args: argparse.Namespace) -> int:
     import json
-    import time
 
     from ftdist.preflight.report import render, to_json
     from ftdist.preflight.run import run_preflight
@@ -114,12 +121,7 @@ def _cmd_preflight(args: argparse.Namespace) -> int:
         validate_sweep(spec, args.job or "--job-json")
     if not args.timeout > 0:
         raise SpecError(f"--timeout {args.timeout}: must be a number of seconds above 0")
-    from ftdist.train.ray_runtime import check_reachable
-
-    address = args.address or os.environ.get("RAY_ADDRESS")
-    if address:  # one line now, not Ray's minute of retries (and never a Ray this process already runs)
-        check_reachable(address)
-    start = time.monotonic()
+    _check_address(args)
     # With --json, stdout carries the JSON alone: the workers' log lines that Ray streams to this process during the
     # step go to stderr meanwhile.
     with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
@@ -128,10 +130,9 @@ def _cmd_preflight(args: argparse.Namespace) -> int:
     failed = checklist.failed
     if failed:
         print(f"ftdist: preflight failed: {len(failed)} problem{'s' * (len(failed) > 1)} (FAIL above) in "
-              f"{time.monotonic() - start:.0f} s; the job was not started", file=sys.stderr)
+              f"{checklist.seconds:.0f} s; the job was not started", file=sys.stderr)
         return 2
-    print(f"ftdist: preflight passed ({len(checklist.checks)} checks in {time.monotonic() - start:.0f} s)",
-          file=sys.stderr)
+    print(f"ftdist: preflight passed ({len(checklist.checks)} checks in {checklist.seconds:.0f} s)", file=sys.stderr)
     return 0
 
 
@@ -561,8 +562,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="benchmark ftdist against a bare DeepSpeed loop; prints a table")
     b.add_argument("--steps", type=int, default=30, help="timed optimizer steps per run")
-    b.add_argument("--only", choices=["throughput", "memory", "load", "checkpoint", "tune", "gpu", "peak"], action="append",
-                   help="run only these parts (repeatable)")
+    b.add_argument("--only", choices=["throughput", "memory", "load", "checkpoint", "tune", "gpu", "peak"],
+                   action="append", help="run only these parts (repeatable)")
     b.add_argument("--rounds", type=int, default=2,
                    help="throughput: how many times ftdist and the bare loop take turns (the ratio is of the means)")
     b.add_argument("--gpu-variants", default="eager,liger",

@@ -1,5 +1,6 @@
 """`ftdist bench`: runs the chosen sections and prints one table, ftdist beside the bare libraries doing the same
-work (training.py: throughput, memory, load, GPU; peak.py: the planner against measured ranks; storage.py: checkpoints; tune.py: sweeps)."""
+work (training.py: throughput, memory, load, GPU; peak.py: the planner against measured ranks; storage.py:
+checkpoints; tune.py: sweeps)."""
 
 from __future__ import annotations
 
@@ -69,7 +70,8 @@ def main(args: argparse.Namespace) -> int:
             for r in bench_peak(tmp):
                 lines.append(f"| `ftdist plan` / measured per rank, {r['setting']}: model states "
                              f"{_mb(r['model_states_predicted'])} / {_mb(r['model_states_measured'])}; peak "
-                             f"{_mb(r['peak_predicted'])} / {_mb(r['peak_measured'])} (peak RSS - baseline) | | | "
+                             f"{_mb(r['peak_predicted'])} / {_mb(r['peak_measured'])} (peak RSS - baseline) "
+                             f"| | | "
                              f"{r['model_states_ratio']:.3f}; {r['peak_ratio']:.3f} | [0.9, 1.1]; [0.8, 1.25] |")
         if "load" in parts:
             for r in bench_load(tmp):

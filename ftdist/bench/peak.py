@@ -18,10 +18,11 @@ import os
 from typing import Any
 
 from ftdist.bench.common import BENCH_LLAMA, WORLD, batches, bench_spec, engine_for, spawn
+from ftdist.bench.training import held_model_states
 from ftdist.plan.gpus import gpu
 from ftdist.plan.memory import cpu_process_bytes, model_state_bytes, plan_memory
 from ftdist.plan.shape import ModelShape
-from ftdist.spec import JobSpec, with_overrides
+from ftdist.spec import JobSpec, spec_from_dict, with_overrides
 
 SEQ = 256
 PEAK_LLAMA = {**BENCH_LLAMA, "max_position_embeddings": SEQ}
@@ -72,12 +73,8 @@ def _reset_peak() -> None:
 
 
 def _measure(rank: int, spec_jsons: list[dict]) -> dict:
-    from ftdist.bench.training import held_model_states
-
     out = []
     for spec_json in spec_jsons:
-        from ftdist.spec import spec_from_dict
-
         next_batch = batches(spec_from_dict(spec_json), rank)
         next_batch()  # tokenizer and data loaded before the baseline: they are not training memory
         gc.collect()

@@ -196,18 +196,21 @@ def layer_activation_bytes(shape: ModelShape, attn: str, seq: int, d: int,
     input, in fp32 when the base is 16-bit since peft keeps adapters in fp32, and with dropout its own dropped-out
     copy and mask); these are fitted coefficients, for all-linear targets (fewer targets keep less: an upper bound)."""
     h, hq, kv, i = shape.hidden, shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim, shape.intermediate
-    if attn == "eager":
-        attention = (4 * hq + shape.heads * seq * (1 if d == 4 else 3)) * d
-    else:
-        attention = (2 * hq + 2 * kv) * d + shape.heads * 4
-    full = 2 * (3 if d == 4 else 4) * h * d + attention + 4 * i * d
+    norms_and_mlp = 2 * _norm_units(d) * h * d + 4 * i * d
+    sdpa = (2 * hq + 2 * kv) * d + shape.heads * 4
+    eager = (4 * hq + shape.heads * seq * (1 if d == 4 else 3)) * d
+    full = norms_and_mlp + (eager if attn == "eager" else sdpa)
     if lora is None:
         return full
     rank, dropout = lora
     coef = _LORA_BYTES[(d, dropout)]  # bytes per token: (h, h_q, kv, i) with SDPA; the adapters' rank term: 28 r
     lora_sdpa = coef[0] * h + coef[1] * hq + coef[2] * kv + coef[3] * i + shape.heads * 4 + 28 * rank
-    full_sdpa = 2 * (3 if d == 4 else 4) * h * d + (2 * hq + 2 * kv) * d + shape.heads * 4 + 4 * i * d
-    return full + lora_sdpa - full_sdpa
+    return full + lora_sdpa - (norms_and_mlp + sdpa)  # LoRA's difference, measured with SDPA, on either attention
+
+
+def _norm_units(d: int) -> int:
+    """Units of `d` bytes per hidden element that one RMSNorm keeps (fp32: 3; 16-bit: 4, its fp32 copies)."""
+    return 3 if d == 4 else 4
 
 
 # Measured with saved_tensors_hooks on transformers 5 + peft 0.21 (all-linear targets, SDPA), bytes per token and
@@ -227,7 +230,7 @@ def activation_bytes(spec: JobSpec, shape: ModelShape, s: "Setting") -> float:
     layers = shape.layers
     if s.method == "freeze" and spec.freeze is not None:
         layers = min(layers, spec.freeze.train_top_layers)
-    final_norm = (3 if d == 4 else 4) * shape.hidden * b * seq * d
+    final_norm = _norm_units(d) * shape.hidden * b * seq * d
     if s.gradient_checkpointing:  # each layer's input kept; one layer's activations alive during its recompute
         return layers * b * seq * shape.hidden * d + (per_layer if layers else 0) + final_norm
     return layers * per_layer + final_norm

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import ray
@@ -29,12 +29,8 @@ class CollectiveResult:
     world: int
     nodes: int
     bus_gbps: Optional[float] = None
-    failures: list[tuple[str, str]] = None  # (node id, one line)
-    gpu_memory: list[tuple[str, int, int]] = None  # (node id, free, total) per GPU member
-
-    def __post_init__(self) -> None:
-        self.failures = self.failures or []
-        self.gpu_memory = self.gpu_memory or []
+    failures: list[tuple[str, str]] = field(default_factory=list)  # (node id, one line)
+    gpu_memory: list[tuple[str, int, int]] = field(default_factory=list)  # (node id, free, total) per GPU member
 
 
 class _Member:

@@ -137,11 +137,11 @@ def check_resources(spec: JobSpec, nodes: list[Node], cl: Checklist) -> bool:
     slots = sum(n.slots for n in nodes)
     hosts = sum(1 for n in nodes if n.slots)
     if slots < r.num_workers:
-        cl.add(Check("resources", False, f"{r.num_workers} worker{'s' * (r.num_workers != 1)} of {want} each: the cluster has room for {slots} "
-                                         f"(a worker must fit on one node)",
+        cl.add(Check("resources", False, f"{_count(r.num_workers, 'worker')} of {want} each: the cluster has room "
+                                         f"for {slots} (a worker must fit on one node)",
                      fix="more or larger nodes, fewer resources.num_workers, or smaller resources.*_per_worker"))
         return False
-    detail = f"{r.num_workers} worker{'s' * (r.num_workers != 1)} of {want} each: room for {slots} on {hosts} of {_nodes(len(nodes))}"
+    detail = f"{_count(r.num_workers, 'worker')} of {want} each: room for {slots} on {hosts} of {_nodes(len(nodes))}"
     if spec.sweep is not None:
         trials = slots // r.num_workers
         cap = spec.sweep.max_concurrent_trials
@@ -228,18 +228,20 @@ def check_nodes(spec: JobSpec, nodes: list[Node], needs: Needs, cl: Checklist) -
     seen = [n for n in nodes if n.facts is not None]
     if not seen:
         return
+    hosts = [n for n in seen if n.slots]  # the nodes a worker can land on
     _check_versions(seen, cl)
     _each(seen, cl, "storage", lambda n: n.facts.storage_problem, f"{spec.run_dir}: write, read back, multipart "
           f"upload and delete", fix="give this node's pods/instances credentials that may write the checkpoint prefix")
+    read = [k for k, _ in _read_locations(spec)]
     _each(seen, cl, "locations", lambda n: "; ".join(f"{k}: {p}" for k, p in n.facts.location_problems) or None,
-          ", ".join(k for k, _ in _read_locations(spec)) + " readable" if _read_locations(spec) else "",
+          ", ".join(read) + " readable" if read else "",
           fix="the same data and model locations must be readable from every node")
-    _check_shm(spec, seen, cl)
+    _check_shm(spec, hosts, cl)
     if needs.why_not:
         cl.add(Check("disk", True, f"not checked: {needs.why_not}", skipped=True))
         return
-    _check_disk(spec, seen, needs.checkpoint, cl)
-    _check_memory(spec, seen, needs.host_per_worker, cl)
+    _check_disk(spec, hosts, needs.checkpoint, cl)
+    _check_memory(spec, hosts, needs.host_per_worker, cl)
 
 
 def _each(nodes: list[Node], cl: Checklist, name: str, problem, ok_detail: str, fix: str) -> None:
@@ -267,8 +269,12 @@ def _check_versions(nodes: list[Node], cl: Checklist) -> None:
           fix="install the driver's versions on every node (one image for head and workers)")
 
 
-def _check_shm(spec: JobSpec, nodes: list[Node], cl: Checklist) -> None:
-    hosts = [n for n in nodes if n.slots]
+def _workers_on(n: Node, spec: JobSpec) -> int:
+    """The most of the job's workers that Ray may place on node `n`."""
+    return min(n.slots, spec.resources.num_workers)
+
+
+def _check_shm(spec: JobSpec, hosts: list[Node], cl: Checklist) -> None:
     if not spec.resources.use_gpu:  # gloo between CPU workers does not use /dev/shm
         least = min((n.facts.shm_bytes or 0 for n in hosts), default=0)
         cl.add(Check("/dev/shm", True, f"{least / GiB:.2f} GiB at least (CPU job: gloo does not use it)"))
@@ -281,33 +287,28 @@ def _check_shm(spec: JobSpec, nodes: list[Node], cl: Checklist) -> None:
               "/dev/shm, as `ftdist k8s render` writes)")
 
 
-def _check_disk(spec: JobSpec, nodes: list[Node], ckpt: CheckpointSize, cl: Checklist) -> None:
-    world = spec.resources.num_workers
-
+def _check_disk(spec: JobSpec, hosts: list[Node], ckpt: CheckpointSize, cl: Checklist) -> None:
     def short(n: Node) -> Optional[str]:
-        need = ckpt.node_bytes(min(n.slots, world))
+        need = ckpt.node_bytes(_workers_on(n, spec))
         if n.facts.staging_free >= need:
             return None
         return (f"{n.facts.staging_dir} has {size_text(n.facts.staging_free)} free; staging a checkpoint of its "
-                f"{min(n.slots, world)} workers needs {size_text(need)} (planned)")
+                f"{_workers_on(n, spec)} workers needs {size_text(need)} (planned)")
 
-    hosts = [n for n in nodes if n.slots]
-    _each(hosts, cl, "disk", short, f"checkpoint staging: {size_text(ckpt.total(world))} per checkpoint (planned), "
+    total = ckpt.total(spec.resources.num_workers)
+    _each(hosts, cl, "disk", short, f"checkpoint staging: {size_text(total)} per checkpoint (planned), "
           f"{size_text(min((n.facts.staging_free for n in hosts), default=0))} free at least",
           fix="more local disk for the temp folder (TMPDIR), or a higher ZeRO stage (smaller per-rank shards)")
 
 
-def _check_memory(spec: JobSpec, nodes: list[Node], per_worker: int, cl: Checklist) -> None:
-    world = spec.resources.num_workers
-
+def _check_memory(spec: JobSpec, hosts: list[Node], per_worker: int, cl: Checklist) -> None:
     def short(n: Node) -> Optional[str]:
-        need = per_worker * min(n.slots, world)
+        need = per_worker * _workers_on(n, spec)
         if n.facts.memory_bytes >= need:
             return None
-        return (f"{size_text(n.facts.memory_bytes)} of memory; {min(n.slots, world)} workers need {size_text(need)} of host "
-                f"memory (planned: loading, offload)")
+        return (f"{size_text(n.facts.memory_bytes)} of memory; {_workers_on(n, spec)} workers need "
+                f"{size_text(need)} of host memory (planned: loading, offload)")
 
-    hosts = [n for n in nodes if n.slots]
     _each(hosts, cl, "memory", short, f"host memory: {size_text(per_worker)} per worker (planned)",
           fix="nodes with more memory, fewer workers per node, or no offload")
 
@@ -378,7 +379,11 @@ def _check_step(spec: JobSpec, needs: Needs, cl: Checklist) -> None:
                                f"scratch run {scratch.run_dir} removed"))
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'s' * (n != 1)}"
+
+
 def _nodes(n: int) -> str:
-    return f"{n} node{'s' * (n != 1)}"
+    return _count(n, "node")
 
 
