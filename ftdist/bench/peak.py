@@ -8,14 +8,17 @@ steps and measure, during the second (Adam's state exists):
   minus its resident memory before the engine was built. glibc is told to serve every allocation of 64 KiB or more
   with mmap (MALLOC_MMAP_THRESHOLD_), so freed tensors leave the process and resident memory is what is alive.
 Predicted: `ftdist plan`'s model states and `cpu_process_bytes` (its per-GPU lines without CUDA's context and
-headroom, plus offloaded states, which on a CPU run live in the same RAM). Settings run one after another in the same
-two processes (each engine freed before the next), so the grid costs one start-up."""
+headroom, plus offloaded states, which on a CPU run live in the same RAM; what differs on a CPU is said there).
+Settings run one after another in the same two processes (each engine freed before the next, after a warm-up per ZeRO
+stage), so the grid costs one start-up."""
 
 from __future__ import annotations
 
 import gc
 import os
 from typing import Any
+
+import torch
 
 from ftdist.bench.common import BENCH_LLAMA, WORLD, batches, bench_spec, engine_for, spawn
 from ftdist.bench.training import held_model_states
@@ -49,7 +52,9 @@ def peak_spec(storage: str, overrides: dict) -> JobSpec:
     base = with_overrides(bench_spec(storage, 2), {"model.from_config": PEAK_LLAMA, "data.max_length": SEQ,
                                                    "data.packing": True, "optim.micro_batch_size": 4,
                                                    "optim.global_batch_size": 16})
-    return with_overrides(base, overrides)
+    spec = with_overrides(base, overrides)
+    # Two micro batches per step whatever the micro batch: memory is one micro batch's; more would only cost time.
+    return with_overrides(spec, {"optim.global_batch_size": spec.optim.micro_batch_size * WORLD * 2})
 
 
 def predicted(spec: JobSpec) -> dict[str, int]:
@@ -73,8 +78,22 @@ def _reset_peak() -> None:
 
 
 def _measure(rank: int, spec_jsons: list[dict]) -> dict:
-    out = []
+    # The first engine of a process, and again the first of each ZeRO stage, allocates what stays for the process's
+    # life (thread pools, DeepSpeed's process groups and their gloo contexts: 39 MiB for the first ZeRO-1 engine after
+    # a ZeRO-0 one, measured). The first setting of each stage runs once as a warm-up, its numbers dropped, so that
+    # they do not count as that setting's training memory.
+    first_of_stage = {}
     for spec_json in spec_jsons:
+        first_of_stage.setdefault(spec_json["zero"]["stage"], spec_json)
+    for spec_json in first_of_stage.values():
+        _measure_one(rank, spec_json)
+    return {"settings": [_measure_one(rank, spec_json) for spec_json in spec_jsons]}
+
+
+def _measure_one(rank: int, spec_json: dict) -> dict:
+    # ZeRO-3's zero.Init replaces F.linear for the rest of the process; each setting runs with its own.
+    linear = torch.nn.functional.linear
+    try:
         next_batch = batches(spec_from_dict(spec_json), rank)
         next_batch()  # tokenizer and data loaded before the baseline: they are not training memory
         gc.collect()
@@ -89,11 +108,13 @@ def _measure(rank: int, spec_jsons: list[dict]) -> dict:
                 if step == 1:
                     states = max(states, held_model_states(engine)[0])
                 engine.step()
-        out.append({"peak": _status("VmHWM") - base, "model_states": states})
+        peak = _status("VmHWM") - base
         engine.destroy()
         del engine, next_batch
         gc.collect()
-    return {"settings": out}
+        return {"peak": peak, "model_states": states}
+    finally:
+        torch.nn.functional.linear = linear
 
 
 def bench_peak(tmp: str) -> list[dict[str, Any]]:

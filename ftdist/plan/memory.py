@@ -12,7 +12,8 @@ Activations are counted per decoder layer from what PyTorch keeps for the backwa
 in `layer_activation_bytes`); gradient checkpointing keeps each layer's input and recomputes one layer at a
 time. Logits and the loss are counted as Hugging Face computes them (bf16 logits, an fp32 copy for the loss and its
 log-softmax), or not at all under Liger's fused linear + cross-entropy (it works in chunks). DeepSpeed's buffers
-come from the job's own zero: settings (bucket sizes, capped by the gradients that exist).
+come from the job's own zero: settings as DeepSpeed 0.19 allocates them (the reduce buckets whole, whatever the
+number of trainable parameters: a LoRA job's buckets are as large as a full fine-tune's).
 """
 
 from __future__ import annotations
@@ -55,6 +56,9 @@ class MemoryPlan:
     host: list[tuple[str, int]] = field(default_factory=list)
     """(what, bytes) per node"""
     capacity: int = 0
+    bucket_pages_written: int = 0
+    """Of the reduce buckets, the bytes gradients are written to (min(bucket, trainable) of one buffer): all that a
+    CPU process holds resident of them, since untouched pages of `torch.empty` are never backed by memory."""
 
     @property
     def model_states(self) -> int:
@@ -70,6 +74,8 @@ class MemoryPlan:
 
 
 MODEL_STATES = ("parameters", "gradients", "optimizer states")
+BUCKETS = "DeepSpeed reduce buckets"
+GATHERED = "ZeRO-3 prefetch and gathered layer"
 DEVICE_ONLY = ("CUDA context and workspaces", "allocator headroom")
 OFFLOADED = ("offloaded optimizer states and fp32 gradients", "offloaded parameters")
 
@@ -77,10 +83,16 @@ OFFLOADED = ("offloaded optimizer states and fp32 gradients", "offloaded paramet
 def cpu_process_bytes(plan: MemoryPlan) -> int:
     """Peak training memory of one process when the device is the CPU (a CPU run, where "GPU" and host memory are the
     same RAM): the per-GPU lines without CUDA's context and the caching allocator's headroom, plus what offload put
-    in host memory. Plan with gpus_per_node=1 so that host lines are per process. This is the number that
+    in host memory, and of DeepSpeed's reduce buckets only the pages gradients are written to (a GPU's caching
+    allocator holds a bucket whole from its `torch.empty`; a CPU process's resident memory holds the pages written).
+    Under ZeRO-3, gloo's all-gather stages its output in a temporary of the same size (NCCL gathers in place;
+    measured on gloo: a 12 MiB all_gather_into_tensor peaks 24 MiB above where it started), and the prefetch gathers
+    up to its bucket in one call: the gathered line counts twice.
+    Plan with gpus_per_node=1 so that host lines are per process. This is the number that
     tests/integration/test_plan_measured.py holds against a process's peak RSS."""
-    device = sum(b for what, b in plan.gpu if what not in DEVICE_ONLY)
-    return device + sum(b for what, b in plan.host if what in OFFLOADED)
+    device = sum(b for what, b in plan.gpu if what not in DEVICE_ONLY and what != BUCKETS)
+    gloo_staging = sum(b for what, b in plan.gpu if what == GATHERED)
+    return device + gloo_staging + plan.bucket_pages_written + sum(b for what, b in plan.host if what in OFFLOADED)
 
 
 def model_state_bytes(spec: JobSpec, shape: ModelShape, world: int, setting: Optional[Setting] = None) -> dict:
@@ -142,7 +154,7 @@ def plan_memory(spec: JobSpec, shape: ModelShape, card: Gpu, world: int, gpus_pe
     params, optim = states["parameters"], states["optimizer states"]
     # The step's fp32 gradient partition (DeepSpeed upcasts the reduced gradients for the master weights).
     fp32_grads = trainable * 4 / (world if s.stage >= 1 else 1)
-    plan = MemoryPlan(s, capacity=card.memory)
+    plan = MemoryPlan(s, capacity=card.memory, bucket_pages_written=int(_reduce_buckets(spec, s, trainable, d, True)))
     plan.gpu.append(("parameters", 0 if s.offload_params else int(params)))
     plan.gpu.append(("gradients", 0 if s.offload_optimizer else int(states["gradients"])))
     plan.gpu.append(("optimizer states", 0 if s.offload_optimizer else int(optim)))
@@ -150,7 +162,9 @@ def plan_memory(spec: JobSpec, shape: ModelShape, card: Gpu, world: int, gpus_pe
     plan.gpu.append(("activations", int(activation_bytes(spec, shape, s))))
     logits = 0 if spec.model.use_liger_kernel else b * seq * shape.vocab * (d + 4 + 4)
     plan.gpu.append(("logits and loss", int(logits)))
-    plan.gpu.append(("DeepSpeed buffers", int(_buffers(spec, shape, s, trainable, d))))
+    plan.gpu.append((BUCKETS, int(_reduce_buckets(spec, s, trainable, d))))
+    if s.stage == 3:
+        plan.gpu.append((GATHERED, int(_zero3_gathered(spec, shape, d))))
     if not s.offload_optimizer and d == 2:
         plan.gpu.append(("fp32 gradients at the step", int(fp32_grads)))
     plan.gpu.append((DEVICE_ONLY[0], CUDA_CONTEXT))
@@ -181,7 +195,7 @@ def trainable_params(spec: JobSpec, shape: ModelShape, method: str) -> int:
 
 
 def layer_activation_bytes(shape: ModelShape, attn: str, seq: int, d: int,
-                           lora: Optional[tuple[int, bool]] = None) -> float:
+                           lora: Optional[tuple[int, bool]] = None, zero3: bool = False) -> float:
     """Bytes per token that one Llama-style decoder layer keeps for its backward, as autograd saves them in
     transformers 5 (counted with torch.autograd.graph.saved_tensors_hooks on real models, parameters excluded, fitted
     exactly over hidden, heads, KV heads, head and MLP sizes in fp32 and bf16: tests/unit/test_plan.py), in units
@@ -194,7 +208,10 @@ def layer_activation_bytes(shape: ModelShape, attn: str, seq: int, d: int,
       per head and key (fp32; in 16-bit the fp32 softmax and its 16-bit copy).
     `lora` (rank, dropout > 0): peft's LoRA on every linear layer (frozen norms keep less; each adapter keeps its
     input, in fp32 when the base is 16-bit since peft keeps adapters in fp32, and with dropout its own dropped-out
-    copy and mask); these are fitted coefficients, for all-linear targets (fewer targets keep less: an upper bound)."""
+    copy and mask); these are fitted coefficients, for all-linear targets (fewer targets keep less: an upper bound).
+    `zero3`: DeepSpeed's ZeRO-3 replaces F.linear with its memory-efficient linear, which saves every linear's input
+    even where the weight is frozen; under LoRA the frozen bases then keep their inputs (q/k/v's, gate/up's, down's:
+    2h + i) unless the adapter already keeps the same tensor (fp32 without dropout)."""
     h, hq, kv, i = shape.hidden, shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim, shape.intermediate
     norms_and_mlp = 2 * _norm_units(d) * h * d + 4 * i * d
     sdpa = (2 * hq + 2 * kv) * d + shape.heads * 4
@@ -205,7 +222,8 @@ def layer_activation_bytes(shape: ModelShape, attn: str, seq: int, d: int,
     rank, dropout = lora
     coef = _LORA_BYTES[(d, dropout)]  # bytes per token: (h, h_q, kv, i) with SDPA; the adapters' rank term: 28 r
     lora_sdpa = coef[0] * h + coef[1] * hq + coef[2] * kv + coef[3] * i + shape.heads * 4 + 28 * rank
-    return full + lora_sdpa - (norms_and_mlp + sdpa)  # LoRA's difference, measured with SDPA, on either attention
+    base_inputs = (2 * h + i) * d if zero3 and (dropout or d == 2) else 0
+    return full + lora_sdpa + base_inputs - (norms_and_mlp + sdpa)  # LoRA's difference, measured with SDPA
 
 
 def _norm_units(d: int) -> int:
@@ -226,7 +244,7 @@ def activation_bytes(spec: JobSpec, shape: ModelShape, s: "Setting") -> float:
     d, seq, b = _weight_bytes(spec), spec.data.max_length, s.micro_batch
     lora = (spec.lora.rank if spec.lora else 8, (spec.lora.dropout if spec.lora else 0.05) > 0) \
         if s.method == "lora" else None
-    per_layer = layer_activation_bytes(shape, spec.model.attn_implementation, seq, d, lora) * b * seq
+    per_layer = layer_activation_bytes(shape, spec.model.attn_implementation, seq, d, lora, s.stage == 3) * b * seq
     layers = shape.layers
     if s.method == "freeze" and spec.freeze is not None:
         layers = min(layers, spec.freeze.train_top_layers)
@@ -236,15 +254,25 @@ def activation_bytes(spec: JobSpec, shape: ModelShape, s: "Setting") -> float:
     return layers * per_layer + final_norm
 
 
-def _buffers(spec: JobSpec, shape: ModelShape, s: Setting, trainable: int, d: int) -> float:
-    """Gradient reduce buckets (doubled with overlap_comm), the all-gather bucket (stages 1-2), and under stage 3
-    the prefetch bucket plus the largest gathered layer. Buckets are capped by the gradients/weights that exist."""
+def _reduce_buckets(spec: JobSpec, s: Setting, trainable: int, d: int, written: bool = False) -> float:
+    """The gradient reduce buckets as DeepSpeed 0.19 allocates them (`torch.empty(reduce_bucket_size)`, whatever the
+    number of trainable parameters; with contiguous_gradients only): ZeRO-1/2 set up a bucket at each backward, two
+    with overlap_comm, in fp32 under ZeRO-1 when gradients accumulate in fp32 (ftdist's bf16 setting) and in the
+    model dtype otherwise; ZeRO-3 keeps one from initialisation. `written`: only the elements gradients are written
+    to, min(bucket, trainable) of one bucket (the second is used only when the first fills)."""
     z = spec.zero
-    reduce = min(z.reduce_bucket_size, trainable) * d * (2 if z.overlap_comm else 1)
-    if s.stage <= 2:
-        return reduce + (min(z.allgather_bucket_size, trainable) * d if s.stage >= 1 else 0)
+    if s.stage == 0 or not z.contiguous_gradients:
+        return 0
+    dtype = 4 if (s.stage == 1 and spec.model.dtype == "bf16") else d
+    if written:
+        return min(z.reduce_bucket_size, trainable) * dtype
+    return z.reduce_bucket_size * dtype * (2 if z.overlap_comm and s.stage <= 2 else 1)
+
+
+def _zero3_gathered(spec: JobSpec, shape: ModelShape, d: int) -> float:
+    """ZeRO-3's prefetch bucket of gathered weights plus the largest module gathered at once."""
     gathered = max(shape.layer_params(), shape.embedding_params())
-    return reduce + (min(z.stage3_prefetch_bucket_size, shape.params()) + gathered) * d
+    return (min(spec.zero.stage3_prefetch_bucket_size, shape.params()) + gathered) * d
 
 
 # ---------------------------------------------------------------------------------------------------------------

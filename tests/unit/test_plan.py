@@ -3,6 +3,7 @@ does-not-fit verdict and its fix, ASHA's share against the sweeps ftdist measure
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
@@ -87,6 +88,23 @@ def test_model_states_follow_the_zero_paper(stage, tmp_path):
     m = plan_memory(spec, _shape(LLAMA_8B), GPUS["H100-80GB"], n, 8)
     expected = {0: 16 * psi, 1: 4 * psi + 12 * psi / n, 2: 2 * psi + 14 * psi / n, 3: 16 * psi / n}[stage]
     assert m.model_states == pytest.approx(expected, abs=3)  # bytes, rounded per line
+
+
+@pytest.mark.parametrize("stage, method, dtype, expected", [
+    (1, "full", "bf16", 2 * 4), (2, "full", "bf16", 2 * 2), (2, "lora", "bf16", 2 * 2), (3, "lora", "bf16", 2),
+    (2, "full", "fp32", 2 * 4), (0, "full", "bf16", 0)])
+def test_reduce_buckets_are_allocated_whole(stage, method, dtype, expected, tmp_path):
+    """DeepSpeed 0.19 allocates `torch.empty(reduce_bucket_size)` per bucket whatever the trainable count (a LoRA
+    job's buckets are a full fine-tune's): two with overlap_comm under ZeRO-1/2, fp32 under ZeRO-1 with bf16 (its
+    fp32 gradient accumulation), one under ZeRO-3. A CPU process holds only the pages gradients are written to."""
+    from ftdist.plan.memory import BUCKETS, cpu_process_bytes
+
+    spec = _job(tmp_path, LLAMA_8B, f"zero.stage={stage}", f"method={method}", f"model.dtype={dtype}")
+    plan = plan_memory(spec, _shape(LLAMA_8B), GPUS["H100-80GB"], 8, 8)
+    assert dict(plan.gpu)[BUCKETS] == expected * spec.zero.reduce_bucket_size
+    if stage and method == "lora":  # 8B LoRA rank 16: fewer trainable elements than one bucket
+        assert plan.bucket_pages_written < dict(plan.gpu)[BUCKETS] / 2
+        assert cpu_process_bytes(plan) < plan.peak
 
 
 def test_8b_full_fine_tuning_without_zero_does_not_fit_one_80gb_gpu(tmp_path):
@@ -183,9 +201,10 @@ def test_executed_flops_by_method(tmp_path):
     assert executed_flops_per_token(spec, shape, "full", True) == full + shape.layers * layer_forward
 
 
-def _saved_per_layer(cfg: dict, dtype, attn: str, batch: int, seq: int, lora=None) -> float:
+def _saved_per_layer(cfg: dict, dtype, attn: str, batch: int, seq: int, lora=None, zero3=False) -> float:
     """Bytes autograd saves for the backward of one decoder layer (a 3-layer model minus a 1-layer one, halved),
-    parameters excluded: what the planner's activation lines must add up to."""
+    parameters excluded: what the planner's activation lines must add up to. `zero3`: with F.linear replaced by
+    DeepSpeed's memory-efficient linear, as ZeRO-3's zero.Init leaves it."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -207,18 +226,35 @@ def _saved_per_layer(cfg: dict, dtype, attn: str, batch: int, seq: int, lora=Non
             return t
 
         ids = torch.randint(3, cfg["vocab_size"], (batch, seq))
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), _zero3_linear(zero3):
             model(input_ids=ids, labels=ids)
         return sum(seen.values())
 
     return (saved(3) - saved(1)) / 2
 
 
-@pytest.mark.parametrize("dtype, attn, kv_heads, lora", [
-    ("fp32", "sdpa", 4, None), ("fp32", "sdpa", 8, None), ("bf16", "sdpa", 2, None), ("bf16", "eager", 4, None),
-    ("fp32", "eager", 8, None), ("fp32", "sdpa", 4, (8, 0.0)), ("fp32", "sdpa", 2, (16, 0.05)),
-    ("bf16", "sdpa", 4, (8, 0.0)), ("bf16", "sdpa", 4, (4, 0.1))])
-def test_activation_lines_equal_what_autograd_saves(dtype, attn, kv_heads, lora):
+@contextlib.contextmanager
+def _zero3_linear(on: bool):
+    import torch.nn.functional as F
+
+    original = F.linear
+    if on:
+        from deepspeed.runtime.zero.linear import zero3_linear_wrap
+
+        F.linear = zero3_linear_wrap
+    try:
+        yield
+    finally:
+        F.linear = original
+
+
+@pytest.mark.parametrize("dtype, attn, kv_heads, lora, zero3", [
+    ("fp32", "sdpa", 4, None, False), ("fp32", "sdpa", 8, None, False), ("bf16", "sdpa", 2, None, False),
+    ("bf16", "eager", 4, None, False), ("fp32", "eager", 8, None, False), ("fp32", "sdpa", 4, (8, 0.0), False),
+    ("fp32", "sdpa", 2, (16, 0.05), False), ("bf16", "sdpa", 4, (8, 0.0), False), ("bf16", "sdpa", 4, (4, 0.1), False),
+    ("bf16", "sdpa", 4, None, True), ("fp32", "sdpa", 4, (8, 0.0), True), ("fp32", "sdpa", 2, (16, 0.05), True),
+    ("bf16", "sdpa", 4, (8, 0.0), True)])
+def test_activation_lines_equal_what_autograd_saves(dtype, attn, kv_heads, lora, zero3):
     import torch
 
     from ftdist.plan.memory import layer_activation_bytes
@@ -227,8 +263,8 @@ def test_activation_lines_equal_what_autograd_saves(dtype, attn, kv_heads, lora)
            "num_attention_heads": 8, "num_key_value_heads": kv_heads, "head_dim": 16, "max_position_embeddings": 64}
     d = 4 if dtype == "fp32" else 2
     batch, seq = 2, 48
-    measured = _saved_per_layer(cfg, torch.float32 if d == 4 else torch.bfloat16, attn, batch, seq, lora)
+    measured = _saved_per_layer(cfg, torch.float32 if d == 4 else torch.bfloat16, attn, batch, seq, lora, zero3)
     shape = ModelShape.from_config({**cfg, "num_hidden_layers": 1})
-    planned = layer_activation_bytes(shape, attn, seq, d, lora and (lora[0], lora[1] > 0)) * batch * seq
+    planned = layer_activation_bytes(shape, attn, seq, d, lora and (lora[0], lora[1] > 0), zero3) * batch * seq
     # The planner leaves out each RMSNorm's fp32 reciprocal root: 2 values per token and layer.
     assert planned == pytest.approx(measured - 2 * 4 * batch * seq, rel=3e-3), (planned, measured)
