@@ -147,7 +147,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         print(f"ftdist: run folder (re-run the same job to resume): {summary.run_dir}", file=sys.stderr)
         return 1
     m = summary.metrics
-    shown = ", ".join(f"{k} {m[k]:.4g}" for k in ("loss", "eval_loss", "eval_perplexity") if k in m)
+    shown = ", ".join(f"{k} {m[k]:.4g}" for k in ("loss", "eval_loss", "eval_perplexity", "eval_preference_accuracy")
+                      if k in m)
     print(f"ftdist: done at step {m.get('step')}: {shown}")
     print(f"ftdist: checkpoint: {summary.checkpoint}")
     if summary.state is not None:  # every attempt of the run so far, as recorded in the checkpoint's manifest

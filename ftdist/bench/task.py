@@ -40,13 +40,13 @@ class TaskFiles:
     tokenizer: str
 
 
-def write_tokenizer(texts: list[str], out: str, chat_template: str | None = None) -> None:
-    """A byte-level BPE tokenizer of VOCAB_SIZE tokens trained on `texts`, saved as a Hugging Face folder."""
+def write_tokenizer(texts: list[str], out: str, chat_template: str | None = None, vocab_size: int = VOCAB_SIZE) -> None:
+    """A byte-level BPE tokenizer of `vocab_size` tokens trained on `texts`, saved as a Hugging Face folder."""
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     specials = ["<pad>", "<s>", "</s>", "<unk>", "<|user|>", "<|assistant|>", "<|system|>"]
-    trainer = trainers.BpeTrainer(vocab_size=VOCAB_SIZE, special_tokens=specials, show_progress=False,
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(texts, trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",

@@ -55,7 +55,8 @@ def check_portable(job_file: str, spec: JobSpec, overrides: Optional[list[str]] 
         if os.path.isabs(raw_val):
             notes.append(f"{key}: {raw_val} must exist in the image or a mounted volume")
         elif val != raw_val or raw_val.startswith((".", "~")):  # was resolved next to the job file: local
-            raise SpecError(f"{key}: {raw_val} is a file on this machine; a pod cannot read it: upload it "
+            kind = "folder" if os.path.isdir(val) else "file"
+            raise SpecError(f"{key}: {raw_val} is a {kind} on this machine; a pod cannot read it: upload it "
                             f"(s3://bucket/...) or bake it into the image and give the absolute path")
     storage = spec.checkpoint.storage
     if not has_scheme(storage):

@@ -339,8 +339,27 @@ class ExportSpec(FrozenSpec):
 
 
 
+class DpoSpec(FrozenSpec):
+    """Preference tuning (`objective: dpo`) on rows with `prompt`, `chosen` and `rejected`: strings, or message
+    lists rendered with the chat template (TRL's preference layouts)."""
+
+    loss_type: Literal["sigmoid", "ipo", "simpo"] = "sigmoid"
+    """sigmoid: DPO; ipo: IPO; simpo: SimPO (reference-free: no reference pass, no adapter switching)."""
+    beta: float = Field(0.1, gt=0)
+    """How far the policy may move from the reference (DPO's beta; IPO's tau; SimPO's reward scale, ~2)."""
+    label_smoothing: float = Field(0.0, ge=0.0, lt=0.5)
+    """The assumed probability that a pair's preference is flipped (conservative DPO; sigmoid and simpo)."""
+    simpo_gamma: float = Field(0.5, ge=0.0)
+    """SimPO's target reward margin."""
+    sft_weight: float = Field(0.0, ge=0.0)
+    """Adds this weight x the chosen completions' next-token loss (RPO; TRL's loss_type [sigmoid, sft]): keeps DPO
+    from lowering the likelihood of what SFT taught along with the rejected completions."""
+
+
 METHOD_SECTIONS = ("lora", "freeze")
 """Methods with a settings section of the same name."""
+OBJECTIVE_SECTIONS = ("dpo",)
+"""Objectives with a settings section of the same name."""
 
 
 class JobSpec(FrozenSpec):
@@ -349,6 +368,9 @@ class JobSpec(FrozenSpec):
     name: str
     model: ModelSpec
     data: DataSpec
+    objective: Literal["sft", "dpo"] = "sft"
+    """What the model learns: sft (next-token loss on the labelled tokens), dpo (preference pairs)."""
+    dpo: Optional[DpoSpec] = None
     method: Literal["full", "freeze", "lora"] = "full"
     lora: Optional[LoraSpec] = None
     freeze: Optional[FreezeSpec] = None
@@ -377,9 +399,9 @@ class JobSpec(FrozenSpec):
         """The chosen method's section is always there (`method: lora` alone means LoRA with default settings), so
         code reads `spec.lora` / `spec.freeze` under that method without a None check."""
         if isinstance(data, dict):
-            method = data.get("method", "full")
-            if method in METHOD_SECTIONS and data.get(method) is None:
-                data = {**data, method: {}}
+            for chosen in (data.get("method", "full"), data.get("objective", "sft")):
+                if chosen in METHOD_SECTIONS + OBJECTIVE_SECTIONS and data.get(chosen) is None:
+                    data = {**data, chosen: {}}
         return data
 
     @model_validator(mode="after")
@@ -387,6 +409,12 @@ class JobSpec(FrozenSpec):
         for method in METHOD_SECTIONS:
             if getattr(self, method) is not None and self.method != method:
                 raise FieldError(method, f"{method} options are set but method is {self.method!r}")
+        for objective in OBJECTIVE_SECTIONS:
+            if getattr(self, objective) is not None and self.objective != objective:
+                raise FieldError(objective, f"{objective} options are set but objective is {self.objective!r}")
+        if self.objective != "sft" and self.data.packing:
+            raise FieldError("data.packing", f"data.packing concatenates documents for next-token training; objective "
+                                             f"{self.objective} scores whole rows: remove data.packing")
         o, n = self.optim, self.resources.num_workers
         if o.global_batch_size % (o.micro_batch_size * n):
             raise FieldError("optim.global_batch_size",

@@ -13,7 +13,8 @@ from pydantic import BaseModel
 
 from ftdist.errors import SpecError
 from ftdist.spec import JobSpec, LoraSpec, with_overrides
-from ftdist.train.contracts import EVAL_METRICS, reported_metrics
+from ftdist.train.contracts import (EVAL_METRICS, OBJECTIVE_EVAL_METRICS, OBJECTIVE_TRAIN_METRICS,
+                                     reported_metrics)
 
 TRAIN_PREFIX = "train-"
 TRIAL_PREFIX = "trial-"
@@ -84,7 +85,13 @@ def validate_sweep(spec: JobSpec, source: str = "job") -> None:
             raise SpecError(f"sweep.space.{key}: optuna search samples; use choice instead of grid")
     known = reported_metrics(spec)
     if sw.metric not in known:
-        hint = " (eval metrics need data.eval or data.eval_fraction)" if sw.metric in EVAL_METRICS else ""
+        owners = [o for o in OBJECTIVE_EVAL_METRICS
+                  if sw.metric in OBJECTIVE_TRAIN_METRICS[o] + OBJECTIVE_EVAL_METRICS[o]]
+        hint = ""
+        if sw.metric in OBJECTIVE_EVAL_METRICS[spec.objective]:
+            hint = " (eval metrics need data.eval or data.eval_fraction)"
+        elif owners:
+            hint = f" (objective {owners[0]} reports it; this job's objective is {spec.objective})"
         raise SpecError(f"sweep.metric: {sw.metric!r} is not reported by the trials{hint}; they report {', '.join(known)}")
     if sw.scheduler.type == "asha":
         if sw.metric in EVAL_METRICS and spec.eval.every_n_steps is None:

@@ -16,14 +16,21 @@ forwarding; no fork warnings from the Rust tokenizers in Ray workers."""
 # Reported by every worker at each log interval (and at eval/checkpoint steps); the sweep metric and
 # checkpoint.keep_best_by name one of these.
 TRAIN_METRICS = ("loss", "lr", "grad_norm", "tokens_per_s", "step_time_s", "epoch", "train_time_s")
-EVAL_METRICS = ("eval_loss", "eval_perplexity")
+PREFERENCE_METRICS = ("rewards_chosen", "rewards_rejected", "reward_margin", "preference_accuracy")
+OBJECTIVE_TRAIN_METRICS = {"sft": (), "dpo": PREFERENCE_METRICS}
+"""What each objective reports at every log interval besides TRAIN_METRICS."""
+OBJECTIVE_EVAL_METRICS = {"sft": ("eval_loss", "eval_perplexity"),
+                          "dpo": ("eval_loss",) + tuple(f"eval_{m}" for m in PREFERENCE_METRICS)}
+"""What each objective reports at every evaluation."""
+EVAL_METRICS = tuple(dict.fromkeys(m for names in OBJECTIVE_EVAL_METRICS.values() for m in names))
 STARTUP_KEY = "startup"
 """Sent once, with the first report after the first step: where the time to the first step went."""
 
 
 def reported_metrics(spec: JobSpec) -> tuple[str, ...]:
     """The metric names a run of this job reports."""
-    return TRAIN_METRICS + (EVAL_METRICS if spec.has_eval else ())
+    evals = OBJECTIVE_EVAL_METRICS[spec.objective] if spec.has_eval else ()
+    return TRAIN_METRICS + OBJECTIVE_TRAIN_METRICS[spec.objective] + evals
 
 
 class _Contract(BaseModel):

@@ -8,7 +8,7 @@ import json
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -109,6 +109,23 @@ class _BadJson:
 class Example:
     input_ids: list[int]
     labels: list[int]
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self.input_ids)
+
+    @property
+    def longest(self) -> int:
+        """The longest sequence the example feeds the model (max_length applies to it)."""
+        return len(self.input_ids)
+
+    def truncated(self, max_length: int) -> "Example":
+        return Example(self.input_ids[:max_length], self.labels[:max_length])
+
+    @property
+    def has_target(self) -> bool:
+        """Some token after the first carries loss (the first is never predicted)."""
+        return any(x != IGNORE_INDEX for x in self.labels[1:])
 
 
 @dataclass
@@ -244,7 +261,7 @@ def _adds_bos(tok: Any) -> bool:
     return bool(probe) and probe[0] == tok.bos_token_id
 
 
-def tokenize_rows(rows: list[Row], tok: Tokenize, spec: DataSpec, stats: DataStats) -> list[Example]:
+def tokenize_rows(rows: list[Row], tok: Callable[[Any], Example], spec: DataSpec, stats: DataStats) -> list[Example]:
     out = []
     for r in rows:
         try:
@@ -257,13 +274,13 @@ def tokenize_rows(rows: list[Row], tok: Tokenize, spec: DataSpec, stats: DataSta
                 stats.bad_examples.append(f"{r.where}: {e}")
             continue
         stats.rows += 1
-        if len(ex.input_ids) > spec.max_length and not spec.packing:
+        if ex.longest > spec.max_length and not spec.packing:
             stats.truncated += 1
-            ex = Example(ex.input_ids[: spec.max_length], ex.labels[: spec.max_length])
-        if all(x == IGNORE_INDEX for x in ex.labels[1:]):
+            ex = ex.truncated(spec.max_length)
+        if not ex.has_target:
             stats.dropped_no_target += 1
             continue
-        stats.tokens += len(ex.input_ids)
+        stats.tokens += ex.n_tokens
         out.append(ex)
     return out
 
@@ -296,8 +313,10 @@ class Splits:
     eval_stats: Optional[DataStats]
 
 
-def build_splits(spec: DataSpec, tokenizer: Any, seed: int) -> Splits:
-    tok = Tokenize(tokenizer, spec)
+def build_splits(spec: DataSpec, tokenizer: Any, seed: int,
+                 encode: Optional[Callable[[Any], Example]] = None) -> Splits:
+    """Train and eval examples; `encode` turns a row into an example (the objective's; default: SFT's Tokenize)."""
+    tok = encode or Tokenize(tokenizer, spec)
     stats = DataStats()
     rows = read_rows(spec.train)
     eval_rows: list[Row] = []

@@ -122,9 +122,10 @@ def preflight_data(spec: JobSpec) -> Optional["DataStats"]:
     no connection to the hub leaves the check to the workers). s3:// data and tokenizers are checked by the workers
     (they are downloaded per node, not to the driver)."""
     # transformers and the tokenizer stay off the path of `ftdist validate`.
-    from ftdist.train.data import ShardedLoader, build_splits
+    from ftdist.train.data import ShardedLoader
     from ftdist.train.locations import preflight_tokenizer
     from ftdist.train.model_config import check_from_config
+    from ftdist.train.objectives import splits_for
 
     check_from_config(spec.model)
     if any(p and is_remote(p) for p in (spec.data.train, spec.data.eval, spec.model.tokenizer_path)):
@@ -132,7 +133,7 @@ def preflight_data(spec: JobSpec) -> Optional["DataStats"]:
     tok = preflight_tokenizer(spec.model)
     if tok is None:
         return None
-    splits = build_splits(spec.data, tok, spec.optim.seed)
+    splits = splits_for(spec, tok)
     ShardedLoader.for_job(spec, splits.train, 0, spec.resources.num_workers)  # raises if < one global batch
     return splits.stats
 

@@ -7,8 +7,8 @@ the workers are done (train/export.py), from the final checkpoint.
 
 from __future__ import annotations
 
+import json
 import logging
-import math
 import random
 import shutil
 import sys
@@ -28,10 +28,12 @@ from ray.train.v2._internal.execution import context as train_context
 from ftdist.storage.checkpoints import checkpoint_name
 from ftdist.train.checkpointing import RankCheckpointer, restore_per_worker
 from ftdist.train.contracts import STARTUP_KEY, TrainState, WorkerConfig
-from ftdist.train.data import ShardedLoader, build_splits, collate, eval_batches
+from ftdist.train.data import ShardedLoader, eval_batches
 from ftdist.train.ds_config import to_deepspeed
 from ftdist.train.locations import load_tokenizer, prefetch_per_node
 from ftdist.train.modeling import apply_kernels, apply_method, count_params, load_model
+from ftdist.train.objectives import objective_for, splits_for
+from ftdist.train.objectives.reference import attach_reference
 from ftdist.train.optim import lr_lambda, param_groups, torch_adamw, total_steps
 
 
@@ -60,6 +62,12 @@ def _quiet_libraries() -> None:
     # Ray Train names this logger by its file path, so the ray.train level filter misses its INFO lines.
     logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
     ds_logger.setLevel(logging.WARNING)
+
+
+def metrics_line(metrics: dict) -> str:
+    """`loss 0.4521 | lr 0.0003 | ...`: one log line's metrics (the step and the startup breakdown go elsewhere)."""
+    return " | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()
+                      if k not in ("step", STARTUP_KEY))
 
 
 class StartupClock:
@@ -109,7 +117,8 @@ def train_fn_per_worker(config: dict) -> None:
     model_path, tok_path = prefetch_per_node(spec.model, local_rank, dist.barrier)
     tokenizer = load_tokenizer(tok_path, spec.model.trust_remote_code)
 
-    splits = build_splits(spec.data, tokenizer, o.seed)
+    objective = objective_for(spec)
+    splits = splits_for(spec, tokenizer)
     loader = ShardedLoader.for_job(spec, splits.train, rank, world)
     n_steps = total_steps(spec, loader.steps_per_epoch)
     print0(rank, f"[ftdist] data: train {splits.stats.summary()}"
@@ -146,11 +155,20 @@ def train_fn_per_worker(config: dict) -> None:
     np.random.seed(o.seed + rank)
     torch.manual_seed(o.seed + rank)
 
+    def to_device(batch: list) -> dict:
+        return {k: v.to(device) for k, v in objective.collate(batch, tokenizer.pad_token_id).items()}
+
+    ckpt_io = RankCheckpointer(spec, rank, world)
+    if objective.precomputes_reference:  # before restore: the engine still holds the initial weights
+        model_key = json.dumps(spec.model.model_dump(mode="json"), sort_keys=True)
+        attach_reference(objective, engine, {"train": splits.train, "eval": splits.eval}, ckpt_io.store.store,
+                         model_key, rank, world, o.micro_batch_size, to_device, lambda m: print0(rank, m))
+        clock.mark("reference")
+
     start_step = 0
     history: list[dict] = []  # every logged metrics row; travels in each checkpoint's state file
     resumes: list[int] = []  # steps this run resumed at (a restart after a crash, or a re-run of the job)
     spent_before = (0.0, 0.0)  # (worker-seconds, GPU-seconds) of earlier attempts, from the checkpoint
-    ckpt_io = RankCheckpointer(spec, rank, world)
     resume = ckpt_io.resume_point(ray.train.get_checkpoint())
     if resume is not None:
         d = ckpt_io.fetch(resume)  # only this rank's shard files, each hash-verified
@@ -165,25 +183,23 @@ def train_fn_per_worker(config: dict) -> None:
 
     def evaluate() -> dict:
         engine.eval()
-        tot = torch.zeros(2, dtype=torch.float64, device=device)  # [sum of token losses, token count]
+        total = None  # the objective's metric sums over this rank's eval shard
         with torch.no_grad():
             for batch in eval_batches(splits.eval, o.micro_batch_size, rank, world, spec.eval.max_batches):
                 weight = 1.0
                 if not batch:  # keep ZeRO-3 collectives in step on ranks with a short shard
                     batch, weight = splits.eval[:1], 0.0
-                b = {k: v.to(device) for k, v in collate(batch, tokenizer.pad_token_id).items()}
-                n = (b["labels"][:, 1:] != -100).sum()
-                loss = engine(**b).loss
-                tot += torch.stack([loss.double() * n * weight, n.double() * weight])
-        dist.all_reduce(tot)
+                sums = objective.forward(engine, to_device(batch))[1] * weight
+                total = sums if total is None else total + sums
+        dist.all_reduce(total)
         engine.train()
-        loss = (tot[0] / tot[1].clamp(min=1)).item()
-        return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0))}
+        return objective.eval_metrics_from(total.tolist())
 
     log_every = spec.logging.every_n_steps
     ck_every = spec.checkpoint.every_n_steps
     ev_every = spec.eval.every_n_steps
     window = torch.zeros(3, dtype=torch.float64, device=device)  # [loss sum, micro steps, tokens]
+    objective_window: torch.Tensor | None = None  # the objective's metric sums over the window
     window_t0 = time.perf_counter()
     window_steps = 0
     batches = loader.micro_batches(start_step)
@@ -193,8 +209,7 @@ def train_fn_per_worker(config: dict) -> None:
         # Baseline held-out loss before the first update, so the log shows how far fine-tuning moved it.
         metrics = {"step": 0, **evaluate()}
         history.append(metrics)
-        print0(rank, f"[ftdist] step 0/{n_steps} | eval_loss {metrics['eval_loss']:.4g} | "
-                     f"eval_perplexity {metrics['eval_perplexity']:.4g}")
+        print0(rank, f"[ftdist] step 0/{n_steps} | {metrics_line(metrics)}")
         ray.train.report(metrics)
         clock.mark("eval")
     engine.train()
@@ -202,12 +217,13 @@ def train_fn_per_worker(config: dict) -> None:
 
     for step in range(start_step, n_steps):
         for _ in range(spec.grad_accum):
-            b = {k: v.to(device) for k, v in collate(next(batches), tokenizer.pad_token_id).items()}
-            loss = engine(**b).loss
+            b = to_device(next(batches))
+            loss, sums = objective.forward(engine, b)
             engine.backward(loss)
             engine.step()
+            objective_window = sums if objective_window is None else objective_window + sums
             window += torch.stack([loss.detach().double(), torch.ones((), dtype=torch.float64, device=device),
-                                   b["attention_mask"].sum().double()])
+                                   objective.tokens(b).double()])
         window_steps += 1
         if step == start_step:
             window[0].item()  # the first step's work is done (GPU: waits for the device)
@@ -222,6 +238,7 @@ def train_fn_per_worker(config: dict) -> None:
             continue
         # Same decision on every rank (it depends on the step only): report() stays a barrier in lockstep.
         dist.all_reduce(window)
+        dist.all_reduce(objective_window)
         loss_sum, micro_steps, tokens = window.tolist()  # waits for the device, so the window's time covers its work
         elapsed = time.perf_counter() - window_t0
         gn = engine.get_global_grad_norm()
@@ -234,17 +251,14 @@ def train_fn_per_worker(config: dict) -> None:
             "step_time_s": elapsed / window_steps,
             "epoch": done / loader.steps_per_epoch,
             "train_time_s": time.perf_counter() - loop_t0,
+            **objective.train_metrics_from(objective_window.tolist()),
         }
         if startup is not None:
             metrics[STARTUP_KEY], startup = startup, None
         if want_eval:
             metrics.update(evaluate())
         history.append(metrics)
-        line = " | ".join(
-            f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()
-            if k not in ("step", STARTUP_KEY)
-        )
-        print0(rank, f"[ftdist] step {done}/{n_steps} | {line}")
+        print0(rank, f"[ftdist] step {done}/{n_steps} | {metrics_line(metrics)}")
         if want_ckpt:
             attempt_s = (time.time() - clock.t0) * world  # this attempt, from the run's start stamp
             state = TrainState(step=done, tag=checkpoint_name(done), world_size=world, metrics=metrics,
@@ -254,6 +268,7 @@ def train_fn_per_worker(config: dict) -> None:
         else:
             ray.train.report(metrics)
         window.zero_()
+        objective_window = None
         window_steps = 0
         window_t0 = time.perf_counter()
 

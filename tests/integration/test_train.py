@@ -154,14 +154,37 @@ def test_lora_export_adapter_and_merged_agree(ray_cluster, tmp_path):
     _generate(merged, tok)
 
 
-@pytest.mark.slow
-def test_quickstart_end_to_end(tmp_path):
-    """`ftdist train jobs/quickstart.yaml` exactly as the README runs it (its own embedded Ray)."""
+def _ftdist_train(tmp_path, job: str, *sets: str) -> str:
+    """`ftdist train jobs/<job>` exactly as the README runs it (its own embedded Ray); its output."""
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    r = subprocess.run([sys.executable, "-m", "ftdist.cli", "train", str(REPO / "jobs" / "quickstart.yaml")],
+    r = subprocess.run([sys.executable, "-m", "ftdist.cli", "train", str(REPO / "jobs" / job), *sets],
                        cwd=tmp_path, capture_output=True, text=True, timeout=900, env=env)
     out = r.stdout + r.stderr
     assert r.returncode == 0, out[-3000:]
+    return out
+
+
+def _completion_loss(model_dir, rows) -> float:
+    """The SFT task's held-out loss (per completion token, EOS included) of an exported model."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model, tok = AutoModelForCausalLM.from_pretrained(model_dir).eval(), AutoTokenizer.from_pretrained(model_dir)
+    total = count = 0.0
+    for row in rows:
+        prompt = tok(row["prompt"], add_special_tokens=False)["input_ids"]
+        completion = tok(row["completion"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        with torch.no_grad():
+            loss = model(input_ids=torch.tensor([prompt + completion]),
+                         labels=torch.tensor([[-100] * len(prompt) + completion])).loss
+        total, count = total + loss.item() * len(completion), count + len(completion)
+    return total / count
+
+
+@pytest.mark.slow
+def test_quickstart_and_its_dpo_end_to_end(tmp_path):
+    """The README's two laptop runs: `ftdist train jobs/quickstart.yaml` fine-tunes the shipped pre-trained model,
+    then `jobs/quickstart-dpo.yaml` preference-tunes its export."""
+    out = _ftdist_train(tmp_path, "quickstart.yaml")
     evals = [float(line.split("eval_loss ")[1].split()[0]) for line in out.splitlines()
              if "[ftdist] step" in line and "eval_loss" in line]
     assert len(evals) >= 3 and evals[-1] < 0.5 * evals[0], evals
@@ -175,14 +198,23 @@ def test_quickstart_end_to_end(tmp_path):
 
     export = tmp_path / "runs" / "quickstart" / "export"
     model, tok = AutoModelForCausalLM.from_pretrained(export).eval(), AutoTokenizer.from_pretrained(export)
-    rows = [json.loads(line) for line in (QS / "eval.jsonl").read_text().splitlines()[:20]]
+    rows = [json.loads(line) for line in (QS / "eval.jsonl").read_text().splitlines()]
     right = 0
-    for row in rows:
+    for row in rows[:20]:
         x = tok(row["prompt"], return_tensors="pt")
         with torch.no_grad():
             y = model.generate(**x, max_new_tokens=24, do_sample=False, pad_token_id=tok.pad_token_id)
         right += tok.decode(y[0, x["input_ids"].shape[1]:], skip_special_tokens=True) == row["completion"]
     assert right >= 16, f"{right}/20 held-out numbers spelled exactly"
+
+    # DPO from the SFT export: held-out preference accuracy from chance to >= 0.9, the SFT task kept (<= +5% loss).
+    out = _ftdist_train(tmp_path, "quickstart-dpo.yaml", "--set", f"model.name_or_path={export}")
+    accuracy = [float(line.split("eval_preference_accuracy ")[1].split()[0]) for line in out.splitlines()
+                if "[ftdist] step" in line and "eval_preference_accuracy" in line]
+    assert accuracy[-1] >= 0.9, accuracy
+    sft, dpo = (_completion_loss(tmp_path / "runs" / name / "export", rows)
+                for name in ("quickstart", "quickstart-dpo"))
+    assert dpo <= 1.05 * sft, (sft, dpo)
 
 
 @pytest.mark.parametrize("mode", ["default", "dashboard", "dashboard-packages-missing"])

@@ -25,7 +25,8 @@ def test_job_file_validates(path, capsys):
     assert spec.name == path.read_text().split("\nname: ", 1)[1].split()[0]
     if path.name == "quickstart.yaml":
         assert spec.resources.num_workers == 2 and spec.zero.stage in (2, 3) and spec.has_eval
-        assert Path(spec.data.train).is_file() and Path(spec.model.tokenizer).is_dir()
+        assert Path(spec.data.train).is_file() and Path(spec.model.tokenizer_path).is_dir()
+        assert spec.model.from_config is None  # it fine-tunes the shipped pre-trained model (jobs/data/upstream)
 
 
 def test_cluster_job_without_the_flag_names_the_missing_input(capsys):

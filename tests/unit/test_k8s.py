@@ -144,7 +144,7 @@ def test_local_files_cannot_go_to_kubernetes(capsys):
         "ftdist: error: data.train: data/quickstart/train.jsonl is a file on this machine; a pod cannot read it: "
         "upload it (s3://bucket/...) or bake it into the image and give the absolute path")
     sets = ["--set", f"kubernetes.image={IMAGE}", "--set", "data.train=s3://ml-data/train.jsonl", "--set",
-            "data.eval=s3://ml-data/eval.jsonl", "--set", "model.tokenizer=/opt/tok"]
+            "data.eval=s3://ml-data/eval.jsonl", "--set", "model.name_or_path=/opt/model"]
     assert main(["k8s", "render", str(job), *sets]) == 2
     assert "checkpoint.storage: ./runs is a local folder; on Kubernetes checkpoints must outlive the pods" in \
         capsys.readouterr().err
@@ -153,7 +153,7 @@ def test_local_files_cannot_go_to_kubernetes(capsys):
     assert "kubernetes.ray_cluster: --cluster existing needs the RayCluster's name" in capsys.readouterr().err
     assert main(["k8s", "render", str(job), *sets]) == 0
     out = capsys.readouterr()
-    assert "model.tokenizer: /opt/tok must exist in the image or a mounted volume" in out.err
+    assert "model.name_or_path: /opt/model must exist in the image or a mounted volume" in out.err
     rj = yaml.safe_load(out.out)
     (g,) = rj["spec"]["rayClusterSpec"]["workerGroupSpecs"]
     assert g["groupName"] == "cpu-workers" and g["replicas"] == 2  # 2 CPU workers, one per pod

@@ -1,0 +1,22 @@
+"""The objective axis: one module per objective, one table from the job's `objective:` to it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ftdist.spec import JobSpec
+from ftdist.train.data import Splits, build_splits
+from ftdist.train.objectives.base import Objective
+from ftdist.train.objectives.dpo import DPO
+from ftdist.train.objectives.sft import SFT
+
+OBJECTIVES: dict[str, type[Objective]] = {"sft": SFT, "dpo": DPO}
+
+
+def objective_for(spec: JobSpec) -> Objective:
+    return OBJECTIVES[spec.objective](spec)
+
+
+def splits_for(spec: JobSpec, tokenizer: Any) -> Splits:
+    """The job's train and eval examples as its objective reads rows (the driver's check, every worker, the bench)."""
+    return build_splits(spec.data, tokenizer, spec.optim.seed, objective_for(spec).encoder(tokenizer))

@@ -1,0 +1,171 @@
+"""`objective: dpo`: preference tuning on (prompt, chosen, rejected) rows, the DPO family's losses
+(objectives/preference_loss.py). Chosen and rejected go through the model in one forward pass (one batch of 2B rows:
+the B chosen, then the B rejected). The reference log-probabilities come, by method:
+- LoRA: the same model with its adapters disabled (peft), in a no-grad pass per batch: no second copy of the model;
+- full / freeze: a pass over the data with the initial weights before training (reference.py), stored in the run
+  folder and reused on resume;
+- SimPO needs none."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import torch
+
+from ftdist.train.data import IGNORE_INDEX, RowError, Tokenize, _BadJson
+from ftdist.train.objectives.base import Objective
+from ftdist.train.objectives.preference_loss import REFERENCE_FREE, completion_logps, preference_loss
+
+PAIR_FIELDS = ("prompt", "chosen", "rejected")
+
+
+@dataclass
+class PairExample:
+    chosen_ids: list[int]
+    chosen_labels: list[int]
+    rejected_ids: list[int]
+    rejected_labels: list[int]
+    reference: Optional[tuple[float, float]] = field(default=None, compare=False)
+    """The reference model's (chosen, rejected) completion log-probabilities, once computed."""
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self.chosen_ids) + len(self.rejected_ids)
+
+    @property
+    def longest(self) -> int:
+        return max(len(self.chosen_ids), len(self.rejected_ids))
+
+    def truncated(self, max_length: int) -> "PairExample":
+        return PairExample(self.chosen_ids[:max_length], self.chosen_labels[:max_length],
+                           self.rejected_ids[:max_length], self.rejected_labels[:max_length])
+
+    @property
+    def has_target(self) -> bool:
+        """Both completions keep a token after truncation (a pair with one side empty compares nothing)."""
+        return all(any(x != IGNORE_INDEX for x in labels[1:]) for labels in (self.chosen_labels, self.rejected_labels))
+
+
+class PairEncoder:
+    """A preference row -> PairExample: strings (prompt + completion, the prompt masked) or TRL's conversational
+    form (message lists: the prompt rendered with the generation prompt, each completion's messages after it)."""
+
+    def __init__(self, tokenizer: Any, tokenize: Tokenize) -> None:
+        self.tok, self.t = tokenizer, tokenize
+
+    def __call__(self, row: Any) -> PairExample:
+        if isinstance(row, _BadJson):
+            raise RowError(f"invalid JSON: {row.msg}")
+        if not isinstance(row, dict):
+            raise RowError("row is not a JSON object")
+        for name in PAIR_FIELDS:
+            if name not in row:
+                raise RowError(f"missing field {name!r} (preference rows have {', '.join(PAIR_FIELDS)})")
+        prompt, chosen, rejected = (row[n] for n in PAIR_FIELDS)
+        if chosen == rejected:
+            raise RowError("chosen and rejected are identical (the pair prefers nothing)")
+        if all(isinstance(v, str) for v in (prompt, chosen, rejected)):
+            head = self.t.bos + self.t._enc(prompt)
+            sides = [self.t._enc(c) + self.t.eos for c in (chosen, rejected)]
+            if not all(len(s) > len(self.t.eos) for s in sides):
+                raise RowError("chosen or rejected is empty")
+            (c, r) = ([*head, *s] for s in sides)
+            return PairExample(c, _masked(len(head), c), r, _masked(len(head), r))
+        if all(isinstance(v, list) for v in (prompt, chosen, rejected)):
+            return self._conversation(prompt, chosen, rejected)
+        raise RowError("prompt, chosen and rejected must all be strings, or all message lists")
+
+    def _conversation(self, prompt: list, chosen: list, rejected: list) -> PairExample:
+        if not getattr(self.tok, "chat_template", None):
+            raise RowError("message lists need a chat template: the tokenizer has none; set data.chat_template")
+        head = self.t._render(prompt, gen_prompt=True)
+        out = []
+        for side in (chosen, rejected):
+            ids = self.t._render(prompt + side, gen_prompt=False)
+            if ids[: len(head)] != head:
+                raise RowError("chat template is not prefix-stable; cannot locate the completion's tokens")
+            out.append((ids, _masked(len(head), ids)))
+        return PairExample(out[0][0], out[0][1], out[1][0], out[1][1])
+
+
+def _masked(prompt_len: int, ids: list[int]) -> list[int]:
+    return [IGNORE_INDEX] * prompt_len + ids[prompt_len:]
+
+
+def collate_pairs(batch: list[PairExample], pad_id: int) -> dict[str, torch.Tensor]:
+    """[chosen_1..chosen_B, rejected_1..rejected_B], right-padded to the longest; `reference` [2B] when known."""
+    seqs = [(e.chosen_ids, e.chosen_labels) for e in batch] + [(e.rejected_ids, e.rejected_labels) for e in batch]
+    n = max(len(ids) for ids, _ in seqs)
+    ids = torch.full((len(seqs), n), pad_id, dtype=torch.long)  # [2B, T]
+    labels = torch.full((len(seqs), n), IGNORE_INDEX, dtype=torch.long)  # [2B, T]
+    attn = torch.zeros((len(seqs), n), dtype=torch.long)  # [2B, T]
+    for i, (x, y) in enumerate(seqs):
+        ids[i, : len(x)], labels[i, : len(y)], attn[i, : len(x)] = torch.tensor(x), torch.tensor(y), 1
+    out = {"input_ids": ids, "labels": labels, "attention_mask": attn}
+    if all(e.reference is not None for e in batch):
+        out["reference"] = torch.tensor([e.reference[0] for e in batch] + [e.reference[1] for e in batch],
+                                        dtype=torch.float64)  # [2B]
+    return out
+
+
+class DPO(Objective):
+    name = "dpo"
+
+    @property
+    def needs_reference(self) -> bool:
+        return self.spec.dpo.loss_type not in REFERENCE_FREE
+
+    @property
+    def precomputes_reference(self) -> bool:
+        """Full and freeze keep no second model: the reference's log-probabilities are computed once up front."""
+        return self.needs_reference and self.spec.method != "lora"
+
+    def encoder(self, tokenizer: Any) -> Callable[[Any], Any]:
+        return PairEncoder(tokenizer, Tokenize(tokenizer, self.spec.data))
+
+    def collate(self, batch: list, pad_id: int) -> dict[str, torch.Tensor]:
+        return collate_pairs(batch, pad_id)
+
+    def tokens(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return batch["attention_mask"].sum()
+
+    def logps(self, model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Completion log-probabilities and token counts of every row of the batch [2B]."""
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return completion_logps(logits, batch["labels"])
+
+    def forward(self, engine: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        d = self.spec.dpo
+        logps, tokens = self.logps(engine, batch)
+        reference = None
+        if self.needs_reference:
+            reference = batch.get("reference")
+            if reference is None:  # LoRA: the base model is the model with its adapters switched off
+                with torch.no_grad(), engine.module.disable_adapter():
+                    reference = self.logps(engine.module, batch)[0]
+            reference = reference.to(logps.dtype)
+        b = logps.shape[0] // 2
+        out = preference_loss(d.loss_type, d.beta, logps[:b], logps[b:], None if reference is None else reference[:b],
+                              None if reference is None else reference[b:], tokens[:b], tokens[b:],
+                              label_smoothing=d.label_smoothing, simpo_gamma=d.simpo_gamma,
+                              sft_weight=d.sft_weight)
+        loss = out.loss.mean()
+        sums = torch.stack([out.loss.detach().sum(), torch.tensor(float(b), device=loss.device),
+                            out.chosen_rewards.sum(), out.rejected_rewards.sum(),
+                            (out.chosen_rewards > out.rejected_rewards).sum()]).double()
+        return loss, sums
+
+    def train_metrics_from(self, sums: list[float]) -> dict[str, float]:
+        return _pair_metrics(sums, "")
+
+    def eval_metrics_from(self, sums: list[float]) -> dict[str, float]:
+        return _pair_metrics(sums, "eval_")
+
+
+def _pair_metrics(sums: list[float], prefix: str) -> dict[str, float]:
+    loss, pairs, chosen, rejected, right = sums
+    pairs = max(pairs, 1.0)
+    out = {"rewards_chosen": chosen / pairs, "rewards_rejected": rejected / pairs,
+           "reward_margin": (chosen - rejected) / pairs, "preference_accuracy": right / pairs}
+    return ({"eval_loss": loss / pairs} if prefix else {}) | {prefix + k: v for k, v in out.items()}
