@@ -1,6 +1,6 @@
 """`ftdist bench`: runs the chosen sections and prints one table, ftdist beside the bare libraries doing the same
-work (training.py: throughput, memory, load, GPU; peak.py: the planner against measured ranks; storage.py:
-checkpoints; tune.py: sweeps)."""
+work (training.py: throughput, memory, load, GPU; peak.py: the planner against measured ranks; objectives.py: DPO
+against SFT on the same sequences; storage.py: checkpoints; tune.py: sweeps)."""
 
 from __future__ import annotations
 
@@ -73,6 +73,19 @@ def main(args: argparse.Namespace) -> int:
                              f"{_mb(r['peak_predicted'])} / {_mb(r['peak_measured'])} (peak RSS - baseline) "
                              f"| | | "
                              f"{r['model_states_ratio']:.3f}; {r['peak_ratio']:.3f} | [0.9, 1.1]; [0.8, 1.25] |")
+        if "dpo" in parts:
+            from ftdist.bench.objectives import bench_dpo
+
+            d = bench_dpo(tmp, args.steps)
+            (fs, fd), (ls, ld) = (d[("full", "sft")], d[("full", "dpo")]), (d[("lora", "sft")], d[("lora", "dpo")])
+            lines.append(f"| DPO training tokens/s, full, reference precomputed, 2 workers ZeRO-2 | {fd['tps']:.0f} | "
+                         f"{fs['tps']:.0f} (SFT on the same sequences) | {fd['tps'] / fs['tps']:.3f} | >= 0.95 |")
+            lines.append(f"| the one-off reference pass / one training epoch | {fd['reference_s']:.2f} s | "
+                         f"{fd['epoch_s']:.2f} s | {fd['reference_s'] / fd['epoch_s']:.3f} | |")
+            lines.append(f"| DPO training tokens/s, LoRA, reference = adapters off | {ld['tps']:.0f} | {ls['tps']:.0f} "
+                         f"(LoRA SFT, same sequences) | {ld['tps'] / ls['tps']:.3f} | >= 0.7 |")
+            lines.append(f"| peak RSS per rank during training, full DPO / full SFT | {_mb(fd['peak'])} | "
+                         f"{_mb(fs['peak'])} | {fd['peak'] / fs['peak']:.3f} | <= 1.1 |")
         if "load" in parts:
             for r in bench_load(tmp):
                 lines.append(f"| peak RSS of a rank while loading {r['params'] / 1e6:.0f}M params, ZeRO-3, N={WORLD} | "

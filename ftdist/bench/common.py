@@ -14,11 +14,11 @@ import torch.multiprocessing as mp
 
 from ftdist.bench.task import TaskFiles, write_task
 from ftdist.spec import JobSpec, spec_from_dict
-from ftdist.train.data import ShardedLoader, collate
+from ftdist.train.data import ShardedLoader
 from ftdist.train.ds_config import to_deepspeed
 from ftdist.train.locations import load_tokenizer
 from ftdist.train.modeling import apply_kernels, apply_method, load_model
-from ftdist.train.objectives import splits_for
+from ftdist.train.objectives import objective_for, splits_for
 from ftdist.train.optim import torch_adamw
 from ftdist.train.ray_runtime import free_port
 from ftdist.train.worker import skip_inference_comm_op
@@ -118,4 +118,5 @@ def batches(spec: JobSpec, rank: int):
     tok = load_tokenizer(spec.model.tokenizer_path)
     splits = splits_for(spec, tok)
     it = ShardedLoader.for_job(spec, splits.train, rank, dist.get_world_size()).micro_batches(0)
+    collate = objective_for(spec).collate
     return lambda: collate(next(it), tok.pad_token_id)

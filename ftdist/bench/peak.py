@@ -64,7 +64,7 @@ def predicted(spec: JobSpec) -> dict[str, int]:
             "peak": cpu_process_bytes(plan)}
 
 
-def _status(key: str) -> int:
+def proc_status(key: str) -> int:
     with open("/proc/self/status") as fh:
         for line in fh:
             if line.startswith(key):
@@ -72,7 +72,7 @@ def _status(key: str) -> int:
     raise KeyError(key)
 
 
-def _reset_peak() -> None:
+def reset_peak_rss() -> None:
     with open("/proc/self/clear_refs", "w") as fh:  # "5": reset the peak resident set size (VmHWM) to now
         fh.write("5")
 
@@ -97,18 +97,18 @@ def _measure_one(rank: int, spec_json: dict) -> dict:
         next_batch = batches(spec_from_dict(spec_json), rank)
         next_batch()  # tokenizer and data loaded before the baseline: they are not training memory
         gc.collect()
-        base = _status("VmRSS")
+        base = proc_status("VmRSS")
         spec, engine = engine_for(spec_json)
         states = 0
         for step in range(2):
             if step == 1:
-                _reset_peak()
+                reset_peak_rss()
             for _ in range(spec.grad_accum):  # DeepSpeed steps at the accumulation boundary
                 engine.backward(engine(**next_batch()).loss)
                 if step == 1:
                     states = max(states, held_model_states(engine)[0])
                 engine.step()
-        peak = _status("VmHWM") - base
+        peak = proc_status("VmHWM") - base
         engine.destroy()
         del engine, next_batch
         gc.collect()

@@ -19,6 +19,7 @@ from typing import Optional
 import numpy as np
 
 from ftdist.plan.gpus import Gpu, Utilisation, utilisation
+from ftdist.plan.memory import sequences_per_row
 from ftdist.plan.shape import ModelShape
 from ftdist.spec import JobSpec
 
@@ -34,7 +35,8 @@ class Speed:
 def executed_flops_per_token(spec: JobSpec, shape: ModelShape, method: str, gradient_checkpointing: bool) -> float:
     """FLOPs a training step executes per token. Full fine-tuning: forward F, backward 2F (the PaLM count). The
     backward of a frozen matmul needs the input gradient only (half its backward): LoRA's base costs F + F; frozen
-    lower layers (freeze) run forward only, no backward at all. Gradient checkpointing recomputes the forward."""
+    lower layers (freeze) run forward only, no backward at all. Gradient checkpointing recomputes the forward.
+    DPO with LoRA runs one more forward per token for its reference (the adapters switched off)."""
     seq = spec.data.max_length
     attn = 4 * shape.heads * shape.head_dim * seq  # per layer, forward: scores and values
     layer_fwd = 2 * shape.layer_matmul_params() + attn
@@ -49,6 +51,8 @@ def executed_flops_per_token(spec: JobSpec, shape: ModelShape, method: str, grad
         total = 3 * (shape.layers * layer_fwd + head_fwd)
     if gradient_checkpointing:
         total += shape.layers * layer_fwd
+    if spec.objective == "dpo" and method == "lora" and spec.dpo.loss_type != "simpo":
+        total += shape.layers * layer_fwd + head_fwd
     return float(total)
 
 
@@ -62,7 +66,8 @@ def plan_speed(spec: JobSpec, shape: ModelShape, card: Gpu, world: int, micro_ba
     accumulation = spec.optim.global_batch_size // (micro_batch * world) > 1
     u = utilisation(card, variant, accumulation)
     tps = u.mfu * card.peak_bf16 / flops
-    return Speed(flops, u, tps, spec.optim.global_batch_size * seq / (tps * world))
+    tokens_per_step = spec.optim.global_batch_size * seq * sequences_per_row(spec)
+    return Speed(flops, u, tps, tokens_per_step / (tps * world))
 
 
 def job_steps(spec: JobSpec, rows: Optional[int]) -> Optional[int]:

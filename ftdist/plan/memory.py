@@ -158,7 +158,7 @@ def plan_memory(spec: JobSpec, shape: ModelShape, card: Gpu, world: int, gpus_pe
     plan.gpu.append(("parameters", 0 if s.offload_params else int(params)))
     plan.gpu.append(("gradients", 0 if s.offload_optimizer else int(states["gradients"])))
     plan.gpu.append(("optimizer states", 0 if s.offload_optimizer else int(optim)))
-    seq, b = spec.data.max_length, s.micro_batch
+    seq, b = spec.data.max_length, s.micro_batch * sequences_per_row(spec)
     plan.gpu.append(("activations", int(activation_bytes(spec, shape, s))))
     logits = 0 if spec.model.use_liger_kernel else b * seq * shape.vocab * (d + 4 + 4)
     plan.gpu.append(("logits and loss", int(logits)))
@@ -178,6 +178,11 @@ def plan_memory(spec: JobSpec, shape: ModelShape, card: Gpu, world: int, gpus_pe
     # holds the whole model.
     plan.host.append(("loading the weights", int(params * per_node)))
     return plan
+
+
+def sequences_per_row(spec: JobSpec) -> int:
+    """Sequences one row puts through the model: DPO's pair is a chosen and a rejected sequence in one forward."""
+    return 2 if spec.objective == "dpo" else 1
 
 
 def trainable_params(spec: JobSpec, shape: ModelShape, method: str) -> int:
@@ -241,7 +246,7 @@ def activation_bytes(spec: JobSpec, shape: ModelShape, s: "Setting") -> float:
     """What autograd keeps for the backward of one micro batch: every layer that trains or lies above one that
     trains (freeze: the frozen lower layers keep nothing, their input needs no gradient), each layer's input only
     under gradient checkpointing (plus one layer recomputed at a time), and the final norm."""
-    d, seq, b = _weight_bytes(spec), spec.data.max_length, s.micro_batch
+    d, seq, b = _weight_bytes(spec), spec.data.max_length, s.micro_batch * sequences_per_row(spec)
     lora = (spec.lora.rank if spec.lora else 8, (spec.lora.dropout if spec.lora else 0.05) > 0) \
         if s.method == "lora" else None
     per_layer = layer_activation_bytes(shape, spec.model.attn_implementation, seq, d, lora, s.stage == 3) * b * seq

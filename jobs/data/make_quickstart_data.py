@@ -13,26 +13,12 @@ import json
 import random
 from pathlib import Path
 
-from ftdist.bench.task import row, words, write_tokenizer  # the same task and tokenizer recipe as `ftdist bench`
+from ftdist.bench.task import pair, row, write_tokenizer  # the same task and tokenizer recipe as `ftdist bench`
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
 )
-
-
-def near_miss(n: int, rng: random.Random) -> int:
-    """`n` with one digit changed (never to a leading zero): a number whose spelling is a plausible mistake."""
-    digits = list(str(n))
-    i = rng.randrange(len(digits))
-    choices = [d for d in "0123456789" if d != digits[i] and not (i == 0 and d == "0")]
-    digits[i] = rng.choice(choices)
-    return int("".join(digits))
-
-
-def pair(n: int, rng: random.Random) -> dict:
-    return {**{k: v for k, v in row(n).items() if k == "prompt"}, "chosen": " " + words(n),
-            "rejected": " " + words(near_miss(n, rng))}
 
 
 def main() -> None:

@@ -185,3 +185,26 @@ def test_full_reference_is_precomputed_once_and_reused(tok, tmp_path):
     assert attach_reference(objective, engine, parts, store, "another model", 0, 1, 4, to_device, lines.append)
     batch = to_device(parts["train"][:2])
     assert batch["reference"].shape == (4,)  # [chosen_1, chosen_2, rejected_1, rejected_2]
+
+
+def test_a_dpo_sweep_validates(tmp_path, write_job, capsys):
+    """`ftdist tune` sweeps any objective: dpo.beta x optim.lr on the preference accuracy."""
+    job = sweep_job_dict(str(tmp_path / "runs"), objective="dpo",
+                         data={"train": PAIRS, "eval": str(QS / "eval_pairs.jsonl"), "max_length": 48},
+                         sweep={"search": "grid", "space": {"dpo.beta": [0.1, 0.5], "optim.lr": [1e-3, 3e-3]},
+                                "metric": "eval_preference_accuracy", "mode": "max"})
+    assert main(["validate", str(write_job(job))]) == 0, capsys.readouterr().err
+
+
+def test_data_chat_template_applies_to_message_list_pairs(tmp_path):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(QS / "tokenizer")
+    tok.chat_template = None
+    template = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+    spec = spec_from_dict(tiny_job_dict(str(tmp_path), objective="dpo",
+                                        data={"train": PAIRS, "chat_template": template, "max_length": 48}))
+    ex = objective_for(spec).encoder(tok)({"prompt": [{"role": "user", "content": "Write 5 in words:"}],
+                                          "chosen": [{"role": "assistant", "content": "five"}],
+                                          "rejected": [{"role": "assistant", "content": "six"}]})
+    assert tok.decode(ex.chosen_ids) == "[user] Write 5 in words:\n[assistant] five\n"

@@ -268,3 +268,22 @@ def test_activation_lines_equal_what_autograd_saves(dtype, attn, kv_heads, lora,
     planned = layer_activation_bytes(shape, attn, seq, d, lora and (lora[0], lora[1] > 0), zero3) * batch * seq
     # The planner leaves out each RMSNorm's fp32 reciprocal root: 2 values per token and layer.
     assert planned == pytest.approx(measured - 2 * 4 * batch * seq, rel=3e-3), (planned, measured)
+
+
+def test_dpo_plans_two_sequences_per_row_and_loras_reference_forward(tmp_path):
+    """A DPO pair is a chosen and a rejected sequence in one forward: twice the activations and logits of SFT at
+    the same micro batch, twice the tokens per step; with LoRA the adapters-off reference adds one forward."""
+    from ftdist.plan.cost import executed_flops_per_token, plan_speed
+
+    sft = _job(tmp_path, LLAMA_8B, "method=lora")
+    dpo = _job(tmp_path, LLAMA_8B, "method=lora", "objective=dpo", "data.packing=false")
+    shape = _shape(LLAMA_8B)
+    lines = [dict(plan_memory(s, shape, GPUS["H100-80GB"], 8, 8).gpu) for s in (sft, dpo)]
+    for what in ("activations", "logits and loss"):
+        assert lines[1][what] == pytest.approx(2 * lines[0][what], rel=1e-9, abs=2), what
+    forward = executed_flops_per_token(sft, shape, "full", False) / 3
+    extra = executed_flops_per_token(dpo, shape, "lora", False) - executed_flops_per_token(sft, shape, "lora", False)
+    assert extra == pytest.approx(forward)
+    card = GPUS["H100-80GB"]
+    steps = [plan_speed(s, shape, card, 8, 4, False, "lora").step_s for s in (sft, dpo)]
+    assert steps[1] > 2 * steps[0]  # twice the tokens, each a little dearer

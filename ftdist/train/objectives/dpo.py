@@ -122,7 +122,10 @@ class DPO(Objective):
         return self.needs_reference and self.spec.method != "lora"
 
     def encoder(self, tokenizer: Any) -> Callable[[Any], Any]:
-        return PairEncoder(tokenizer, Tokenize(tokenizer, self.spec.data))
+        data = self.spec.data
+        if data.chat_template:  # message-list rows render with it whatever data.format says (SFT's knob)
+            data = data.model_copy(update={"format": "chat"})
+        return PairEncoder(tokenizer, Tokenize(tokenizer, data))
 
     def collate(self, batch: list, pad_id: int) -> dict[str, torch.Tensor]:
         return collate_pairs(batch, pad_id)
