@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 from typing import Any
-from urllib.parse import urlparse
 
 from ftdist.errors import SpecError
+from ftdist.net import http_host_port, unreachable
 from ftdist.spec import ModelSpec
 from ftdist.storage.uri import is_remote
 
@@ -73,11 +72,6 @@ def _hub_config(repo: str, revision: str | None) -> bytes:
 
 
 def _probe(endpoint: str, repo: str) -> None:
-    u = urlparse(endpoint)
-    try:
-        with socket.create_connection((u.hostname, u.port or (443 if u.scheme == "https" else 80)), timeout=3):
-            pass
-    except OSError as e:
+    if why := unreachable(*http_host_port(endpoint), 3):
         raise SpecError(f"model.name_or_path: {repo}: the Hugging Face hub ({endpoint}) is not reachable from here "
-                        f"({e.strerror or type(e).__name__}); plan with a local folder or s3:// copy of the model, "
-                        f"or set HF_ENDPOINT") from None
+                        f"({why}); plan with a local folder or s3:// copy of the model, or set HF_ENDPOINT")

@@ -19,7 +19,6 @@ import datetime
 import os
 import re
 import shlex
-import socket
 import sys
 import time
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ from ray.exceptions import AuthenticationError
 from ray.job_submission import JobSubmissionClient
 
 from ftdist.errors import SpecError
+from ftdist.net import http_host_port, unreachable
 from ftdist.redact import env_secret_problem, key_hint
 from ftdist.remote.k8s_render import entrypoint
 from ftdist.remote.portability import check_paths, check_portable, is_under
@@ -62,13 +62,8 @@ def dashboard_address(address: Optional[str]) -> str:
 
 
 def _check_reachable(addr: str, timeout: float = 5.0) -> None:
-    u = urlparse(addr)
-    port = u.port or (443 if u.scheme == "https" else 80)
-    try:
-        with socket.create_connection((u.hostname, port), timeout=timeout):
-            pass
-    except OSError as e:
-        raise SpecError(f"--address {addr}: cannot reach the Ray dashboard there ({e.strerror or e})") from None
+    if why := unreachable(*http_host_port(addr), timeout):
+        raise SpecError(f"--address {addr}: cannot reach the Ray dashboard there ({why})")
 
 
 _HEADER_NAME_RE = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$")  # an HTTP token (RFC 9110)

@@ -15,6 +15,7 @@ import ray
 from ray._private.runtime_env.constants import RAY_JOB_CONFIG_JSON_ENV_VAR  # the name Ray's job manager uses
 
 from ftdist.errors import SpecError
+from ftdist.net import unreachable
 from ftdist.spec import ResourcesSpec
 from ftdist.storage import s3
 from ftdist.train.contracts import BASE_ENV
@@ -55,11 +56,8 @@ def check_reachable(address: str, timeout: float = 3.0) -> None:
         host, port = None, None
     if not host or not port:
         raise SpecError(f"--address {address}: expected host:port (GCS, e.g. 10.0.0.1:6379) or ray://host:10001")
-    try:
-        with socket.create_connection((host, port), timeout=timeout):
-            pass
-    except OSError as e:
-        raise SpecError(f"--address {address}: cannot reach a Ray cluster there ({e.strerror or e})") from None
+    if why := unreachable(host, port, timeout):
+        raise SpecError(f"--address {address}: cannot reach a Ray cluster there ({why})")
 
 
 def check_local_gpus(resources: ResourcesSpec) -> None:
