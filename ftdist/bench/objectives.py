@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gc
 import os
+import statistics
 import time
 
 from ftdist.bench.common import bench_spec, engine_for, spawn, task
@@ -74,19 +75,26 @@ def _run(rank: int, spec_json: dict, warmup: int, steps: int) -> dict:
             "epoch_s": seconds / steps * loader.steps_per_epoch}
 
 
-def bench_dpo(tmp: str, steps: int = 20, warmup: int = 3) -> dict:
+def bench_dpo(tmp: str, steps: int = 20, rounds: int = 2, warmup: int = 3) -> dict:
+    """{(method, objective): means over `rounds` in which SFT and DPO take turns (one pair of runs swings by 10-15%
+    on a small shared machine), plus each round's DPO / SFT tokens/s under "round_ratios"."""
     saved = os.environ.get("MALLOC_MMAP_THRESHOLD_")
     os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"  # freed tensors leave the process (see bench/peak.py)
     try:
-        out = {}
+        runs: dict = {}
         for method in ("full", "lora"):
-            for objective in ("sft", "dpo"):
-                spec = dpo_spec(os.path.join(tmp, f"dpo-{method}-{objective}"), warmup + steps, objective, method)
-                ranks = spawn(_run, spec.model_dump(mode="json"), warmup, steps)
-                out[(method, objective)] = {
-                    "tps": sum(r["tokens"] for r in ranks) / max(r["seconds"] for r in ranks),
-                    "peak": max(r["peak"] for r in ranks), "reference_s": max(r["reference_s"] for r in ranks),
-                    "epoch_s": max(r["epoch_s"] for r in ranks)}
+            for i in range(rounds):
+                for objective in ("sft", "dpo"):
+                    spec = dpo_spec(os.path.join(tmp, f"dpo-{method}-{objective}-{i}"), warmup + steps, objective,
+                                    method)
+                    ranks = spawn(_run, spec.model_dump(mode="json"), warmup, steps)
+                    runs.setdefault((method, objective), []).append({
+                        "tps": sum(r["tokens"] for r in ranks) / max(r["seconds"] for r in ranks),
+                        "peak": max(r["peak"] for r in ranks), "reference_s": max(r["reference_s"] for r in ranks),
+                        "epoch_s": max(r["epoch_s"] for r in ranks)})
+        out: dict = {key: {k: statistics.mean(r[k] for r in rs) for k in rs[0]} for key, rs in runs.items()}
+        out["round_ratios"] = {m: [d["tps"] / s["tps"] for s, d in zip(runs[(m, "sft")], runs[(m, "dpo")])]
+                               for m in ("full", "lora")}
     finally:
         if saved is None:
             os.environ.pop("MALLOC_MMAP_THRESHOLD_")
