@@ -80,8 +80,8 @@ def main(args: argparse.Namespace) -> int:
             (fs, fd), (ls, ld) = (d[("full", "sft")], d[("full", "dpo")]), (d[("lora", "sft")], d[("lora", "dpo")])
             each = {m: ", ".join(f"{r:.3f}" for r in d["round_ratios"][m]) for m in ("full", "lora")}
             lines.append(f"| DPO training tokens/s, full, reference precomputed, 2 workers ZeRO-2 (mean of "
-                         f"{args.rounds} alternating rounds: {each['full']}) | {fd['tps']:.0f} | {fs['tps']:.0f} (SFT on "
-                         f"the same sequences) | {fd['tps'] / fs['tps']:.3f} | >= 0.95 |")
+                         f"{args.rounds} alternating rounds: {each['full']}) | {fd['tps']:.0f} | {fs['tps']:.0f} "
+                         f"(SFT on the same sequences) | {fd['tps'] / fs['tps']:.3f} | >= 0.95 |")
             lines.append(f"| the one-off reference pass / one training epoch | {fd['reference_s']:.2f} s | "
                          f"{fd['epoch_s']:.2f} s | {fd['reference_s'] / fd['epoch_s']:.3f} | |")
             lines.append(f"| DPO training tokens/s, LoRA, reference = adapters off (rounds: {each['lora']}) | "

@@ -13,13 +13,13 @@ import os
 import statistics
 import time
 
-from ftdist.bench.common import bench_spec, engine_for, spawn, task
-from ftdist.bench.peak import proc_status, reset_peak_rss
+from ftdist.bench.common import WORLD, bench_spec, engine_for, spawn, task
+from ftdist.bench.peak import freed_memory_leaves_process, proc_status, reset_peak_rss
 from ftdist.spec import JobSpec, spec_from_dict, with_overrides
 from ftdist.train.data import ShardedLoader
 from ftdist.train.locations import load_tokenizer
 from ftdist.train.objectives import objective_for, splits_for
-from ftdist.train.objectives.reference import score
+from ftdist.train.objectives.reference import score, set_references
 
 MICRO_PAIRS = 8
 
@@ -29,10 +29,10 @@ def dpo_spec(storage: str, steps: int, objective: str, method: str) -> JobSpec:
     base = bench_spec(storage, steps)
     if objective == "dpo":
         over = {"objective": "dpo", "data.train": files.pairs, "optim.micro_batch_size": MICRO_PAIRS,
-                "optim.global_batch_size": MICRO_PAIRS * 2 * 2}
+                "optim.global_batch_size": MICRO_PAIRS * WORLD * 2}
     else:
         over = {"data.train": files.pair_sequences, "optim.micro_batch_size": 2 * MICRO_PAIRS,
-                "optim.global_batch_size": 2 * MICRO_PAIRS * 2 * 2}
+                "optim.global_batch_size": 2 * MICRO_PAIRS * WORLD * 2}
     if method == "lora":
         over["method"] = "lora"
     return with_overrides(base, {**over, "data.shuffle": False})  # in file order: SFT's rows are the pairs' sides
@@ -50,14 +50,13 @@ def _run(rank: int, spec_json: dict, warmup: int, steps: int) -> dict:
     def to_device(batch):
         return {k: v.to(engine.device) for k, v in objective.collate(batch, tok.pad_token_id).items()}
 
-    loader = ShardedLoader.for_job(spec, splits.train, rank, 2)
+    loader = ShardedLoader.for_job(spec, splits.train, rank, WORLD)
     reference_s = 0.0
     if objective.precomputes_reference:
         t0 = time.perf_counter()
-        refs = score(objective, engine, splits.train, spec.optim.micro_batch_size, rank, 2, to_device)
+        refs = score(objective, engine, splits.train, spec.optim.micro_batch_size, rank, WORLD, to_device)
         reference_s = time.perf_counter() - t0
-        for e, (c, r) in zip(splits.train, refs.tolist()):
-            e.reference = (c, r)
+        set_references(splits.train, refs.tolist())
     it = loader.micro_batches(0)
     tokens, t0 = 0, 0.0
     for step in range(warmup + steps):
@@ -78,10 +77,8 @@ def _run(rank: int, spec_json: dict, warmup: int, steps: int) -> dict:
 def bench_dpo(tmp: str, steps: int = 20, rounds: int = 2, warmup: int = 3) -> dict:
     """{(method, objective): means over `rounds` in which SFT and DPO take turns (one pair of runs swings by 10-15%
     on a small shared machine), plus each round's DPO / SFT tokens/s under "round_ratios"."""
-    saved = os.environ.get("MALLOC_MMAP_THRESHOLD_")
-    os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"  # freed tensors leave the process (see bench/peak.py)
-    try:
-        runs: dict = {}
+    runs: dict = {}
+    with freed_memory_leaves_process():
         for method in ("full", "lora"):
             for i in range(rounds):
                 for objective in ("sft", "dpo"):
@@ -92,12 +89,7 @@ def bench_dpo(tmp: str, steps: int = 20, rounds: int = 2, warmup: int = 3) -> di
                         "tps": sum(r["tokens"] for r in ranks) / max(r["seconds"] for r in ranks),
                         "peak": max(r["peak"] for r in ranks), "reference_s": max(r["reference_s"] for r in ranks),
                         "epoch_s": max(r["epoch_s"] for r in ranks)})
-        out: dict = {key: {k: statistics.mean(r[k] for r in rs) for k in rs[0]} for key, rs in runs.items()}
-        out["round_ratios"] = {m: [d["tps"] / s["tps"] for s, d in zip(runs[(m, "sft")], runs[(m, "dpo")])]
-                               for m in ("full", "lora")}
-    finally:
-        if saved is None:
-            os.environ.pop("MALLOC_MMAP_THRESHOLD_")
-        else:
-            os.environ["MALLOC_MMAP_THRESHOLD_"] = saved
+    out: dict = {key: {k: statistics.mean(r[k] for r in rs) for k in rs[0]} for key, rs in runs.items()}
+    out["round_ratios"] = {m: [d["tps"] / s["tps"] for s, d in zip(runs[(m, "sft")], runs[(m, "dpo")])]
+                           for m in ("full", "lora")}
     return out

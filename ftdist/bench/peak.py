@@ -14,9 +14,10 @@ stage), so the grid costs one start-up."""
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -72,6 +73,21 @@ def proc_status(key: str) -> int:
     raise KeyError(key)
 
 
+@contextlib.contextmanager
+def freed_memory_leaves_process() -> Iterator[None]:
+    """Processes spawned inside serve every allocation of 64 KiB or more with mmap (glibc reads
+    MALLOC_MMAP_THRESHOLD_ at start), so a freed tensor leaves the process and resident memory is what is alive."""
+    saved = os.environ.get("MALLOC_MMAP_THRESHOLD_")
+    os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("MALLOC_MMAP_THRESHOLD_")
+        else:
+            os.environ["MALLOC_MMAP_THRESHOLD_"] = saved
+
+
 def reset_peak_rss() -> None:
     with open("/proc/self/clear_refs", "w") as fh:  # "5": reset the peak resident set size (VmHWM) to now
         fh.write("5")
@@ -119,15 +135,8 @@ def _measure_one(rank: int, spec_json: dict) -> dict:
 
 def bench_peak(tmp: str) -> list[dict[str, Any]]:
     specs = [(label, peak_spec(os.path.join(tmp, "peak"), over)) for label, over in GRID]
-    saved = os.environ.get("MALLOC_MMAP_THRESHOLD_")
-    os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"  # read by glibc at the start of the spawned ranks
-    try:
+    with freed_memory_leaves_process():
         ranks = spawn(_measure, [s.model_dump(mode="json") for _, s in specs])
-    finally:
-        if saved is None:
-            os.environ.pop("MALLOC_MMAP_THRESHOLD_")
-        else:
-            os.environ["MALLOC_MMAP_THRESHOLD_"] = saved
     rows = []
     for i, (label, spec) in enumerate(specs):
         measured = {k: max(r["settings"][i][k] for r in ranks) for k in ("model_states", "peak")}

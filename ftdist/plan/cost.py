@@ -51,7 +51,7 @@ def executed_flops_per_token(spec: JobSpec, shape: ModelShape, method: str, grad
         total = 3 * (shape.layers * layer_fwd + head_fwd)
     if gradient_checkpointing:
         total += shape.layers * layer_fwd
-    if spec.objective == "dpo" and method == "lora" and spec.dpo.loss_type != "simpo":
+    if spec.objective == "dpo" and method == "lora" and spec.dpo.uses_reference:
         total += shape.layers * layer_fwd + head_fwd
     return float(total)
 

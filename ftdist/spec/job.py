@@ -355,6 +355,11 @@ class DpoSpec(FrozenSpec):
     """Adds this weight x the chosen completions' next-token loss (RPO; TRL's loss_type [sigmoid, sft]): keeps DPO
     from lowering the likelihood of what SFT taught along with the rejected completions."""
 
+    @property
+    def uses_reference(self) -> bool:
+        """SimPO is reference-free; DPO and IPO compare with the reference model's log-probabilities."""
+        return self.loss_type != "simpo"
+
 
 METHOD_SECTIONS = ("lora", "freeze")
 """Methods with a settings section of the same name."""

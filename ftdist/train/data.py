@@ -124,8 +124,7 @@ class Example:
 
     @property
     def has_target(self) -> bool:
-        """Some token after the first carries loss (the first is never predicted)."""
-        return any(x != IGNORE_INDEX for x in self.labels[1:])
+        return has_target(self.labels)
 
 
 @dataclass
@@ -152,6 +151,20 @@ class RowError(Exception):
     pass
 
 
+def json_object(row: Any) -> dict:
+    """A row as read (a JSONL line, a Parquet/datasets record) that must be an object to be encoded."""
+    if isinstance(row, _BadJson):
+        raise RowError(f"invalid JSON: {row.msg}")
+    if not isinstance(row, dict):
+        raise RowError("row is not a JSON object")
+    return row
+
+
+def has_target(labels: list[int]) -> bool:
+    """Some token after the first carries loss (the first is never predicted)."""
+    return any(x != IGNORE_INDEX for x in labels[1:])
+
+
 def _field(row: dict, name: str, kind: type) -> Any:
     if name not in row:
         raise RowError(f"missing field {name!r}")
@@ -176,22 +189,19 @@ class Tokenize:
         if spec.format == "chat":
             _check_template(tokenizer, "data.chat_template" if spec.chat_template else "the tokenizer's chat_template")
 
-    def _enc(self, text: str) -> list[int]:
+    def encode(self, text: str) -> list[int]:
         return self.tok(text, add_special_tokens=False)["input_ids"]
 
     def __call__(self, row: Any) -> Example:
-        if isinstance(row, _BadJson):
-            raise RowError(f"invalid JSON: {row.msg}")
-        if not isinstance(row, dict):
-            raise RowError("row is not a JSON object")
+        row = json_object(row)
         s = self.spec
         if s.format == "text":
-            ids = self.bos + self._enc(_field(row, s.text_field, str)) + self.eos
+            ids = self.bos + self.encode(_field(row, s.text_field, str)) + self.eos
             return Example(ids, list(ids))
         if s.format == "prompt_completion":
             # Tokenize the two parts apart so the boundary is exact (no BPE merge across it).
-            p = self.bos + self._enc(_field(row, s.prompt_field, str))
-            c = self._enc(_field(row, s.completion_field, str))
+            p = self.bos + self.encode(_field(row, s.prompt_field, str))
+            c = self.encode(_field(row, s.completion_field, str))
             if not c:  # checked before EOS goes on: an empty completion would train on EOS alone
                 raise RowError(f"field {s.completion_field!r} is empty")
             c += self.eos
@@ -199,7 +209,7 @@ class Tokenize:
             return Example(p + c, mask_p + c)
         return self._chat(_field(row, s.messages_field, list))
 
-    def _render(self, messages: list, gen_prompt: bool) -> list[int]:
+    def render(self, messages: list, gen_prompt: bool) -> list[int]:
         try:
             out = self.tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=gen_prompt)
         except Exception as e:  # noqa: BLE001  (templates raise jinja2 errors, ValueError, ...) a row's problem
@@ -226,12 +236,12 @@ class Tokenize:
         # generation prompt) carry loss; everything else is masked when completion_only_loss is on.
         for i, m in enumerate(messages):
             if m["role"] == "assistant":
-                head = self._render(messages[:i], gen_prompt=True) if i else []
+                head = self.render(messages[:i], gen_prompt=True) if i else []
                 if head[: len(ids)] != ids:
                     raise RowError("chat template is not prefix-stable; cannot locate assistant tokens")
                 labels += [IGNORE_INDEX] * (len(head) - len(ids)) if self.spec.loss_on_completion_only else head[len(ids):]
                 ids = head
-            full = self._render(messages[: i + 1], gen_prompt=False)
+            full = self.render(messages[: i + 1], gen_prompt=False)
             if full[: len(ids)] != ids:
                 raise RowError("chat template is not prefix-stable; cannot locate assistant tokens")
             new = full[len(ids):]

@@ -198,8 +198,9 @@ def train_fn_per_worker(config: dict) -> None:
     log_every = spec.logging.every_n_steps
     ck_every = spec.checkpoint.every_n_steps
     ev_every = spec.eval.every_n_steps
-    window = torch.zeros(3, dtype=torch.float64, device=device)  # [loss sum, micro steps, tokens]
-    objective_window: torch.Tensor | None = None  # the objective's metric sums over the window
+    # Summed over the log window: [loss sum, micro steps, tokens] + the objective's metric sums (one all-reduce).
+    window: torch.Tensor | None = None
+    one = torch.ones((), dtype=torch.float64, device=device)
     window_t0 = time.perf_counter()
     window_steps = 0
     batches = loader.micro_batches(start_step)
@@ -221,9 +222,9 @@ def train_fn_per_worker(config: dict) -> None:
             loss, sums = objective.forward(engine, b)
             engine.backward(loss)
             engine.step()
-            objective_window = sums if objective_window is None else objective_window + sums
-            window += torch.stack([loss.detach().double(), torch.ones((), dtype=torch.float64, device=device),
-                                   objective.tokens(b).double()])
+            counts = torch.stack([loss.detach().double(), one, objective.tokens(b).double()])
+            micro = torch.cat([counts, sums])
+            window = micro if window is None else window + micro
         window_steps += 1
         if step == start_step:
             window[0].item()  # the first step's work is done (GPU: waits for the device)
@@ -238,8 +239,8 @@ def train_fn_per_worker(config: dict) -> None:
             continue
         # Same decision on every rank (it depends on the step only): report() stays a barrier in lockstep.
         dist.all_reduce(window)
-        dist.all_reduce(objective_window)
-        loss_sum, micro_steps, tokens = window.tolist()  # waits for the device, so the window's time covers its work
+        totals = window.tolist()  # waits for the device, so the window's time covers its work
+        loss_sum, micro_steps, tokens = totals[:3]
         elapsed = time.perf_counter() - window_t0
         gn = engine.get_global_grad_norm()
         metrics = {
@@ -251,7 +252,7 @@ def train_fn_per_worker(config: dict) -> None:
             "step_time_s": elapsed / window_steps,
             "epoch": done / loader.steps_per_epoch,
             "train_time_s": time.perf_counter() - loop_t0,
-            **objective.train_metrics_from(objective_window.tolist()),
+            **objective.train_metrics_from(totals[3:]),
         }
         if startup is not None:
             metrics[STARTUP_KEY], startup = startup, None
@@ -267,8 +268,7 @@ def train_fn_per_worker(config: dict) -> None:
             ckpt_io.save(engine, state, tokenizer)
         else:
             ray.train.report(metrics)
-        window.zero_()
-        objective_window = None
+        window = None
         window_steps = 0
         window_t0 = time.perf_counter()
 

@@ -13,9 +13,9 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from ftdist.train.data import IGNORE_INDEX, RowError, Tokenize, _BadJson
+from ftdist.train.data import IGNORE_INDEX, RowError, Tokenize, has_target, json_object
 from ftdist.train.objectives.base import Objective
-from ftdist.train.objectives.preference_loss import REFERENCE_FREE, completion_logps, preference_loss
+from ftdist.train.objectives.preference_loss import completion_logps, preference_loss
 
 PAIR_FIELDS = ("prompt", "chosen", "rejected")
 
@@ -44,7 +44,7 @@ class PairExample:
     @property
     def has_target(self) -> bool:
         """Both completions keep a token after truncation (a pair with one side empty compares nothing)."""
-        return all(any(x != IGNORE_INDEX for x in labels[1:]) for labels in (self.chosen_labels, self.rejected_labels))
+        return has_target(self.chosen_labels) and has_target(self.rejected_labels)
 
 
 class PairEncoder:
@@ -55,10 +55,7 @@ class PairEncoder:
         self.tok, self.t = tokenizer, tokenize
 
     def __call__(self, row: Any) -> PairExample:
-        if isinstance(row, _BadJson):
-            raise RowError(f"invalid JSON: {row.msg}")
-        if not isinstance(row, dict):
-            raise RowError("row is not a JSON object")
+        row = json_object(row)
         for name in PAIR_FIELDS:
             if name not in row:
                 raise RowError(f"missing field {name!r} (preference rows have {', '.join(PAIR_FIELDS)})")
@@ -66,8 +63,8 @@ class PairEncoder:
         if chosen == rejected:
             raise RowError("chosen and rejected are identical (the pair prefers nothing)")
         if all(isinstance(v, str) for v in (prompt, chosen, rejected)):
-            head = self.t.bos + self.t._enc(prompt)
-            sides = [self.t._enc(c) + self.t.eos for c in (chosen, rejected)]
+            head = self.t.bos + self.t.encode(prompt)
+            sides = [self.t.encode(c) + self.t.eos for c in (chosen, rejected)]
             if not all(len(s) > len(self.t.eos) for s in sides):
                 raise RowError("chosen or rejected is empty")
             (c, r) = ([*head, *s] for s in sides)
@@ -79,10 +76,10 @@ class PairEncoder:
     def _conversation(self, prompt: list, chosen: list, rejected: list) -> PairExample:
         if not getattr(self.tok, "chat_template", None):
             raise RowError("message lists need a chat template: the tokenizer has none; set data.chat_template")
-        head = self.t._render(prompt, gen_prompt=True)
+        head = self.t.render(prompt, gen_prompt=True)
         out = []
         for side in (chosen, rejected):
-            ids = self.t._render(prompt + side, gen_prompt=False)
+            ids = self.t.render(prompt + side, gen_prompt=False)
             if ids[: len(head)] != head:
                 raise RowError("chat template is not prefix-stable; cannot locate the completion's tokens")
             out.append((ids, _masked(len(head), ids)))
@@ -113,13 +110,9 @@ class DPO(Objective):
     name = "dpo"
 
     @property
-    def needs_reference(self) -> bool:
-        return self.spec.dpo.loss_type not in REFERENCE_FREE
-
-    @property
     def precomputes_reference(self) -> bool:
         """Full and freeze keep no second model: the reference's log-probabilities are computed once up front."""
-        return self.needs_reference and self.spec.method != "lora"
+        return self.spec.dpo.uses_reference and self.spec.method != "lora"
 
     def encoder(self, tokenizer: Any) -> Callable[[Any], Any]:
         data = self.spec.data
@@ -130,9 +123,6 @@ class DPO(Objective):
     def collate(self, batch: list, pad_id: int) -> dict[str, torch.Tensor]:
         return collate_pairs(batch, pad_id)
 
-    def tokens(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return batch["attention_mask"].sum()
-
     def logps(self, model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Completion log-probabilities and token counts of every row of the batch [2B]."""
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
@@ -142,7 +132,7 @@ class DPO(Objective):
         d = self.spec.dpo
         logps, tokens = self.logps(engine, batch)
         reference = None
-        if self.needs_reference:
+        if d.uses_reference:
             reference = batch.get("reference")
             if reference is None:  # LoRA: the base model is the model with its adapters switched off
                 with torch.no_grad(), engine.module.disable_adapter():

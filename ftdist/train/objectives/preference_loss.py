@@ -24,7 +24,6 @@ import torch
 import torch.nn.functional as F
 
 LOSS_TYPES = ("sigmoid", "ipo", "simpo")
-REFERENCE_FREE = ("simpo",)
 
 
 @dataclass

@@ -75,6 +75,11 @@ def attach_reference(objective: Any, engine: Any, splits: dict[str, list], store
     else:
         say(f"[ftdist] reference log-probabilities: reused from the run folder ({REFERENCE_FILE})")
     for name, examples in splits.items():
-        for e, (c, r) in zip(examples, data[name]):
-            e.reference = (c, r)
+        set_references(examples, data[name])
     return ran
+
+
+def set_references(examples: list, scores: list) -> None:
+    """Give each pair its reference (chosen, rejected) log-probabilities, as `score` lists them."""
+    for e, (c, r) in zip(examples, scores):
+        e.reference = (c, r)

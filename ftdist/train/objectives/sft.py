@@ -20,9 +20,6 @@ class SFT(Objective):
     def collate(self, batch: list, pad_id: int) -> dict[str, torch.Tensor]:
         return collate(batch, pad_id)
 
-    def tokens(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return batch["attention_mask"].sum()
-
     def forward(self, engine: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         loss = engine(**batch).loss  # the mean over the batch's target tokens (transformers shifts the labels)
         n = (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
