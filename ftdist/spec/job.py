@@ -212,8 +212,6 @@ class DataSpec(FrozenSpec):
     def _checks(self) -> "DataSpec":
         if self.eval is not None and self.eval_fraction > 0:
             raise FieldError("eval_fraction", "set data.eval or data.eval_fraction, not both")
-        if self.format == "text" and self.completion_only_loss:
-            raise FieldError("completion_only_loss", "data.completion_only_loss needs format prompt_completion or chat")
         return self
 
     @property
@@ -361,9 +359,43 @@ class DpoSpec(FrozenSpec):
         return self.loss_type != "simpo"
 
 
+class RewardSpec(FrozenSpec):
+    """A reward model (`objective: reward`): a scalar head on the backbone trained with the Bradley-Terry loss on
+    preference rows (`chosen`, `rejected`, and an optional `prompt` put in front of both; an optional numeric
+    `margin` column is subtracted from the reward difference, as in Llama 2 and TRL)."""
+
+    center_rewards_coefficient: float = Field(0.0, ge=0.0)
+    """Adds this weight x the mean squared summed reward of each pair (Eisenstein et al., 2023; TRL's option of the
+    same name): keeps the rewards centred on zero, which the pairwise loss alone leaves free."""
+
+
+class ClassificationSpec(FrozenSpec):
+    """A classifier (`objective: classification`): a new head on the backbone, cross-entropy on rows with a text and
+    a label (`data.text_field`, and `label_field`; an optional second text for pair tasks such as NLI)."""
+
+    labels: Optional[list[str]] = None
+    """The label set, in id order (saved as the export's id2label). Default: the sorted distinct labels of
+    data.train (integer labels in numeric order)."""
+    label_field: str = "label"
+    text_pair_field: Optional[str] = None
+    """A second text per row (sentence-pair tasks), encoded as the tokenizer pairs two texts."""
+
+    @field_validator("labels")
+    @classmethod
+    def _labels(cls, v: Optional[list[str]]) -> Optional[list[str]]:
+        if v is None:
+            return v
+        if len(v) < 2:
+            raise ValueError("classification.labels needs at least two labels")
+        if len(set(v)) != len(v):
+            dup = next(x for x in v if v.count(x) > 1)
+            raise ValueError(f"classification.labels lists {dup!r} twice")
+        return v
+
+
 METHOD_SECTIONS = ("lora", "freeze")
 """Methods with a settings section of the same name."""
-OBJECTIVE_SECTIONS = ("dpo",)
+OBJECTIVE_SECTIONS = ("dpo", "reward", "classification")
 """Objectives with a settings section of the same name."""
 
 
@@ -373,9 +405,12 @@ class JobSpec(FrozenSpec):
     name: str
     model: ModelSpec
     data: DataSpec
-    objective: Literal["sft", "dpo"] = "sft"
-    """What the model learns: sft (next-token loss on the labelled tokens), dpo (preference pairs)."""
+    objective: Literal["sft", "dpo", "reward", "classification"] = "sft"
+    """What the model learns: sft (next-token loss on the labelled tokens), dpo (preference pairs), reward (a scalar
+    head scoring preference pairs), classification (a label head on texts)."""
     dpo: Optional[DpoSpec] = None
+    reward: Optional[RewardSpec] = None
+    classification: Optional[ClassificationSpec] = None
     method: Literal["full", "freeze", "lora"] = "full"
     lora: Optional[LoraSpec] = None
     freeze: Optional[FreezeSpec] = None
@@ -420,6 +455,19 @@ class JobSpec(FrozenSpec):
         if self.objective != "sft" and self.data.packing:
             raise FieldError("data.packing", f"data.packing concatenates documents for next-token training; objective "
                                              f"{self.objective} scores whole rows: remove data.packing")
+        if self.has_score_head and self.data.completion_only_loss:
+            raise FieldError("data.completion_only_loss", f"data.completion_only_loss selects next-token targets; "
+                                                          f"objective {self.objective} trains a head on whole rows: "
+                                                          "remove it")
+        if self.objective == "classification" and self.data.format != "text":
+            raise FieldError("data.format", "objective classification reads data.text_field and "
+                                            "classification.label_field of each row; remove data.format")
+        if self.has_score_head and self.method == "freeze" and not self.freeze.train_head:
+            raise FieldError("freeze.train_head", f"objective {self.objective} starts a new head from random "
+                                                  "weights: it must train (freeze.train_head: true)")
+        if self.data.format == "text" and self.data.completion_only_loss:
+            raise FieldError("data.completion_only_loss", "data.completion_only_loss needs format prompt_completion "
+                                                          "or chat")
         o, n = self.optim, self.resources.num_workers
         if o.global_batch_size % (o.micro_batch_size * n):
             raise FieldError("optim.global_batch_size",
@@ -451,6 +499,11 @@ class JobSpec(FrozenSpec):
     def run_dir(self) -> str:
         """<checkpoint.storage>/<name>: the run's (or sweep's) folder, local path or s3:// URI."""
         return f"{self.checkpoint.resolved_storage()}/{self.name}"
+
+    @property
+    def has_score_head(self) -> bool:
+        """The objective trains a new head on the backbone (AutoModelForSequenceClassification), not the LM head."""
+        return self.objective in ("reward", "classification")
 
     @property
     def has_eval(self) -> bool:

@@ -17,10 +17,16 @@ forwarding; no fork warnings from the Rust tokenizers in Ray workers."""
 # checkpoint.keep_best_by name one of these.
 TRAIN_METRICS = ("loss", "lr", "grad_norm", "tokens_per_s", "step_time_s", "epoch", "train_time_s")
 PREFERENCE_METRICS = ("rewards_chosen", "rewards_rejected", "reward_margin", "preference_accuracy")
-OBJECTIVE_TRAIN_METRICS = {"sft": (), "dpo": PREFERENCE_METRICS}
-"""What each objective reports at every log interval besides TRAIN_METRICS."""
+CLASSIFICATION_METRICS = ("accuracy",)
+OBJECTIVE_TRAIN_METRICS = {"sft": (), "dpo": PREFERENCE_METRICS, "reward": PREFERENCE_METRICS,
+                           "classification": CLASSIFICATION_METRICS}
+"""What each objective reports at every log interval besides TRAIN_METRICS (a reward model's rewards are its head's
+scores, a DPO policy's are beta x its log-ratios to the reference: the same names, so sweeps and dashboards read
+both alike)."""
 OBJECTIVE_EVAL_METRICS = {"sft": ("eval_loss", "eval_perplexity"),
-                          "dpo": ("eval_loss",) + tuple(f"eval_{m}" for m in PREFERENCE_METRICS)}
+                          "dpo": ("eval_loss",) + tuple(f"eval_{m}" for m in PREFERENCE_METRICS),
+                          "reward": ("eval_loss",) + tuple(f"eval_{m}" for m in PREFERENCE_METRICS),
+                          "classification": ("eval_loss", "eval_accuracy", "eval_macro_f1")}
 """What each objective reports at every evaluation."""
 EVAL_METRICS = tuple(dict.fromkeys(m for names in OBJECTIVE_EVAL_METRICS.values() for m in names))
 STARTUP_KEY = "startup"

@@ -28,6 +28,7 @@ from ftdist.spec import parse_size
 from ftdist.storage.cache import publish_dir
 from ftdist.storage.checkpoints import STEP_DIR, CheckpointStore
 from ftdist.train.contracts import STATE_FILE, TrainState
+from ftdist.train.heads import HeadLayout, stored_name
 from ftdist.train.locations import resolve_location
 
 Tensors = Iterator[tuple[str, Any]]
@@ -153,40 +154,61 @@ def _is_lora(name: str) -> bool:
     return ".lora_" in name
 
 
+SAVED_WHOLE = ".modules_to_save.default."
+"""peft's trained copy of a module the adapter carries whole (a new score head); `.original_module.` is the frozen
+original it replaced."""
+
+
+def _in_adapter(name: str) -> bool:
+    return _is_lora(name) or SAVED_WHOLE in name
+
+
+def _plain(name: str) -> str:
+    """A merged tensor's plain Hugging Face name."""
+    name = name[len(PEFT_PREFIX):] if name.startswith(PEFT_PREFIX) else name
+    return name.replace(SAVED_WHOLE, ".").replace(".base_layer.", ".")
+
+
 def merged_lora(read: Callable[..., Tensors], adapter_cfg: dict) -> Tensors:
     """Fold LoRA into the base weights, W' = W + scale * B @ A, under plain HF names. The adapter tensors (small)
     are read first; then base weights stream by one at a time."""
     scale = lora_scale(adapter_cfg)
     fan_in_fan_out = adapter_cfg.get("fan_in_fan_out", False)
     lora = dict(read(want=_is_lora))
-    for name, t in read(want=lambda n: not _is_lora(n)):
+    for name, t in read(want=lambda n: not _is_lora(n) and ".original_module." not in n):
         if name.endswith(".base_layer.weight"):
             mod = name[: -len(".base_layer.weight")]
             a, b = lora.get(f"{mod}.lora_A.default.weight"), lora.get(f"{mod}.lora_B.default.weight")
             if a is not None and b is not None:
                 delta = (b.float() @ a.float()) * scale
                 t = (t.float() + (delta.T if fan_in_fan_out else delta)).to(t.dtype)
-        name = name[len(PEFT_PREFIX):] if name.startswith(PEFT_PREFIX) else name
-        yield name.replace(".base_layer.", "."), t
+        yield _plain(name), t
 
 
 def adapter_only(stream: Tensors, alpha: Optional[float] = None) -> Tensors:
-    """peft's adapter_model.safetensors naming (no adapter name); WiSE-FT on an adapter scales B by alpha
-    (W + alpha * scale * B @ A is exactly the interpolation between base and merged weights)."""
+    """peft's adapter_model.safetensors naming (no adapter name; a module saved whole under its own name); WiSE-FT
+    on an adapter scales B by alpha (W + alpha * scale * B @ A is exactly the interpolation between base and
+    merged weights; a new head, which the base does not have, stays as trained)."""
     for name, t in stream:
-        out = name.replace(".default.", ".")
+        out = name.replace(SAVED_WHOLE, ".").replace(".default.", ".")
         if alpha is not None and ".lora_B." in name:
             t = (t.float() * alpha).to(t.dtype)
         yield out, t
 
 
-def interpolated(stream: Tensors, base: "BaseWeights", alpha: float) -> Tensors:
-    """WiSE-FT (Wortsman et al., 2022): theta = (1 - alpha) * theta_base + alpha * theta_finetuned."""
+def interpolated(stream: Tensors, base: "BaseWeights", alpha: float, layout: HeadLayout = HeadLayout()) -> Tensors:
+    """WiSE-FT (Wortsman et al., 2022): theta = (1 - alpha) * theta_base + alpha * theta_finetuned. A head trained
+    from scratch has no base to move toward and stays as trained (the backbone is interpolated)."""
     for name, t in stream:
         if not t.is_floating_point():
             yield name, t
             continue
-        b = base.get(name)
+        b = base.get(name, layout.backbone)
+        if b is None and layout.in_head(name):
+            yield name, t
+            continue
+        if b is None:
+            raise KeyError(f"base model has no tensor {name}; is it the model this job fine-tuned?")
         yield name, ((1 - alpha) * b.float() + alpha * t.float()).to(t.dtype)
 
 
@@ -205,11 +227,10 @@ class BaseWeights:
         self.handles = [safe_open(f, framework="pt") for f in files]
         self.where = {k: h for h in self.handles for k in h.keys()}
 
-    def get(self, name: str) -> Any:
-        h = self.where.get(name)
-        if h is None:
-            raise KeyError(f"base model has no tensor {name}; is it the model this job fine-tuned?")
-        return h.get_tensor(name)
+    def get(self, name: str, backbone: Optional[str] = None) -> Any:
+        """The base's tensor of that name (stored with or without the backbone's prefix), or None."""
+        key = stored_name(name, self.where, backbone) if backbone else (name if name in self.where else None)
+        return None if key is None else self.where[key].get_tensor(key)
 
 
 # --- the command ----------------------------------------------------------------------------------------------------
@@ -290,14 +311,17 @@ def export_checkpoint(ckpt_uri: str, dest: str, *, interpolate: Optional[float] 
             w.close()
             meta_files(out, adapter)
 
+        layout = HeadLayout.of(hf_dir, config)
+
         def weights(stream: Tensors) -> Tensors:
             if interpolate is not None:
-                stream = interpolated(stream, base, interpolate)
+                stream = interpolated(stream, base, interpolate, layout)
             return cast(stream, dtype)
 
         read = lambda want: iter_checkpoint_tensors(local, tag, manifest.zero_stage, want)  # noqa: E731
         if manifest.method == "lora":
-            write(adapter_only(read(_is_lora), interpolate), os.path.join(staging, "adapter"), "adapter_model", True)
+            write(adapter_only(read(_in_adapter), interpolate), os.path.join(staging, "adapter"), "adapter_model",
+                  True)
             written["adapter"] = "adapter"
             if merged if merged is not None else manifest.merge_on_export:
                 with open(os.path.join(hf_dir, "adapter_config.json")) as fh:

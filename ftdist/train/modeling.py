@@ -3,35 +3,44 @@ method is a model transform here plus an export policy in export.py."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import struct
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import deepspeed
 import torch
 import torch.distributed as dist
 from peft import LoraConfig, get_peft_model
 from safetensors import safe_open
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 from transformers import initialization as hf_init
 from transformers.integrations import HfDeepSpeedConfig
 from transformers.modeling_utils import prevent_arange_dtype_change
 
 from ftdist.errors import SpecError
 from ftdist.spec import JobSpec, ModelSpec
+from ftdist.train.heads import ScoreHead, head_modules, init_new, initializer_range, new_value, stored_name
 
 TORCH_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 
-def load_model(spec: ModelSpec, local_path: Optional[str], ds_config: Optional[dict]) -> Any:
-    """Build the model. Under ZeRO-3 an HfDeepSpeedConfig is alive during construction so transformers wraps it in
-    deepspeed.zero.Init: each rank materialises only its partition, never the whole model."""
+def load_model(spec: ModelSpec, local_path: Optional[str], ds_config: Optional[dict],
+               head: Optional[ScoreHead] = None, seed: int = 0) -> Any:
+    """Build the model: a causal LM, or with `head` the backbone under a new sequence-level head
+    (AutoModelForSequenceClassification; the parameters the checkpoint lacks start as heads.py says, from `seed`).
+    Under ZeRO-3 an HfDeepSpeedConfig is alive during construction so transformers wraps it in deepspeed.zero.Init:
+    each rank materialises only its partition, never the whole model."""
     dtype = getattr(torch, TORCH_DTYPES[spec.dtype])
     common = dict(dtype=dtype, attn_implementation=spec.attn_implementation)
+    auto = AutoModelForSequenceClassification if head else AutoModelForCausalLM
+    head_kwargs = head.config_kwargs() if head else {}
     zero3 = bool(ds_config) and ds_config["zero_optimization"]["stage"] == 3
     if zero3 and spec.from_config is None and _safetensors_index(local_path):
-        model = _load_zero3_partitioned(spec, local_path, common, ds_config)  # wraps construction in zero.Init
+        # wraps construction in zero.Init
+        model = _load_zero3_partitioned(spec, local_path, common, ds_config, auto, head_kwargs, seed)
         return _finish(model, spec)
     keep_alive = None
     if zero3:
@@ -40,21 +49,57 @@ def load_model(spec: ModelSpec, local_path: Optional[str], ds_config: Optional[d
         cfg_kwargs = dict(spec.from_config)
         model_type = cfg_kwargs.pop("model_type")
         try:
-            config = AutoConfig.for_model(model_type, **cfg_kwargs)
+            config = AutoConfig.for_model(model_type, **cfg_kwargs, **head_kwargs)
         except (ValueError, TypeError) as e:
             raise SpecError(f"model.from_config: {e}") from None
         torch.manual_seed(0)  # same initial weights on every rank and every run
-        model = AutoModelForCausalLM.from_config(config, **common)
+        model = auto.from_config(config, **common)
     else:
-        model = AutoModelForCausalLM.from_pretrained(
-            local_path, trust_remote_code=spec.trust_remote_code, **common
-        )
+        # A checkpoint whose head has other labels (a classifier fine-tuned before) gets a new head, as one without.
+        # transformers' load report would list the head (and a causal LM's unused lm_head) on every rank: the
+        # worker's model line says it once.
+        with _quiet("transformers.modeling_utils", enabled=bool(head)):
+            model, info = auto.from_pretrained(local_path, trust_remote_code=spec.trust_remote_code,
+                                               output_loading_info=True, ignore_mismatched_sizes=bool(head),
+                                               **common, **head_kwargs)
+        if head:
+            _start_new(model, set(info["missing_keys"]) | {_key(k) for k in info["mismatched_keys"]}, seed)
     del keep_alive
     return _finish(model, spec)
 
 
+@contextlib.contextmanager
+def _quiet(logger: str, enabled: bool) -> Iterator[None]:
+    log = logging.getLogger(logger)
+    level = log.level
+    if enabled:
+        log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
+def _key(mismatch: Any) -> str:
+    """A mismatched key as transformers reports it: the name, or (name, checkpoint shape, model shape)."""
+    return mismatch if isinstance(mismatch, str) else mismatch[0]
+
+
+def _start_new(model: Any, names: set[str], seed: int) -> None:
+    """Seeded starting values for the parameters the checkpoint lacked (gathered first if ZeRO-3 partitioned
+    them, then re-partitioned from rank 0's values)."""
+    params = [p for n, p in model.named_parameters() if n in names]
+    if params and hasattr(params[0], "ds_id"):
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
+            init_new(model, names, seed)
+    else:
+        init_new(model, names, seed)
+
+
 def _finish(model: Any, spec: ModelSpec) -> Any:
     """Settings applied to a freshly built model, whatever path built it."""
+    # What the export's config.json says the model is (a causal LM checkpoint under a new head is no longer one).
+    model.config.architectures = [type(model).__name__]
     if spec.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
@@ -87,42 +132,54 @@ def _st_header(file: str) -> tuple[dict, int]:
         return json.loads(fh.read(n)), 8 + n
 
 
-def _load_zero3_partitioned(spec: ModelSpec, path: str, common: dict, ds_config: dict) -> Any:
+def _load_zero3_partitioned(spec: ModelSpec, path: str, common: dict, ds_config: dict, auto: Any,
+                            head_kwargs: dict, seed: int) -> Any:
     """ZeRO-3 load in which each rank reads only its own slice of every tensor from the safetensors files.
 
     The model is built inside zero.Init without weight init (each rank allocates only its 1/N flat partition),
     then each rank preads the contiguous byte range of its partition [rank * part, (rank + 1) * part) of every
     parameter (a row-major tensor's flat range is one contiguous run of bytes in the file). No rank reads or
     holds a whole tensor, let alone the whole model; peak memory is the partition plus one slice. transformers'
-    own ZeRO-3 path initialises every module by gathering it and then reads full tensors on every rank."""
+    own ZeRO-3 path initialises every module by gathering it and then reads full tensors on every rank.
+    Under a new head (`head_kwargs`), the parameters the checkpoint lacks (or holds in another shape) take their
+    slice of the seeded starting value heads.py gives every rank alike."""
     index = _safetensors_index(path)
-    config = AutoConfig.from_pretrained(path, trust_remote_code=spec.trust_remote_code)
+    config = AutoConfig.from_pretrained(path, trust_remote_code=spec.trust_remote_code, **head_kwargs)
     with hf_init.no_init_weights(), prevent_arange_dtype_change(), deepspeed.zero.Init(config_dict_or_path=ds_config):
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=spec.trust_remote_code, **common)
+        model = auto.from_config(config, trust_remote_code=spec.trust_remote_code, **common)
     params = dict(model.named_parameters())
-    missing = [n for n in params if n not in index]
-    if missing:
-        raise SpecError(f"model: {path}: checkpoint has no tensor {missing[0]!r} ({len(missing)} missing); "
-                        "is model.name_or_path the right architecture?")
     rank = dist.get_rank() if dist.is_initialized() else 0
-    headers = {f: _st_header(f) for f in set(index[n] for n in params)}
+    headers = {f: _st_header(f) for f in set(index.values())}
+    backbone = getattr(model, "base_model_prefix", "model")
+    where = {n: stored_name(n, index, backbone) for n in params}
+    new = {n for n, key in where.items()
+           if key is None or headers[index[key]][0][key]["shape"] != list(params[n].ds_shape)}
+    if new and not head_kwargs:
+        first = sorted(new)[0]
+        raise SpecError(f"model: {path}: checkpoint has no tensor {first!r} of its shape ({len(new)} missing); "
+                        "is model.name_or_path the right architecture?")
+    std = initializer_range(model)
     handles = {f: os.open(f, os.O_RDONLY) for f in headers}
     try:
         for name, p in params.items():
-            header, data_start = headers[index[name]]
-            meta = header[name]
-            src_dtype = getattr(torch, _ST_DTYPES[meta["dtype"]])
-            es = torch.empty((), dtype=src_dtype).element_size()
             part = p.ds_tensor  # [ceil(numel / world)] this rank's flat partition
             size = part.numel()
             start, end = rank * size, min((rank + 1) * size, p.ds_numel)
             if start >= end:
                 continue
-            offset = data_start + meta["data_offsets"][0] + start * es
-            buf = bytearray((end - start) * es)
-            if os.preadv(handles[index[name]], [buf], offset) != len(buf):
-                raise SpecError(f"model: {index[name]}: truncated safetensors file (tensor {name})")
-            chunk = torch.frombuffer(buf, dtype=src_dtype)  # [end - start]
+            if name in new:
+                chunk = new_value(name, p.ds_shape, std, seed).reshape(-1)[start:end]
+            else:
+                key = where[name]
+                header, data_start = headers[index[key]]
+                meta = header[key]
+                src_dtype = getattr(torch, _ST_DTYPES[meta["dtype"]])
+                es = torch.empty((), dtype=src_dtype).element_size()
+                offset = data_start + meta["data_offsets"][0] + start * es
+                buf = bytearray((end - start) * es)
+                if os.preadv(handles[index[key]], [buf], offset) != len(buf):
+                    raise SpecError(f"model: {index[key]}: truncated safetensors file (tensor {key})")
+                chunk = torch.frombuffer(buf, dtype=src_dtype)  # [end - start]
             with torch.no_grad():
                 part.data[: end - start].copy_(chunk)
     finally:
@@ -178,7 +235,7 @@ def apply_kernels(model: Any, spec: JobSpec) -> Any:
 
 def apply_method(model: Any, spec: JobSpec) -> Any:
     """full: everything trains. freeze: embeddings and lower layers frozen, top N layers (+ head, final norm)
-    train. lora: peft adapters on the target modules, base frozen."""
+    train. lora: peft adapters on the target modules, base frozen (a new score head trains whole)."""
     if spec.method == "full":
         model.requires_grad_(True)
         return model
@@ -192,7 +249,10 @@ def apply_method(model: Any, spec: JobSpec) -> Any:
             layer.requires_grad_(True)
         if f.train_final_norm and (norm := _final_norm(model)) is not None:
             norm.requires_grad_(True)
-        if f.train_head and model.get_output_embeddings() is not None:
+        if f.train_head and spec.has_score_head:  # the new head: train_top_layers 0 makes a linear probe
+            for name in head_modules(model):
+                model.get_submodule(name).requires_grad_(True)
+        elif f.train_head and model.get_output_embeddings() is not None:
             # With tied embeddings this also trains the input embedding matrix (they are one tensor).
             model.get_output_embeddings().requires_grad_(True)
         return model
@@ -202,7 +262,9 @@ def apply_method(model: Any, spec: JobSpec) -> Any:
         lora_alpha=lo.alpha,
         lora_dropout=lo.dropout,
         target_modules=lo.target_modules,
-        task_type="CAUSAL_LM",
+        task_type="SEQ_CLS" if spec.has_score_head else "CAUSAL_LM",
+        # A new head has nothing to adapt: it trains whole, and the adapter carries it (peft's modules_to_save).
+        modules_to_save=head_modules(model) if spec.has_score_head else None,
         bias="none",
     )
     try:

@@ -118,7 +118,7 @@ def train_fn_per_worker(config: dict) -> None:
     tokenizer = load_tokenizer(tok_path, spec.model.trust_remote_code)
 
     objective = objective_for(spec)
-    splits = splits_for(spec, tokenizer)
+    splits = splits_for(spec, tokenizer, objective)
     loader = ShardedLoader.for_job(spec, splits.train, rank, world)
     n_steps = total_steps(spec, loader.steps_per_epoch)
     print0(rank, f"[ftdist] data: train {splits.stats.summary()}"
@@ -126,11 +126,15 @@ def train_fn_per_worker(config: dict) -> None:
                  + f"; {loader.steps_per_epoch} steps/epoch, {n_steps} steps")
     clock.mark("data")
 
-    model = apply_method(apply_kernels(load_model(spec.model, model_path, ds_cfg), spec), spec)
+    head = objective.score_head(tokenizer)
+    model = load_model(spec.model, model_path, ds_cfg, head, o.seed)
+    model = apply_method(apply_kernels(model, spec), spec)
     clock.mark("model")
     trainable, total = count_params(model)
     print0(rank, f"[ftdist] model: {total / 1e6:.2f}M params, {trainable / 1e6:.3f}M trainable "
-                 f"({spec.method}, ZeRO-{spec.zero.stage}, {world} workers, grad accum {spec.grad_accum})")
+                 f"({spec.method}, ZeRO-{spec.zero.stage}, {world} workers, grad accum {spec.grad_accum})"
+                 + ("" if head is None else "; new head: "
+                    + (f"labels {', '.join(head.labels)}" if head.labels else "one reward score")))
 
     if o.optimizer == "torch_adamw":
         optimizer, model_parameters = torch_adamw(model, spec), None

@@ -5,11 +5,12 @@ the method (full / freeze / LoRA) and the sharding (ZeRO, offload) stay orthogon
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 
 from ftdist.spec import JobSpec
+from ftdist.train.heads import ScoreHead
 
 
 class Objective(ABC):
@@ -25,6 +26,10 @@ class Objective(ABC):
     @abstractmethod
     def encoder(self, tokenizer: Any) -> Callable[[Any], Any]:
         """row -> example (raises data.RowError naming what is wrong with the row)."""
+
+    def score_head(self, tokenizer: Any) -> Optional[ScoreHead]:
+        """The new head this objective trains on the backbone; None: the causal LM as loaded (its LM head)."""
+        return None
 
     @abstractmethod
     def collate(self, batch: list, pad_id: int) -> dict[str, torch.Tensor]:

@@ -13,11 +13,10 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from ftdist.train.data import IGNORE_INDEX, RowError, Tokenize, has_target, json_object
+from ftdist.train.data import IGNORE_INDEX, RowError, Tokenize, has_target
 from ftdist.train.objectives.base import Objective
+from ftdist.train.objectives.pairs import pair_metrics, pair_sums, read_pair
 from ftdist.train.objectives.preference_loss import completion_logps, preference_loss
-
-PAIR_FIELDS = ("prompt", "chosen", "rejected")
 
 
 @dataclass
@@ -55,23 +54,15 @@ class PairEncoder:
         self.tok, self.t = tokenizer, tokenize
 
     def __call__(self, row: Any) -> PairExample:
-        row = json_object(row)
-        for name in PAIR_FIELDS:
-            if name not in row:
-                raise RowError(f"missing field {name!r} (preference rows have {', '.join(PAIR_FIELDS)})")
-        prompt, chosen, rejected = (row[n] for n in PAIR_FIELDS)
-        if chosen == rejected:
-            raise RowError("chosen and rejected are identical (the pair prefers nothing)")
-        if all(isinstance(v, str) for v in (prompt, chosen, rejected)):
+        prompt, chosen, rejected = read_pair(row, prompt_required=True)
+        if isinstance(chosen, str):
             head = self.t.bos + self.t.encode(prompt)
             sides = [self.t.encode(c) + self.t.eos for c in (chosen, rejected)]
             if not all(len(s) > len(self.t.eos) for s in sides):
                 raise RowError("chosen or rejected is empty")
             (c, r) = ([*head, *s] for s in sides)
             return PairExample(c, _masked(len(head), c), r, _masked(len(head), r))
-        if all(isinstance(v, list) for v in (prompt, chosen, rejected)):
-            return self._conversation(prompt, chosen, rejected)
-        raise RowError("prompt, chosen and rejected must all be strings, or all message lists")
+        return self._conversation(prompt, chosen, rejected)
 
     def _conversation(self, prompt: list, chosen: list, rejected: list) -> PairExample:
         if not getattr(self.tok, "chat_template", None):
@@ -143,22 +134,10 @@ class DPO(Objective):
                               None if reference is None else reference[b:], tokens[:b], tokens[b:],
                               label_smoothing=d.label_smoothing, simpo_gamma=d.simpo_gamma,
                               sft_weight=d.sft_weight)
-        loss = out.loss.mean()
-        sums = torch.stack([out.loss.detach().sum(), torch.tensor(float(b), device=loss.device),
-                            out.chosen_rewards.sum(), out.rejected_rewards.sum(),
-                            (out.chosen_rewards > out.rejected_rewards).sum()]).double()
-        return loss, sums
+        return out.loss.mean(), pair_sums(out.loss, out.chosen_rewards, out.rejected_rewards)
 
     def train_metrics_from(self, sums: list[float]) -> dict[str, float]:
-        return _pair_metrics(sums, "")
+        return pair_metrics(sums, "")
 
     def eval_metrics_from(self, sums: list[float]) -> dict[str, float]:
-        return _pair_metrics(sums, "eval_")
-
-
-def _pair_metrics(sums: list[float], prefix: str) -> dict[str, float]:
-    loss, pairs, chosen, rejected, right = sums
-    pairs = max(pairs, 1.0)
-    out = {"rewards_chosen": chosen / pairs, "rewards_rejected": rejected / pairs,
-           "reward_margin": (chosen - rejected) / pairs, "preference_accuracy": right / pairs}
-    return ({"eval_loss": loss / pairs} if prefix else {}) | {prefix + k: v for k, v in out.items()}
+        return pair_metrics(sums, "eval_")
