@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -105,6 +106,22 @@ def write_job(tmp_path):
         return p
 
     return _write
+
+
+@pytest.fixture
+def validate_refuses(tmp_path, write_job, capsys):
+    """`ftdist validate` on the tiny job with `change` (its sections): exit 2, one line matching the regex
+    `message`, nothing written."""
+    def check(change: dict, message: str) -> None:
+        from ftdist.cli import main
+
+        job = write_job(tiny_job_dict(str(tmp_path / "runs"), **change))
+        assert main(["validate", str(job)]) == 2
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and re.search(message, err), err
+        assert not (tmp_path / "runs").exists()
+
+    return check
 
 
 @pytest.fixture(scope="session")

@@ -40,7 +40,7 @@ def executed_flops_per_token(spec: JobSpec, shape: ModelShape, method: str, grad
     seq = spec.data.max_length
     attn = 4 * shape.heads * shape.head_dim * seq  # per layer, forward: scores and values
     layer_fwd = 2 * shape.layer_matmul_params() + attn
-    head_fwd = 2 * shape.hidden * shape.vocab
+    head_fwd = 2 * shape.hidden * shape.outputs
     if method == "lora":
         total = 2 * (shape.layers * layer_fwd + head_fwd) + 2 * shape.layers * attn  # attention's backward is 2x
     elif method == "freeze" and spec.freeze is not None:

@@ -160,7 +160,7 @@ def plan_memory(spec: JobSpec, shape: ModelShape, card: Gpu, world: int, gpus_pe
     plan.gpu.append(("optimizer states", 0 if s.offload_optimizer else int(optim)))
     seq, b = spec.data.max_length, s.micro_batch * sequences_per_row(spec)
     plan.gpu.append(("activations", int(activation_bytes(spec, shape, s))))
-    logits = 0 if spec.model.use_liger_kernel else b * seq * shape.vocab * (d + 4 + 4)
+    logits = 0 if spec.model.use_liger_kernel else b * seq * shape.outputs * (d + 4 + 4)
     plan.gpu.append(("logits and loss", int(logits)))
     plan.gpu.append((BUCKETS, int(_reduce_buckets(spec, s, trainable, d))))
     if s.stage == 3:
@@ -181,8 +181,19 @@ def plan_memory(spec: JobSpec, shape: ModelShape, card: Gpu, world: int, gpus_pe
 
 
 def sequences_per_row(spec: JobSpec) -> int:
-    """Sequences one row puts through the model: DPO's pair is a chosen and a rejected sequence in one forward."""
-    return 2 if spec.objective == "dpo" else 1
+    """Sequences one row puts through the model: a DPO or reward pair is a chosen and a rejected sequence in one
+    forward."""
+    return 2 if spec.objective in ("dpo", "reward") else 1
+
+
+def job_shape(spec: JobSpec, config: dict) -> ModelShape:
+    """The model's shape as the job trains it: under a reward or classification objective the LM head is replaced by
+    a score head (one output, or one per label; 2 labels assumed where they come from the data)."""
+    shape = ModelShape.from_config(config)
+    if not spec.has_score_head:
+        return shape
+    labels = spec.classification.labels if spec.objective == "classification" else None
+    return replace(shape, score_outputs=1 if spec.objective == "reward" else len(labels or "ab"))
 
 
 def trainable_params(spec: JobSpec, shape: ModelShape, method: str) -> int:

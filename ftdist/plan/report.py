@@ -8,7 +8,8 @@ from typing import Any, Optional
 from ftdist.errors import SpecError
 from ftdist.plan.cost import Speed, asha_fraction, count_rows, job_steps, plan_speed
 from ftdist.plan.gpus import GiB, Gpu, gpu, size_text
-from ftdist.plan.memory import CheckpointSize, MemoryPlan, checkpoint_size, fixes, plan_memory, trainable_params
+from ftdist.plan.memory import (CheckpointSize, MemoryPlan, checkpoint_size, fixes, job_shape, plan_memory,
+                                 trainable_params)
 from ftdist.plan.shape import ModelShape
 from ftdist.plan.source import model_config
 from ftdist.spec import JobSpec
@@ -64,7 +65,7 @@ def make_plan(spec: JobSpec, *, gpu_name: Optional[str] = None, gpus: Optional[i
                         f"optim.micro_batch_size {o.micro_batch_size} x {world} GPUs")
     cfg = model_config(spec.model)
     try:
-        shape = ModelShape.from_config(cfg)
+        shape = job_shape(spec, cfg)
     except (KeyError, TypeError, ValueError) as e:
         raise SpecError(f"model: its config has no usable {e} (the planner covers decoder-only transformers of the "
                         f"Llama family)") from None

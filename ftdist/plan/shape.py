@@ -11,6 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Optional
 
+ENCODERS = ("bert", "roberta", "xlm-roberta", "distilbert", "albert", "electra", "deberta", "deberta-v2", "mpnet",
+            "modernbert")
+"""Encoder families the Llama-layout arithmetic would get wrong; the planner refuses them in one line."""
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 """The linear layers of one decoder layer (peft's "all-linear" targets these; the LM head is excluded)."""
 
@@ -30,13 +33,17 @@ class ModelShape:
     mlp_bias: bool = False
     qk_norm: bool = False
     """Qwen3's per-head RMSNorm on queries and keys (head_dim weights each)."""
+    score_outputs: int = 0
+    """A sequence-level head in place of the LM head (reward: 1 output, classification: one per label); 0: an LM."""
 
     @classmethod
     def from_config(cls, cfg: dict[str, Any]) -> "ModelShape":
         """From a config dict; KeyError names a missing setting. Text sub-configs (`text_config`) are followed."""
         cfg = cfg.get("text_config") or cfg
-        h, heads = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
         model_type = cfg.get("model_type")
+        if model_type in ENCODERS:  # parses as a Llama shape, but is not one (two-matrix MLP, biases, LayerNorms)
+            raise ValueError(f"model_type {model_type} (an encoder)")
+        h, heads = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
         attn_bias = "qkv" if model_type in ("qwen2", "qwen2_moe") else ("qkvo" if cfg.get("attention_bias") else "")
         return cls(hidden=h, layers=int(cfg["num_hidden_layers"]), heads=heads,
                    kv_heads=int(cfg.get("num_key_value_heads") or heads),
@@ -67,8 +74,15 @@ class ModelShape:
     def embedding_params(self) -> int:
         return self.vocab * self.hidden
 
+    @property
+    def outputs(self) -> int:
+        """Width of the head every position goes through: the vocabulary, or the score head's outputs."""
+        return self.score_outputs or self.vocab
+
     def head_params(self) -> int:
-        """The LM head's own weights (none when tied to the embeddings)."""
+        """The head's own weights (an LM head tied to the embeddings has none)."""
+        if self.score_outputs:
+            return self.score_outputs * self.hidden
         return 0 if self.tied else self.vocab * self.hidden
 
     def params(self) -> int:
@@ -83,8 +97,8 @@ class ModelShape:
 
     def trainable_params(self, method: str, *, lora_rank: int = 8, lora_targets: Optional[list[str]] = None,
                          top_layers: int = 2, train_head: bool = True, train_final_norm: bool = True) -> int:
-        if method == "lora":
-            return self.lora_params(lora_rank, lora_targets)
+        if method == "lora":  # a new score head trains whole beside the adapters (peft's modules_to_save)
+            return self.lora_params(lora_rank, lora_targets) + (self.head_params() if self.score_outputs else 0)
         if method == "freeze":
             n = min(top_layers, self.layers) * self.layer_params()
             n += (self.head_params() or self.embedding_params()) if train_head else 0  # a tied head trains the table
@@ -97,5 +111,5 @@ class ModelShape:
         """Training FLOPs per token, PaLM appendix B convention: 6N for the matmuls of the N non-embedding parameters
         (the LM head counts, tied or not; the embedding lookup and norm weights do not) + 12·L·h·s for attention
         scores and values (h: the attention width, heads x head_dim)."""
-        n = self.layers * self.layer_matmul_params() + self.hidden * self.vocab
+        n = self.layers * self.layer_matmul_params() + self.hidden * self.outputs
         return 6 * n + 12 * self.layers * self.heads * self.head_dim * seq

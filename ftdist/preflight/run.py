@@ -24,8 +24,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from ftdist.errors import SpecError
 from ftdist.plan.gpus import GiB, gpu, size_text
-from ftdist.plan.memory import CheckpointSize, checkpoint_size, plan_memory
-from ftdist.plan.shape import ModelShape
+from ftdist.plan.memory import CheckpointSize, checkpoint_size, job_shape, plan_memory
 from ftdist.plan.source import model_config
 from ftdist.preflight.collective import run_collective
 from ftdist.preflight.node import NodeFacts, NodeRequest, inspect_node, versions
@@ -152,7 +151,7 @@ def check_resources(spec: JobSpec, nodes: list[Node], cl: Checklist) -> bool:
 
 def _needs(spec: JobSpec) -> Needs:
     try:
-        shape = ModelShape.from_config(model_config(spec.model))
+        shape = job_shape(spec, model_config(spec.model))
     except SpecError as e:
         return Needs(why_not=str(e))
     except (KeyError, TypeError, ValueError) as e:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -60,17 +61,22 @@ def test_dpo_trains_resumes_exactly_and_exports(ray_cluster, tmp_path, setting):
     evals = [h for h in full.history if "eval_preference_accuracy" in h]
     assert evals[0]["step"] == 0 and evals[-1]["eval_loss"] < evals[0]["eval_loss"] - 0.005, evals
 
-    _, part = _run(_job(tmp_path, "resumed", SETTINGS[setting], 3))
-    stored = tmp_path / "store" / "resumed" / REFERENCE_FILE
+    store = tmp_path / "store"
     precomputed = SETTINGS[setting]["method"] != "lora"
-    assert stored.exists() == precomputed
-    before = stored.stat().st_mtime_ns if precomputed else None
-    _, rest = _run(_job(tmp_path, "resumed", SETTINGS[setting], 6))  # the same name: resumes at step 3
+    assert (store / "whole" / REFERENCE_FILE).exists() == precomputed
+    # The run stopped after its step-3 checkpoint: a new attempt resumes there (a copy of the committed folder, and
+    # of the run folder's reference log-probabilities).
+    shutil.copytree(store / "whole" / "step_00000003", store / "resumed" / "step_00000003")
+    stored = store / "resumed" / REFERENCE_FILE
+    if precomputed:
+        shutil.copy(store / "whole" / REFERENCE_FILE, stored)
+        before = stored.stat().st_mtime_ns
+    _, rest = _run(_job(tmp_path, "resumed", SETTINGS[setting], 6))
     assert rest.state.resumes == [3]
     if precomputed:  # the pass did not run again: rank 0 rewrites the file whenever it runs
         assert stored.stat().st_mtime_ns == before
     a, b = losses, _losses(rest.history)
-    for step in range(1, 7):
+    for step in range(4, 7):
         assert b[step] == pytest.approx(a[step], rel=1e-5, abs=1e-6), (step, a, b)
     for key in ("eval_loss", "eval_preference_accuracy", "eval_reward_margin"):
         assert rest.metrics[key] == pytest.approx(full.metrics[key], rel=1e-5, abs=1e-6), key

@@ -6,7 +6,6 @@ and settings are one line."""
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import pytest
@@ -92,12 +91,8 @@ def test_a_bad_row_is_one_line_with_file_and_line_or_skipped(tok, tmp_path):
     ({"objective": "dpo", "dpo": {"loss_type": "kto"}}, r"dpo\.loss_type"),
     ({"objective": "dpo", "dpo": {"label_smoothing": 0.5}}, r"dpo\.label_smoothing"),
 ])
-def test_bad_settings_are_one_line(tmp_path, write_job, capsys, change, message):
-    job = write_job(tiny_job_dict(str(tmp_path / "runs"), **change))
-    assert main(["validate", str(job)]) == 2
-    err = capsys.readouterr().err
-    assert len(err.strip().splitlines()) == 1 and re.search(message, err), err
-    assert not (tmp_path / "runs").exists()
+def test_bad_settings_are_one_line(validate_refuses, change, message):
+    validate_refuses(change, message)
 
 
 def test_a_sweep_metric_the_objective_does_not_report(tmp_path, write_job, capsys):

