@@ -108,6 +108,26 @@ def write_job(tmp_path):
     return _write
 
 
+class ModelAsEngine:
+    """What an objective needs of a DeepSpeed engine, for unit tests: calling it runs the model; `.module` is the
+    model; it lives on the CPU."""
+
+    def __init__(self, module):
+        self.module = module
+
+    def __call__(self, **kw):
+        return self.module(**kw)
+
+    def __getattr__(self, name):  # eval(), train(), parameters(): the model's
+        return getattr(self.module, name)
+
+    @property
+    def device(self):
+        import torch
+
+        return torch.device("cpu")
+
+
 @pytest.fixture
 def validate_refuses(tmp_path, write_job, capsys):
     """`ftdist validate` on the tiny job with `change` (its sections): exit 2, one line matching the regex

@@ -105,10 +105,10 @@ class _BadJson:
 # Tokenizing
 
 
-@dataclass
-class Example:
+class OneSequence:
+    """An example that feeds the model one sequence, `input_ids` (SFT's, a classifier's)."""
+
     input_ids: list[int]
-    labels: list[int]
 
     @property
     def n_tokens(self) -> int:
@@ -118,6 +118,12 @@ class Example:
     def longest(self) -> int:
         """The longest sequence the example feeds the model (max_length applies to it)."""
         return len(self.input_ids)
+
+
+@dataclass
+class Example(OneSequence):
+    input_ids: list[int]
+    labels: list[int]
 
     def truncated(self, max_length: int) -> "Example":
         return Example(self.input_ids[:max_length], self.labels[:max_length])

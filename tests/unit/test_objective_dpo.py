@@ -20,7 +20,7 @@ from ftdist.train.objectives import objective_for
 from ftdist.train.objectives.dpo import collate_pairs
 from ftdist.train.objectives.reference import REFERENCE_FILE, attach_reference
 from ftdist.storage.store import open_store
-from tests.conftest import QS, TINY_LLAMA, sweep_job_dict, tiny_job_dict
+from tests.conftest import QS, TINY_LLAMA, ModelAsEngine, sweep_job_dict, tiny_job_dict
 
 PAIRS = str(QS / "train_pairs.jsonl")
 
@@ -103,21 +103,6 @@ def test_a_sweep_metric_the_objective_does_not_report(tmp_path, write_job, capsy
     assert "objective dpo reports it; this job's objective is sft" in err and len(err.strip().splitlines()) == 1
 
 
-class _Engine(torch.nn.Module):
-    """What the objective needs of a DeepSpeed engine: calling it runs the model; `.module` is the model."""
-
-    def __init__(self, module):
-        super().__init__()
-        self.module = module
-
-    def forward(self, **kw):
-        return self.module(**kw)
-
-    @property
-    def device(self):
-        return torch.device("cpu")
-
-
 def _model(lora: bool):
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -141,7 +126,7 @@ def test_lora_reference_is_the_model_with_adapters_off(tok, tmp_path):
     model = _model(lora=True)
     examples = build_splits(spec.data, tok, 0, objective.encoder(tok)).train[:4]
     batch = collate_pairs(examples, tok.pad_token_id)
-    loss, sums = objective.forward(_Engine(model), batch)
+    loss, sums = objective.forward(ModelAsEngine(model), batch)
     with torch.no_grad(), model.disable_adapter():
         reference = objective.logps(model, batch)[0]
     policy = objective.logps(model, batch)[0].detach()
@@ -161,7 +146,7 @@ def test_full_reference_is_precomputed_once_and_reused(tok, tmp_path):
     splits = build_splits(spec.data, tok, 0, objective.encoder(tok))
     parts = {"train": splits.train[:6], "eval": splits.eval[:3]}
     store = open_store(str(tmp_path / "run"))
-    engine = _Engine(_model(lora=False))
+    engine = ModelAsEngine(_model(lora=False))
 
     def to_device(batch):
         return collate_pairs(batch, tok.pad_token_id)

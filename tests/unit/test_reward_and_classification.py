@@ -22,7 +22,7 @@ from ftdist.train.locations import load_tokenizer
 from ftdist.train.modeling import apply_method, load_model
 from ftdist.train.objectives import objective_for, splits_for
 from ftdist.train.objectives.classification import derive_labels, macro_f1
-from tests.conftest import QS, TINY_LLAMA, tiny_job_dict
+from tests.conftest import QS, TINY_LLAMA, ModelAsEngine, tiny_job_dict
 
 UPSTREAM = str(QS.parent / "upstream" / "model")
 PAIRS = str(QS / "train_pairs.jsonl")
@@ -47,15 +47,6 @@ def _write(tmp_path, rows: list, name: str = "rows.jsonl") -> str:
     return str(path)
 
 
-class _Engine(torch.nn.Module):
-    def __init__(self, module):
-        super().__init__()
-        self.module = module
-
-    def forward(self, **kw):
-        return self.module(**kw)
-
-
 # -- reward ------------------------------------------------------------------------------------------------------
 
 
@@ -76,7 +67,7 @@ def test_reward_loss_equals_trl_reward_trainer(tok, tmp_path, center, margins):
     model = load_model(spec.model, UPSTREAM, None, objective.score_head(tok), seed=3).eval()
     batch = objective.collate(splits_for(spec, tok, objective).train, tok.pad_token_id)
     with torch.no_grad():
-        ours = objective.forward(_Engine(model), batch)[0]
+        ours = objective.forward(ModelAsEngine(model), batch)[0]
 
     args = RewardConfig(output_dir=str(tmp_path / "trl"), report_to=[], use_cpu=True, disable_tqdm=True,
                         center_rewards_coefficient=center or None)
@@ -189,8 +180,8 @@ def test_classification_metrics_add_up_over_batches(tok, tmp_path):
     model = load_model(spec.model, UPSTREAM, None, objective.score_head(tok), seed=0).eval()
     examples = splits_for(spec, tok, objective).train
     with torch.no_grad():
-        sums = [objective.forward(_Engine(model), objective.collate(examples[i:i + 3], 0))[1] for i in (0, 3, 6)]
-        whole = objective.forward(_Engine(model), objective.collate(examples, 0))
+        sums = [objective.forward(ModelAsEngine(model), objective.collate(examples[i:i + 3], 0))[1] for i in (0, 3, 6)]
+        whole = objective.forward(ModelAsEngine(model), objective.collate(examples, 0))
     together = objective.eval_metrics_from(sum(sums).tolist())
     assert together == pytest.approx(objective.eval_metrics_from(whole[1].tolist()))
     assert together["eval_loss"] == pytest.approx(whole[0].item())
@@ -294,7 +285,8 @@ def test_bad_settings_are_one_line(validate_refuses, change, message):
 def test_a_sweep_metric_of_another_objective_names_it(tmp_path, write_job, capsys):
     from tests.conftest import sweep_job_dict
 
-    job = sweep_job_dict(str(tmp_path / "runs"), objective="reward", data={"train": PAIRS, "eval": str(QS / "eval_pairs.jsonl")})
+    job = sweep_job_dict(str(tmp_path / "runs"), objective="reward",
+                         data={"train": PAIRS, "eval": str(QS / "eval_pairs.jsonl")})
     job["sweep"]["metric"], job["sweep"]["mode"] = "eval_accuracy", "max"
     assert main(["validate", str(write_job(job))]) == 2
     err = capsys.readouterr().err

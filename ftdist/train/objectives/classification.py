@@ -17,26 +17,18 @@ import torch
 import torch.nn.functional as F
 
 from ftdist.errors import SpecError
-from ftdist.train.data import RowError, json_object, read_rows
+from ftdist.train.data import OneSequence, RowError, json_object, read_rows
 from ftdist.train.heads import ScoreHead
 from ftdist.train.objectives.base import Objective
 
 
 @dataclass
-class LabelledText:
+class LabelledText(OneSequence):
     input_ids: list[int]
     label: int
     token_type_ids: Optional[list[int]] = None
     tail: int = 0
     """Special tokens at the end (BERT's [SEP]) that truncation keeps."""
-
-    @property
-    def n_tokens(self) -> int:
-        return len(self.input_ids)
-
-    @property
-    def longest(self) -> int:
-        return len(self.input_ids)
 
     def truncated(self, max_length: int) -> "LabelledText":
         keep = max_length - self.tail

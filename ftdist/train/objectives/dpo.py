@@ -15,26 +15,18 @@ import torch
 
 from ftdist.train.data import IGNORE_INDEX, RowError, Tokenize, has_target
 from ftdist.train.objectives.base import Objective
-from ftdist.train.objectives.pairs import pair_metrics, pair_sums, read_pair
+from ftdist.train.objectives.pairs import TwoSequences, pair_metrics, pair_sums, read_pair
 from ftdist.train.objectives.preference_loss import completion_logps, preference_loss
 
 
 @dataclass
-class PairExample:
+class PairExample(TwoSequences):
     chosen_ids: list[int]
     chosen_labels: list[int]
     rejected_ids: list[int]
     rejected_labels: list[int]
     reference: Optional[tuple[float, float]] = field(default=None, compare=False)
     """The reference model's (chosen, rejected) completion log-probabilities, once computed."""
-
-    @property
-    def n_tokens(self) -> int:
-        return len(self.chosen_ids) + len(self.rejected_ids)
-
-    @property
-    def longest(self) -> int:
-        return max(len(self.chosen_ids), len(self.rejected_ids))
 
     def truncated(self, max_length: int) -> "PairExample":
         return PairExample(self.chosen_ids[:max_length], self.chosen_labels[:max_length],

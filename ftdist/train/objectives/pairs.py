@@ -12,6 +12,22 @@ from ftdist.train.data import RowError, json_object
 PAIR_FIELDS = ("prompt", "chosen", "rejected")
 
 
+class TwoSequences:
+    """An example that feeds the model a chosen and a rejected sequence in one batch."""
+
+    chosen_ids: list[int]
+    rejected_ids: list[int]
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self.chosen_ids) + len(self.rejected_ids)
+
+    @property
+    def longest(self) -> int:
+        """max_length applies to each sequence."""
+        return max(len(self.chosen_ids), len(self.rejected_ids))
+
+
 def read_pair(row: Any, prompt_required: bool) -> tuple[Any, Any, Any]:
     """(prompt, chosen, rejected) of a row: all strings, or all message lists (TRL's conversational form). Without a
     `prompt` field (when allowed: TRL's implicit prompt) the prompt is empty, of the completions' kind."""

@@ -18,22 +18,14 @@ import torch.nn.functional as F
 from ftdist.train.data import RowError, Tokenize
 from ftdist.train.heads import ScoreHead
 from ftdist.train.objectives.base import Objective
-from ftdist.train.objectives.pairs import pair_metrics, pair_sums, read_pair
+from ftdist.train.objectives.pairs import TwoSequences, pair_metrics, pair_sums, read_pair
 
 
 @dataclass
-class ScoredPair:
+class ScoredPair(TwoSequences):
     chosen_ids: list[int]
     rejected_ids: list[int]
     margin: float = 0.0
-
-    @property
-    def n_tokens(self) -> int:
-        return len(self.chosen_ids) + len(self.rejected_ids)
-
-    @property
-    def longest(self) -> int:
-        return max(len(self.chosen_ids), len(self.rejected_ids))
 
     def truncated(self, max_length: int) -> "ScoredPair":
         return ScoredPair(self.chosen_ids[:max_length], self.rejected_ids[:max_length], self.margin)
