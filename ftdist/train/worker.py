@@ -24,6 +24,7 @@ import torch.distributed as dist
 from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
 from deepspeed.utils import logger as ds_logger
 from ray.train.v2._internal.execution import context as train_context
+from transformers.utils import logging as hf_logging
 
 from ftdist.storage.checkpoints import checkpoint_name
 from ftdist.train.checkpointing import RankCheckpointer, restore_per_worker
@@ -57,6 +58,12 @@ def _quiet_libraries() -> None:
     """One clean line per interval is the product's voice: library chatter that says nothing to the user goes."""
     # DeepSpeed's ZeRO calls torch's all_gather_into_tensor, which torch 2.13 deprecates: once per rank per run.
     warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
+    # peft asks transformers 5 for a renamed property: once per LoRA model, nothing the user can change.
+    warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+    hf_logging.disable_progress_bar()  # "Loading weights" bars from every rank; the model line says what loaded
+    # transformers 5 checks every loaded model against its tensor-parallel plan and lists the layers it would not
+    # shard, on every rank, though no tensor parallelism is in use.
+    logging.getLogger("transformers.distributed.tensor_parallel").setLevel(logging.ERROR)
     for name in ("DeepSpeed", "deepspeed", "ray.train", "torch.distributed", "botocore", "boto3", "s3transfer"):
         logging.getLogger(name).setLevel(logging.WARNING)
     # Ray Train names this logger by its file path, so the ray.train level filter misses its INFO lines.

@@ -56,8 +56,7 @@ def _data(tmp_path: Path, objective: str) -> dict:
     return {"train": str(paths["train"]), "eval": str(paths["eval"]), "max_length": 48}
 
 
-def _job(tmp_path: Path, name: str, setting: str, steps: int) -> dict:
-    objective, sections = SETTINGS[setting]
+def _job(tmp_path: Path, name: str, objective: str, sections: dict, steps: int) -> dict:
     job = tiny_job_dict(str(tmp_path / "store"), name=name, objective=objective,
                         optim={**tiny_job_dict("x")["optim"], "max_steps": steps, "lr": 1e-2},
                         eval={"max_batches": None}, checkpoint={"every_n_steps": 3, "keep_last": 3}, **sections)
@@ -79,7 +78,7 @@ def _losses(history):
 @pytest.mark.parametrize("setting", list(SETTINGS), ids=list(SETTINGS))
 def test_a_new_head_trains_resumes_exactly_and_exports(ray_cluster, tmp_path, setting):
     objective = SETTINGS[setting][0]
-    whole = _run(_job(tmp_path, "whole", setting, 6))
+    whole = _run(_job(tmp_path, "whole", *SETTINGS[setting], 6))
     losses = _losses(whole.history)
     evals = [h for h in whole.history if "eval_loss" in h]
     assert sorted(losses) == list(range(1, 7)) and evals[0]["step"] == 0
@@ -90,7 +89,7 @@ def test_a_new_head_trains_resumes_exactly_and_exports(ray_cluster, tmp_path, se
     # The run stopped after its step-3 checkpoint: a new attempt resumes there (a copy of the committed folder).
     store = tmp_path / "store"
     shutil.copytree(store / "whole" / "step_00000003", store / "resumed" / "step_00000003")
-    rest = _run(_job(tmp_path, "resumed", setting, 6))
+    rest = _run(_job(tmp_path, "resumed", *SETTINGS[setting], 6))
     assert rest.state.resumes == [3]
     got = _losses(rest.history)
     for step in range(4, 7):
@@ -147,3 +146,29 @@ def _reevaluate_classifier(export: Path, tmp_path: Path) -> dict:
     actual = [r["label"] for r in rows]
     return {"eval_loss": sum(losses) / len(rows), "eval_accuracy": sum(p == a for p, a in zip(predicted, actual))
             / len(rows), "eval_macro_f1": f1_score(actual, predicted, average="macro")}
+
+
+CELLS = [("dpo", "full", 2), ("dpo", "lora", 3), ("reward", "full", 2), ("reward", "lora", 3),
+         ("classification", "full", 3), ("classification", "lora", 2)]
+"""The (objective, method, ZeRO stage) cells the resume tests above and tests/integration/test_objective_dpo.py do
+not run: with them every objective trains full and LoRA under ZeRO-2 and ZeRO-3."""
+
+
+@pytest.mark.parametrize("objective, method, stage", CELLS, ids=[f"{o}-{m}-zero{s}" for o, m, s in CELLS])
+def test_every_objective_trains_under_every_method_and_stage(ray_cluster, tmp_path, objective, method, stage):
+    """Two steps and the final checkpoint (no eval, no export: the tests above check those per objective)."""
+    sections = {"method": method, "zero": {"stage": stage}, "export": {"enabled": False}}
+    if method == "lora":
+        sections["lora"] = LORA["lora"]
+    if objective == "dpo":
+        job = tiny_job_dict(str(tmp_path / "store"), name="cell", objective="dpo", dpo={"beta": 0.5},
+                            optim={**tiny_job_dict("x")["optim"], "max_steps": 2}, **sections)
+        job["data"] = {"train": str(QS / "train_pairs.jsonl"), "max_length": 48}
+    else:
+        job = _job(tmp_path, "cell", objective, sections, 2)
+        del job["data"]["eval"]
+    job["checkpoint"]["every_n_steps"] = 2
+    summary = _run(job)
+    assert sorted(_losses(summary.history)) == [1, 2] and summary.checkpoint.endswith("step_00000002")
+    if objective == "dpo" and method == "full":  # the reference pass ran (ZeRO-2 here; ZeRO-3 in the DPO tests)
+        assert (tmp_path / "store" / "cell" / "reference_logps.json").exists()
