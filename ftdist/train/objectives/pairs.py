@@ -7,7 +7,8 @@ from typing import Any
 
 import torch
 
-from ftdist.train.data import RowError, json_object
+from ftdist.spec import DataSpec
+from ftdist.train.data import RowError, Tokenize, json_object
 
 PAIR_FIELDS = ("prompt", "chosen", "rejected")
 
@@ -46,6 +47,14 @@ def read_pair(row: Any, prompt_required: bool) -> tuple[Any, Any, Any]:
         raise RowError(f"{'prompt, ' if 'prompt' in row else ''}chosen and rejected must all be strings, or all "
                        "message lists")
     return prompt, chosen, rejected
+
+
+def pair_tokenize(tokenizer: Any, data: DataSpec) -> Tokenize:
+    """The tokenizer wrapper the pair objectives render with: message-list rows use data.chat_template whatever
+    data.format says (format is SFT's knob; a preference row's form is read from the row)."""
+    if data.chat_template:
+        data = data.model_copy(update={"format": "chat"})
+    return Tokenize(tokenizer, data)
 
 
 def pair_sums(loss: Any, chosen_rewards: Any, rejected_rewards: Any) -> Any:

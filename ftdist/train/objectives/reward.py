@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from ftdist.train.data import RowError, Tokenize
 from ftdist.train.heads import ScoreHead
 from ftdist.train.objectives.base import Objective
-from ftdist.train.objectives.pairs import TwoSequences, pair_metrics, pair_sums, read_pair
+from ftdist.train.objectives.pairs import TwoSequences, pair_metrics, pair_sums, pair_tokenize, read_pair
 
 
 @dataclass
@@ -89,10 +89,7 @@ class Reward(Objective):
     name = "reward"
 
     def encoder(self, tokenizer: Any) -> Callable[[Any], Any]:
-        data = self.spec.data
-        if data.chat_template:  # message-list rows render with it (as for dpo)
-            data = data.model_copy(update={"format": "chat"})
-        return PairScorer(tokenizer, Tokenize(tokenizer, data))
+        return PairScorer(tokenizer, pair_tokenize(tokenizer, self.spec.data))
 
     def score_head(self, tokenizer: Any) -> ScoreHead:
         return ScoreHead(None, tokenizer.pad_token_id)
