@@ -192,8 +192,10 @@ def job_shape(spec: JobSpec, config: dict) -> ModelShape:
     shape = ModelShape.from_config(config)
     if not spec.has_score_head:
         return shape
-    labels = spec.classification.labels if spec.objective == "classification" else None
-    return replace(shape, score_outputs=1 if spec.objective == "reward" else len(labels or "ab"))
+    if spec.objective == "reward":
+        return replace(shape, score_outputs=1)
+    labels = spec.classification.labels
+    return replace(shape, score_outputs=len(labels) if labels else 2)
 
 
 def trainable_params(spec: JobSpec, shape: ModelShape, method: str) -> int:

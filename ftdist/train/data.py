@@ -399,16 +399,26 @@ class ShardedLoader:
             epoch, step = epoch + 1, 0
 
 
+def right_padded(seqs: list[list[int]], fill: int, width: Optional[int] = None) -> torch.Tensor:
+    """[N, width (default: the longest)] the sequences left-aligned, `fill` after each: every objective's batches
+    are right-padded (a sequence head reads each row's last non-pad token)."""
+    out = torch.full((len(seqs), width or max(len(s) for s in seqs)), fill, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        out[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+    return out
+
+
+def attention_mask(seqs: list[list[int]]) -> torch.Tensor:
+    """[N, longest] 1 on each sequence's tokens, 0 on the padding after them."""
+    lengths = torch.tensor([len(s) for s in seqs])
+    return (torch.arange(int(lengths.max())) < lengths[:, None]).long()
+
+
 def collate(batch: list[Example], pad_id: int) -> dict:
-    n = max(len(e.input_ids) for e in batch)
-    ids = torch.full((len(batch), n), pad_id, dtype=torch.long)  # [B, T]
-    labels = torch.full((len(batch), n), IGNORE_INDEX, dtype=torch.long)  # [B, T]
-    attn = torch.zeros((len(batch), n), dtype=torch.long)  # [B, T]
-    for i, e in enumerate(batch):
-        ids[i, : len(e.input_ids)] = torch.tensor(e.input_ids)
-        labels[i, : len(e.labels)] = torch.tensor(e.labels)
-        attn[i, : len(e.input_ids)] = 1
-    return {"input_ids": ids, "labels": labels, "attention_mask": attn}
+    ids = [e.input_ids for e in batch]
+    padded = right_padded(ids, pad_id)  # [B, T]
+    return {"input_ids": padded, "labels": right_padded([e.labels for e in batch], IGNORE_INDEX, padded.shape[1]),
+            "attention_mask": attention_mask(ids)}
 
 
 def eval_batches(examples: list[Example], micro_batch: int, rank: int, world: int,

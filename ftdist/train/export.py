@@ -229,7 +229,7 @@ class BaseWeights:
 
     def get(self, name: str, backbone: Optional[str] = None) -> Any:
         """The base's tensor of that name (stored with or without the backbone's prefix), or None."""
-        key = stored_name(name, self.where, backbone) if backbone else (name if name in self.where else None)
+        key = stored_name(name, self.where, backbone)
         return None if key is None else self.where[key].get_tensor(key)
 
 
@@ -311,7 +311,7 @@ def export_checkpoint(ckpt_uri: str, dest: str, *, interpolate: Optional[float] 
             w.close()
             meta_files(out, adapter)
 
-        layout = HeadLayout.of(hf_dir, config)
+        layout = HeadLayout.of(hf_dir, config) if interpolate is not None else HeadLayout()  # WiSE-FT's only
 
         def weights(stream: Tensors) -> Tensors:
             if interpolate is not None:

@@ -40,12 +40,13 @@ def head_modules(model: Any) -> list[str]:
             if name != backbone and any(True for _ in module.parameters())]
 
 
-def stored_name(name: str, stored: Any, backbone: str) -> Optional[str]:
+def stored_name(name: str, stored: Any, backbone: Optional[str]) -> Optional[str]:
     """The checkpoint's name of a parameter: the same, or without the backbone's prefix (a bare `BertModel`
-    checkpoint such as sentence-transformers' MiniLM stores `encoder.layer.0...` for `bert.encoder.layer.0...`)."""
+    checkpoint such as sentence-transformers' MiniLM stores `encoder.layer.0...` for `bert.encoder.layer.0...`);
+    None if it has neither."""
     if name in stored:
         return name
-    bare = name[len(backbone) + 1:] if name.startswith(backbone + ".") else None
+    bare = name[len(backbone) + 1:] if backbone and name.startswith(backbone + ".") else None
     return bare if bare is not None and bare in stored else None
 
 

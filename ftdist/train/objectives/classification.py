@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from ftdist.errors import SpecError
-from ftdist.train.data import OneSequence, RowError, json_object, read_rows
+from ftdist.train.data import OneSequence, RowError, attention_mask, json_object, read_rows, right_padded
 from ftdist.train.heads import ScoreHead
 from ftdist.train.objectives.base import Objective
 
@@ -112,18 +112,11 @@ def _closing_special_tokens(tokenizer: Any) -> int:
 
 
 def collate_labelled(batch: list[LabelledText], pad_id: int) -> dict[str, torch.Tensor]:
-    n = max(len(e.input_ids) for e in batch)
-    ids = torch.full((len(batch), n), pad_id, dtype=torch.long)  # [B, T]
-    attn = torch.zeros((len(batch), n), dtype=torch.long)  # [B, T]
-    for i, e in enumerate(batch):
-        ids[i, : len(e.input_ids)], attn[i, : len(e.input_ids)] = torch.tensor(e.input_ids), 1
-    out = {"input_ids": ids, "attention_mask": attn,
+    ids = [e.input_ids for e in batch]
+    out = {"input_ids": right_padded(ids, pad_id), "attention_mask": attention_mask(ids),  # [B, T]
            "labels": torch.tensor([e.label for e in batch], dtype=torch.long)}  # [B]
     if batch[0].token_type_ids is not None:
-        types = torch.zeros((len(batch), n), dtype=torch.long)  # [B, T]
-        for i, e in enumerate(batch):
-            types[i, : len(e.token_type_ids)] = torch.tensor(e.token_type_ids)
-        out["token_type_ids"] = types
+        out["token_type_ids"] = right_padded([e.token_type_ids for e in batch], 0)  # [B, T]
     return out
 
 
@@ -160,10 +153,11 @@ class Classification(Objective):
         labels = batch["labels"]
         loss = F.cross_entropy(logits, labels, reduction="none")  # [B]
         n = len(self.labels)
-        predicted = F.one_hot(logits.argmax(-1), n).bool()  # [B, C]
+        choice = logits.argmax(-1)  # [B]
+        predicted = F.one_hot(choice, n).bool()  # [B, C]
         actual = F.one_hot(labels, n).bool()  # [B, C]
         counts = torch.stack([loss.detach().sum(), torch.tensor(float(len(labels)), device=loss.device),
-                              (logits.argmax(-1) == labels).sum().float()])
+                              (choice == labels).sum().float()])
         per_label = torch.cat([(predicted & actual).sum(0), (predicted & ~actual).sum(0), (~predicted & actual).sum(0)])
         return loss.mean(), torch.cat([counts.double(), per_label.double()])
 

@@ -13,7 +13,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from ftdist.train.data import IGNORE_INDEX, RowError, Tokenize, has_target
+from ftdist.train.data import IGNORE_INDEX, RowError, Tokenize, attention_mask, has_target, right_padded
 from ftdist.train.objectives.base import Objective
 from ftdist.train.objectives.pairs import TwoSequences, pair_metrics, pair_sums, pair_tokenize, read_pair
 from ftdist.train.objectives.preference_loss import completion_logps, preference_loss
@@ -75,14 +75,11 @@ def _masked(prompt_len: int, ids: list[int]) -> list[int]:
 
 def collate_pairs(batch: list[PairExample], pad_id: int) -> dict[str, torch.Tensor]:
     """[chosen_1..chosen_B, rejected_1..rejected_B], right-padded to the longest; `reference` [2B] when known."""
-    seqs = [(e.chosen_ids, e.chosen_labels) for e in batch] + [(e.rejected_ids, e.rejected_labels) for e in batch]
-    n = max(len(ids) for ids, _ in seqs)
-    ids = torch.full((len(seqs), n), pad_id, dtype=torch.long)  # [2B, T]
-    labels = torch.full((len(seqs), n), IGNORE_INDEX, dtype=torch.long)  # [2B, T]
-    attn = torch.zeros((len(seqs), n), dtype=torch.long)  # [2B, T]
-    for i, (x, y) in enumerate(seqs):
-        ids[i, : len(x)], labels[i, : len(y)], attn[i, : len(x)] = torch.tensor(x), torch.tensor(y), 1
-    out = {"input_ids": ids, "labels": labels, "attention_mask": attn}
+    seqs = [e.chosen_ids for e in batch] + [e.rejected_ids for e in batch]
+    ids = right_padded(seqs, pad_id)  # [2B, T]
+    labels = right_padded([e.chosen_labels for e in batch] + [e.rejected_labels for e in batch], IGNORE_INDEX,
+                          ids.shape[1])  # [2B, T]
+    out = {"input_ids": ids, "labels": labels, "attention_mask": attention_mask(seqs)}
     if all(e.reference is not None for e in batch):
         out["reference"] = torch.tensor([e.reference[0] for e in batch] + [e.reference[1] for e in batch],
                                         dtype=torch.float64)  # [2B]

@@ -15,7 +15,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from ftdist.train.data import RowError, Tokenize
+from ftdist.train.data import RowError, Tokenize, attention_mask, right_padded
 from ftdist.train.heads import ScoreHead
 from ftdist.train.objectives.base import Objective
 from ftdist.train.objectives.pairs import TwoSequences, pair_metrics, pair_sums, pair_tokenize, read_pair
@@ -67,13 +67,8 @@ class PairScorer:
 def collate_scored_pairs(batch: list[ScoredPair], pad_id: int) -> dict[str, torch.Tensor]:
     """[chosen_1..chosen_B, rejected_1..rejected_B] right-padded (the head reads each row's last non-pad token)."""
     seqs = [e.chosen_ids for e in batch] + [e.rejected_ids for e in batch]
-    n = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), n), pad_id, dtype=torch.long)  # [2B, T]
-    attn = torch.zeros((len(seqs), n), dtype=torch.long)  # [2B, T]
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)], attn[i, : len(s)] = torch.tensor(s), 1
-    margin = torch.tensor([e.margin for e in batch], dtype=torch.float32)  # [B]
-    return {"input_ids": ids, "attention_mask": attn, "margin": margin}
+    return {"input_ids": right_padded(seqs, pad_id), "attention_mask": attention_mask(seqs),  # [2B, T]
+            "margin": torch.tensor([e.margin for e in batch], dtype=torch.float32)}  # [B]
 
 
 def bradley_terry(chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Tensor,
