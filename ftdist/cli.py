@@ -66,14 +66,17 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
 def _preflight(args: argparse.Namespace, spec) -> None:
     """What `train` and `tune` check on this machine before Ray starts and before anything is written (the run
-    lease included): the cluster address answers, the data tokenizes, the storage takes writes."""
+    lease included): the cluster address answers, the data tokenizes, the storage takes writes, the tracking server
+    answers."""
     from ftdist.train.driver import preflight_data, preflight_storage
+    from ftdist.train.obs.tracking import check_tracking
     from ftdist.train.ray_runtime import check_local_gpus
 
     if not _check_address(args):
         check_local_gpus(spec.resources)
     stats = preflight_data(spec)
     preflight_storage(spec)
+    check_tracking(spec)
     if stats is not None:  # after every check passed: an error stays the only line
         print(f"ftdist: data: {stats.summary()}", file=sys.stderr)
 
@@ -195,6 +198,19 @@ def _cmd_sweep_report(args: argparse.Namespace) -> int:
         spec = load_saved_spec(args.sweep_uri)
         out = finish(spec, retention=False, export=False)
     _print_sweep(out)
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from ftdist.train.obs.report import load_run_report
+
+    with _storage_errors(args.run_uri, "run folder"):
+        run_uri = args.run_uri.rstrip("/") if is_remote(args.run_uri) else local_path(args.run_uri)
+        report = load_run_report(run_uri)
+        files = report.write()
+    print(report.markdown())
+    for name, uri in files.items():
+        print(f"ftdist: {name}: {uri}")
     return 0
 
 
@@ -487,6 +503,11 @@ def build_parser() -> argparse.ArgumentParser:
     sr = sub.add_parser("sweep-report", help="rebuild a sweep's results table, CSV/Markdown and plot from storage")
     sr.add_argument("sweep_uri", help="<checkpoint.storage>/<sweep name>, local or s3://")
     sr.set_defaults(fn=_cmd_sweep_report)
+
+    rr = sub.add_parser("report", help="rebuild a run's report (metrics CSV, curves, held-out and forgetting table, "
+                                       "time spent) from its latest checkpoint in storage")
+    rr.add_argument("run_uri", help="<checkpoint.storage>/<job name>, local or s3://")
+    rr.set_defaults(fn=_cmd_report)
 
     c = sub.add_parser("checkpoints", help="list a job's committed checkpoints; verify one")
     c.add_argument("job_uri", help="<checkpoint.storage>/<job name>, local or s3://")

@@ -193,7 +193,29 @@ def bucket(s3_server, request):
 
 
 @pytest.fixture(scope="session")
-def ray_cluster(s3_credentials):
+def mlflow_credentials():
+    """The session's MLflow identity in this process's environment before any local Ray starts (Ray's processes,
+    where rank 0 logs, inherit it as they would a user's shell): the username and a fresh password."""
+    from tests.support.mlflow_server import ADMIN, new_password
+
+    password = new_password()
+    with _environ({"MLFLOW_TRACKING_USERNAME": ADMIN, "MLFLOW_TRACKING_PASSWORD": password}):
+        yield ADMIN, password
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(mlflow_credentials):
+    """A real MLflow tracking server (SQLite backend, local artifact root, basic auth) on 127.0.0.1 for the
+    session; stopped by PID."""
+    from tests.support.mlflow_server import start_mlflow
+
+    server = start_mlflow(mlflow_credentials[1])
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(s3_credentials, mlflow_credentials):
     """A real local Ray (own temp dir; stopped by ray.shutdown, never `ray stop`). It does not start the S3 server:
     its processes inherit the session's credentials, and ftdist forwards the endpoint of a server started later."""
     import ray

@@ -6,6 +6,7 @@ Pure: imports neither torch, ray nor deepspeed, and does no I/O (`ftdist validat
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
@@ -17,6 +18,7 @@ from ftdist.spec.base import FieldError, FrozenSpec
 from ftdist.spec.config_keys import config_keys, model_types
 from ftdist.spec.kubernetes import KubernetesSpec
 from ftdist.spec.sweep import SweepSpec
+from ftdist.spec.tracking import TrackingSpec
 from ftdist.storage.uri import FILE_SCHEME, S3_SCHEME, is_remote, location_problem, resolve
 
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
@@ -314,10 +316,70 @@ class CheckpointSpec(FrozenSpec):
         return resolve(self.storage, base)
 
 
+_REF_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+class ReferenceSpec(FrozenSpec):
+    """A held-out set from the upstream distribution (what the model knew before): its next-token loss, measured at
+    step 0 and at every eval as `eval_ref_<name>_loss`, is the forgetting measure. A plain path is accepted for the
+    mapping."""
+
+    path: str
+    """JSONL, Parquet, a folder of those or a datasets folder; local (relative to the job file) or s3://."""
+    name: Optional[str] = None
+    """Default: the file's name without its extension (heldout.jsonl -> heldout)."""
+    text_field: str = "text"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _plain_path(cls, data: Any) -> Any:
+        return {"path": data} if isinstance(data, str) else data
+
+    @field_validator("path")
+    @classmethod
+    def _path(cls, v: str) -> str:
+        return _location(v)  # type: ignore[return-value]
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: Optional[str]) -> Optional[str]:
+        if v is not None and not _REF_NAME_RE.match(v):
+            raise ValueError("must be letters, digits, '_', '.' or '-' (max 64), starting with a letter or digit")
+        return v
+
+    @property
+    def label(self) -> str:
+        """The name in metric keys: eval_ref_<label>_loss."""
+        base = self.name or os.path.basename(self.path.rstrip("/")).split(".")[0] or "reference"
+        return re.sub(r"[^A-Za-z0-9_]", "_", base)
+
+    @property
+    def metric(self) -> str:
+        return f"eval_ref_{self.label}_loss"
+
+
 class EvalSpec(FrozenSpec):
     every_n_steps: Optional[int] = Field(None, ge=1)
-    """Eval cadence; None: only at the end (when there is eval data)."""
+    """Eval cadence; None: only at the end (when there is eval data or a reference set)."""
     max_batches: Optional[int] = Field(None, ge=1)
+    """Per eval set (the task's and each reference set), per rank."""
+    reference: list[ReferenceSpec] = []
+    """Reference sets for the forgetting report (a single path is taken as a list of one)."""
+
+    @field_validator("reference", mode="before")
+    @classmethod
+    def _one(cls, v: Any) -> Any:
+        return [v] if isinstance(v, (str, dict)) else v
+
+    @model_validator(mode="after")
+    def _unique(self) -> "EvalSpec":
+        seen: dict[str, int] = {}
+        for i, ref in enumerate(self.reference):
+            if ref.label in seen:
+                raise FieldError(f"reference.{i}", f"two reference sets are named {ref.label} (entries "
+                                                   f"{seen[ref.label]} and {i}); give each a name")
+            seen[ref.label] = i
+        return self
 
 
 class LoggingSpec(FrozenSpec):
@@ -421,6 +483,7 @@ class JobSpec(FrozenSpec):
     eval: EvalSpec = EvalSpec()
     logging: LoggingSpec = LoggingSpec()
     export: ExportSpec = ExportSpec()
+    tracking: TrackingSpec = TrackingSpec()
     sweep: Optional[SweepSpec] = None
     """Only read by `ftdist tune`; `ftdist train` ignores it."""
     kubernetes: Optional[KubernetesSpec] = None
@@ -484,9 +547,12 @@ class JobSpec(FrozenSpec):
             raise FieldError("model.compile", "model.use_liger_kernel and model.compile together crash torch.compile's "
                                               "autotuning (illegal memory access); choose one (Liger was the faster "
                                               "on an H100)")
-        if self.eval.every_n_steps is not None and not self.has_eval:
-            raise FieldError("eval.every_n_steps", "eval.every_n_steps needs eval data: set data.eval or "
-                                                   "data.eval_fraction")
+        if self.eval.every_n_steps is not None and not self.evaluates:
+            raise FieldError("eval.every_n_steps", "eval.every_n_steps needs eval data: set data.eval, "
+                                                   "data.eval_fraction or eval.reference")
+        if self.eval.reference and self.has_score_head:
+            raise FieldError("eval.reference", f"eval.reference measures next-token loss with the LM head; objective "
+                                               f"{self.objective} replaces it with a new head: remove eval.reference")
         best_by = self.checkpoint.keep_best_by
         if best_by and not best_by.replace("_", "").isalnum():
             raise FieldError("checkpoint.keep_best_by", "checkpoint.keep_best_by must be a metric name like eval_loss")
@@ -508,6 +574,11 @@ class JobSpec(FrozenSpec):
     @property
     def has_eval(self) -> bool:
         return self.data.eval is not None or self.data.eval_fraction > 0
+
+    @property
+    def evaluates(self) -> bool:
+        """Evaluations run: on the task's held-out data, the reference sets, or both."""
+        return self.has_eval or bool(self.eval.reference)
 
     @property
     def grad_accum(self) -> int:

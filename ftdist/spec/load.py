@@ -11,7 +11,7 @@ import re
 import types
 import typing
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 from pydantic import BaseModel, ValidationError
 
@@ -156,6 +156,13 @@ def _resolve_paths(data: dict, base: Path) -> dict:
             if isinstance(d.get(k), str):
                 d[k] = fix(f"data.{k}", d[k])
         out["data"] = d
+    if isinstance(out.get("eval"), dict) and out["eval"].get("reference") is not None:
+        e = dict(out["eval"])
+        refs = e["reference"]
+        refs = [refs] if isinstance(refs, (str, dict)) else refs
+        if isinstance(refs, list):
+            e["reference"] = [_fix_reference(fix, i, r) for i, r in enumerate(refs)]
+        out["eval"] = e
     if isinstance(out.get("model"), dict):
         m = dict(out["model"])
         for k in ("name_or_path", "tokenizer"):
@@ -163,6 +170,15 @@ def _resolve_paths(data: dict, base: Path) -> dict:
                 m[k] = fix(f"model.{k}", m[k], must_look_local=False)
         out["model"] = m
     return out
+
+
+def _fix_reference(fix: Callable[[str, Optional[str]], Optional[str]], i: int, ref: Any) -> Any:
+    """An eval.reference entry (a path, or a mapping with one) with its path resolved like data.train's."""
+    if isinstance(ref, str):
+        return fix(f"eval.reference.{i}", ref)
+    if isinstance(ref, dict) and isinstance(ref.get("path"), str):
+        return {**ref, "path": fix(f"eval.reference.{i}.path", ref["path"])}
+    return ref
 
 
 def _looks_like_hub_id(v: str) -> bool:
@@ -232,6 +248,12 @@ def local_paths(path: Union[str, Path], spec: JobSpec, overrides: Optional[list[
         written, val = sec.get(key), getattr(getattr(spec, section), key, None)
         if val:
             yield f"{section}.{key}", (written if isinstance(written, str) else None), val
+    written_refs = (raw.get("eval") or {}).get("reference") if isinstance(raw.get("eval"), dict) else None
+    written_refs = [written_refs] if isinstance(written_refs, (str, dict)) else (written_refs or [])
+    for i, ref in enumerate(spec.eval.reference):
+        w = written_refs[i] if i < len(written_refs) else None
+        w = w.get("path") if isinstance(w, dict) else w
+        yield f"eval.reference.{i}", (w if isinstance(w, str) else None), ref.path
 
 
 def with_overrides(spec: JobSpec, overrides: dict[str, Any]) -> JobSpec:
@@ -250,7 +272,9 @@ def with_overrides(spec: JobSpec, overrides: dict[str, Any]) -> JobSpec:
 def missing_local_inputs(spec: JobSpec) -> list[tuple[str, str, str]]:
     """(key, path, problem) for every local input (data, model, tokenizer folder) that is not on this machine."""
     out = []
-    for key, val in (("data.train", spec.data.train), ("data.eval", spec.data.eval)):
+    data_paths = [("data.train", spec.data.train), ("data.eval", spec.data.eval),
+                  *((f"eval.reference.{i}", r.path) for i, r in enumerate(spec.eval.reference))]
+    for key, val in data_paths:
         if val and not is_remote(val) and not os.path.exists(val):
             out.append((key, val, "no such file or directory"))
     m = spec.model

@@ -40,10 +40,13 @@ def trial_overrides(spec: JobSpec, params: dict[str, Any]) -> dict[str, Any]:
 
 def trial_spec(spec: JobSpec, params: dict[str, Any], trial_id: str) -> JobSpec:
     """The job a trial runs: the sweep's spec + the trial's values, its own run folder inside the sweep folder, no
-    per-trial export (the best trial is exported once, at the end)."""
+    per-trial export (the best trial is exported once, at the end), its tracking run in the sweep's experiment."""
     ov = trial_overrides(spec, params)
     ov.update({"name": f"{TRAIN_PREFIX}{trial_id}", "checkpoint.storage": sweep_dir(spec), "export.enabled": False,
                "sweep": None})
+    if spec.tracking.mlflow is not None:  # the trials' runs go under the sweep's run, in the sweep's experiment
+        ov.update({"tracking.mlflow.experiment": spec.tracking.mlflow.experiment or spec.name,
+                   "tracking.mlflow.run_name": f"{spec.name}-{trial_id}"})
     return with_overrides(spec, ov)
 
 

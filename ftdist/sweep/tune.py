@@ -12,6 +12,7 @@ Layout under the sweep folder `<checkpoint.storage>/<name>/`:
 from __future__ import annotations
 
 import math
+import tempfile
 from typing import Optional
 
 import ray
@@ -27,7 +28,9 @@ from ftdist.spec import JobSpec, SearchDim, spec_from_dict
 from ftdist.storage.lease import run_lease
 from ftdist.sweep.report import SweepSummary, finish, load_report, save_spec, tune_storage
 from ftdist.sweep.space import TRIAL_PREFIX, concurrency, num_samples, sweep_dir, trial_cost, trial_spec
+from ftdist.train.contracts import TrackingTarget
 from ftdist.train.driver import run_training
+from ftdist.train.obs.tracking import finish_tracking, start_tracking
 from ftdist.train.ray_runtime import connect_ray, disconnect_ray
 
 
@@ -108,36 +111,38 @@ def _metric_callback(metric: str):
     return ReportMetric()
 
 
-def run_trial(config: dict, job: Optional[dict] = None) -> None:
+def run_trial(config: dict, job: Optional[dict] = None, tracking_parent: Optional[str] = None) -> None:
     """The Tune trainable: one trial = `run_training` of the job with the trial's overrides (inside the sweep's Ray,
-    so no second Ray starts). A failed trial raises, so Tune records it as errored."""
+    so no second Ray starts). A failed trial raises, so Tune records it as errored. `tracking_parent`: the sweep's
+    MLflow run, which the trial's run is a child of."""
     spec = spec_from_dict(job, "sweep job")
     tspec = trial_spec(spec, config, tune.get_context().get_trial_id())
-    summary = run_training(tspec, callbacks=[_metric_callback(spec.sweep.metric)])
+    summary = run_training(tspec, callbacks=[_metric_callback(spec.sweep.metric)], tracking_parent=tracking_parent,
+                           tracking_group=spec.name)
     if summary.error is not None:
         raise summary.error
 
 
-def _trainable(spec: JobSpec):
-    fn = tune.with_parameters(run_trial, job=spec.model_dump(mode="json"))
+def _trainable(spec: JobSpec, tracking_parent: Optional[str] = None):
+    fn = tune.with_parameters(run_trial, job=spec.model_dump(mode="json"), tracking_parent=tracking_parent)
     # The trial driver only waits on its Train controller: no CPU (one would be missing from the trial's workers).
     # Ray wants a non-empty bundle, so it asks for 1 MiB of the `memory` resource every node has.
     return tune.with_resources(fn, {"cpu": 0, "memory": 2**20})
 
 
-def build_tuner(spec: JobSpec, max_concurrent: int, resume: bool = False):
+def build_tuner(spec: JobSpec, max_concurrent: int, resume: bool = False, tracking_parent: Optional[str] = None):
     storage, path, fs = tune_storage(spec)
     if resume:
         if not tune.Tuner.can_restore(path, storage_filesystem=fs):
             raise SpecError(f"--resume: no sweep state at {sweep_dir(spec)} (run `ftdist tune` without --resume)")
-        return tune.Tuner.restore(path, trainable=_trainable(spec), resume_unfinished=True, resume_errored=True,
+        return tune.Tuner.restore(path, trainable=_trainable(spec, tracking_parent), resume_unfinished=True, resume_errored=True,
                                   restart_errored=False, param_space=param_space(spec), storage_filesystem=fs)
     if tune.Tuner.can_restore(path, storage_filesystem=fs):
         raise SpecError(f"{sweep_dir(spec)}: a sweep named {spec.name} already exists there; add --resume to finish "
                         f"it, or change name")
     sw = spec.sweep
     return tune.Tuner(
-        _trainable(spec),
+        _trainable(spec, tracking_parent),
         param_space=param_space(spec),
         tune_config=tune.TuneConfig(
             metric=sw.metric, mode=sw.mode, search_alg=_search_alg(spec, max_concurrent), scheduler=_scheduler(spec),
@@ -149,18 +154,34 @@ def build_tuner(spec: JobSpec, max_concurrent: int, resume: bool = False):
     )
 
 
+def _finish_sweep_tracking(tracking: TrackingTarget, out: SweepSummary) -> None:
+    """The sweep's parent run gets the results table and plot, the best trial and its export."""
+    best = out.report.best
+    outputs = {"report_uri": out.files.get("results.csv"), "best_trial": best.trial_id if best else None,
+               **{f"export_uri_{k}": v for k, v in (out.exported or {}).items()}}
+    with tempfile.TemporaryDirectory() as tmp:
+        out.report.write(tmp)
+        warning = finish_tracking(tracking, failed=bool(out.errors) or best is None, outputs=outputs,
+                                  report_dir=tmp)
+    if warning:
+        print(f"[ftdist] {warning}", flush=True)
+
+
 def run_sweep(spec: JobSpec, *, address: Optional[str] = None, resume: bool = False) -> SweepSummary:
     cpus, gpus = trial_cost(spec)
     started = connect_ray(address, int(math.ceil(cpus)) + 1, dashboard=True)  # for the PG cleaner: see connect_ray
     try:
         n = concurrency(spec, ray.cluster_resources())
-        with run_lease(sweep_dir(spec)):  # one live driver per sweep (a second would run every trial again)
+        with run_lease(sweep_dir(spec)) as lease:  # one live driver per sweep (a second would run every trial again)
             print(f"[ftdist] sweep {spec.name}: {n} trial(s) at a time, {cpus:g} CPUs / {gpus:g} GPUs each; "
                   f"folder {sweep_dir(spec)}", flush=True)
-            tuner = build_tuner(spec, n, resume=resume)
+            tracking = start_tracking(spec, attempt=lease.generation, sweep=True)
+            tuner = build_tuner(spec, n, resume=resume, tracking_parent=tracking.mlflow_run_id)
             save_spec(spec)
             tuner.fit()
             # Report, best-trial export (a Ray task) and retention while this driver still holds Ray and the lease.
-            return finish(spec)
+            out = finish(spec)
+            _finish_sweep_tracking(tracking, out)
+            return out
     finally:
         disconnect_ray(started)

@@ -3,7 +3,7 @@ read: the worker's config, the trainer state saved with each checkpoint, and the
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -36,11 +36,36 @@ STARTUP_KEY = "startup"
 def reported_metrics(spec: JobSpec) -> tuple[str, ...]:
     """The metric names a run of this job reports."""
     evals = OBJECTIVE_EVAL_METRICS[spec.objective] if spec.has_eval else ()
-    return TRAIN_METRICS + OBJECTIVE_TRAIN_METRICS[spec.objective] + evals
+    references = tuple(r.metric for r in spec.eval.reference)
+    return TRAIN_METRICS + OBJECTIVE_TRAIN_METRICS[spec.objective] + evals + references
 
 
 class _Contract(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TrackingTarget(_Contract):
+    """Where rank 0 logs a run's metrics: resolved by the driver (which created or resumed the tracking runs), so
+    every attempt and every restarted worker logs into the same runs. No credentials: the logging process reads
+    them from its environment."""
+
+    mlflow_uri: Optional[str] = None
+    mlflow_run_id: Optional[str] = None
+    tensorboard_dir: Optional[str] = None
+    """<run folder>/tensorboard: a local folder, or an s3:// prefix the events are uploaded to."""
+    wandb_project: Optional[str] = None
+    wandb_entity: Optional[str] = None
+    wandb_mode: Optional[str] = None
+    wandb_id: Optional[str] = None
+    wandb_name: Optional[str] = None
+    wandb_group: Optional[str] = None
+    """A sweep's name: W&B groups its trials' runs."""
+    params: dict[str, str] = {}
+    """The flattened job spec (W&B's config; MLflow's params are logged once, by the driver)."""
+
+    @property
+    def any(self) -> bool:
+        return bool(self.mlflow_run_id or self.tensorboard_dir or self.wandb_project)
 
 
 class WorkerConfig(_Contract):
@@ -49,6 +74,7 @@ class WorkerConfig(_Contract):
     spec: JobSpec
     started_at: float
     """Wall-clock time the driver called fit(): the start of the startup breakdown."""
+    tracking: TrackingTarget = TrackingTarget()
 
 
 STATE_FILE = "ftdist_state.json"
@@ -73,3 +99,5 @@ class TrainState(_Contract):
     checkpoint saves). An attempt's work after its last checkpoint, which the next attempt redoes, is not counted."""
     gpu_seconds: float = 0.0
     """The same in GPU-seconds (wall seconds x workers x GPUs per worker)."""
+    wall_seconds: float = 0.0
+    """The same in wall seconds (every attempt's, from its start to this checkpoint)."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import os
+import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Optional
@@ -15,14 +16,16 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 from ray.train.v2.api.config import LoggingConfig
 
-from ftdist.errors import SpecError
+from ftdist.errors import SpecError, last_line
 from ftdist.spec import JobSpec
 from ftdist.storage import s3
 from ftdist.storage.checkpoints import CheckpointStore
 from ftdist.storage.lease import run_lease
 from ftdist.storage.store import TransferOptions
 from ftdist.storage.uri import is_remote, without_scheme
-from ftdist.train.contracts import STATE_FILE, TrainState, WorkerConfig
+from ftdist.train.contracts import STATE_FILE, TrackingTarget, TrainState, WorkerConfig
+from ftdist.train.obs.report import RunReport, load_run_report
+from ftdist.train.obs.tracking import finish_tracking, start_tracking
 from ftdist.train.ray_runtime import connect_ray, disconnect_ray, runtime_env_vars
 
 if TYPE_CHECKING:  # the data module imports torch; the driver imports it only inside preflight_data
@@ -74,11 +77,12 @@ def run_export_task(ckpt: str, dest: str, max_shard_size: Optional[str] = None) 
     try:
         return ray.get(task.remote(ckpt, dest, max_shard_size))
     except Exception as e:  # noqa: BLE001  (the checkpoint is committed: say how to retry the export alone)
-        raise RuntimeError(f"the export from {ckpt} failed ({str(e).strip().splitlines()[-1][:200]}); the "
+        raise RuntimeError(f"the export from {ckpt} failed ({last_line(e)}); the "
                            f"checkpoint is committed: `ftdist export {ckpt} --to {dest}`") from None
 
 
-def build_trainer(spec: JobSpec, *, callbacks: Optional[list] = None) -> TorchTrainer:
+def build_trainer(spec: JobSpec, *, callbacks: Optional[list] = None,
+                  tracking: TrackingTarget = TrackingTarget()) -> TorchTrainer:
     r, c = spec.resources, spec.checkpoint
     resources: dict = {"CPU": r.cpus_per_worker}
     if r.use_gpu:
@@ -86,7 +90,7 @@ def build_trainer(spec: JobSpec, *, callbacks: Optional[list] = None) -> TorchTr
     storage = spec.checkpoint.resolved_storage()
     # Ray's own files (run state) go to the same endpoint as ftdist's checkpoints.
     storage_fs = s3.pyarrow_fs() if is_remote(storage) else None
-    config = WorkerConfig(spec=spec, started_at=time.time())
+    config = WorkerConfig(spec=spec, started_at=time.time(), tracking=tracking)
     return TorchTrainer(
         _train_fn_per_worker,
         train_loop_config=config.model_dump(mode="json"),
@@ -123,6 +127,7 @@ def preflight_data(spec: JobSpec) -> Optional["DataStats"]:
     (they are downloaded per node, not to the driver)."""
     # transformers and the tokenizer stay off the path of `ftdist validate`.
     from ftdist.train.data import ShardedLoader
+    from ftdist.train.evaluation import load_references
     from ftdist.train.locations import preflight_tokenizer
     from ftdist.train.model_config import check_from_config
     from ftdist.train.objectives import splits_for
@@ -135,6 +140,8 @@ def preflight_data(spec: JobSpec) -> Optional["DataStats"]:
         return None
     splits = splits_for(spec, tok)
     ShardedLoader.for_job(spec, splits.train, 0, spec.resources.num_workers)  # raises if < one global batch
+    if not any(is_remote(r.path) for r in spec.eval.reference):
+        load_references(spec, tok)  # a bad reference row is a file:line error now, not in every worker
     return splits.stats
 
 
@@ -173,18 +180,22 @@ def _check_local_storage(storage: str) -> None:
 
 
 def run_training(spec: JobSpec, *, address: Optional[str] = None, dashboard: bool = False,
-                 callbacks: Optional[list] = None) -> RunSummary:
+                 callbacks: Optional[list] = None, tracking_parent: Optional[str] = None,
+                 tracking_group: Optional[str] = None) -> RunSummary:
     """Run one job to the end (resuming from this job name's latest checkpoint if there is one), then export its
     final checkpoint when export.enabled. `dashboard`: start the embedded Ray with its dashboard (ignored when
     joining a cluster or inside a running Ray, as in a sweep trial). `callbacks`: Ray Train callbacks (a sweep
-    trial forwards reports to Tune with one). A failure comes back in RunSummary.error, never as an exception."""
+    trial forwards reports to Tune with one). `tracking_parent`, `tracking_group`: a sweep trial's MLflow parent
+    run and W&B group. A failure comes back in RunSummary.error, never as an exception."""
     # A bad address fails here, before anything is written.
     started = connect_ray(address, math.ceil(spec.resources.cpus) + 1, dashboard=dashboard)
     ckpt, state, metrics, error = None, None, {}, None
     try:
         with run_lease(spec.run_dir) as lease:  # one live attempt per job: a second is refused here, in one line
+            tracking = start_tracking(spec, attempt=lease.generation, parent_run_id=tracking_parent,
+                                      group=tracking_group)
             try:
-                result = build_trainer(spec, callbacks=callbacks).fit()
+                result = build_trainer(spec, callbacks=callbacks, tracking=tracking).fit()
             except KeyboardInterrupt:
                 if not lease.lost:
                     raise
@@ -201,11 +212,30 @@ def run_training(spec: JobSpec, *, address: Optional[str] = None, dashboard: boo
                               flush=True)
                     except RuntimeError as e:
                         error = e
+            exp = export_uri(spec) if spec.export.enabled and error is None else None
+            _report_and_close(spec, state, tracking, failed=error is not None,
+                              outputs={"checkpoint_uri": ckpt, "export_uri": exp})
     finally:
         disconnect_ray(started)
-    exp = export_uri(spec) if spec.export.enabled and error is None else None
     return RunSummary(spec.name, spec.run_dir, ckpt, exp, metrics, error=error,
                       history=state.history if state else [], state=state)
+
+
+def _report_and_close(spec: JobSpec, state: Optional[TrainState], tracking: TrackingTarget, *, failed: bool,
+                      outputs: dict) -> None:
+    """The run report into the run folder (also after a failure: what the last checkpoint recorded), and the
+    tracking runs closed with the report and the outputs attached. Neither can fail the run."""
+    with tempfile.TemporaryDirectory(prefix="ftdist-report-") as tmp:
+        try:
+            report = RunReport(spec.name, spec.run_dir, state) if state else load_run_report(spec.run_dir)
+            files = report.write(tmp)
+            print(f"[ftdist] run report: {files['report.md']}", flush=True)
+        except Exception as e:  # noqa: BLE001  (no checkpoint yet, or storage trouble: the run's result stands)
+            print(f"[ftdist] no run report: {last_line(e, 300)}", flush=True)
+            tmp = None
+        warning = finish_tracking(tracking, failed=failed, outputs=outputs, report_dir=tmp)
+    if warning:
+        print(f"[ftdist] {warning} (the run's results are in {spec.run_dir})", flush=True)
 
 
 def _final_checkpoint(spec: JobSpec, result: Any) -> tuple[Optional[str], Optional[TrainState]]:

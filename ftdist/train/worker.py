@@ -29,12 +29,14 @@ from transformers.utils import logging as hf_logging
 from ftdist.storage.checkpoints import checkpoint_name
 from ftdist.train.checkpointing import RankCheckpointer, restore_per_worker
 from ftdist.train.contracts import STARTUP_KEY, TrainState, WorkerConfig
-from ftdist.train.data import ShardedLoader, eval_batches
+from ftdist.train.data import ShardedLoader
 from ftdist.train.ds_config import to_deepspeed
+from ftdist.train.evaluation import Evaluator, load_references
 from ftdist.train.locations import load_tokenizer, prefetch_per_node
 from ftdist.train.modeling import apply_kernels, apply_method, count_params, load_model
 from ftdist.train.objectives import objective_for, splits_for
 from ftdist.train.objectives.reference import attach_reference
+from ftdist.train.obs.sinks import MetricsLog
 from ftdist.train.optim import lr_lambda, param_groups, torch_adamw, total_steps
 
 
@@ -126,10 +128,12 @@ def train_fn_per_worker(config: dict) -> None:
 
     objective = objective_for(spec)
     splits = splits_for(spec, tokenizer, objective)
+    references = load_references(spec, tokenizer)
     loader = ShardedLoader.for_job(spec, splits.train, rank, world)
     n_steps = total_steps(spec, loader.steps_per_epoch)
     print0(rank, f"[ftdist] data: train {splits.stats.summary()}"
                  + (f"; eval {len(splits.eval)} examples" if splits.eval else "")
+                 + "".join(f"; reference {r.name} {len(r.examples)} examples" for r in references)
                  + f"; {loader.steps_per_epoch} steps/epoch, {n_steps} steps")
     clock.mark("data")
 
@@ -179,7 +183,7 @@ def train_fn_per_worker(config: dict) -> None:
     start_step = 0
     history: list[dict] = []  # every logged metrics row; travels in each checkpoint's state file
     resumes: list[int] = []  # steps this run resumed at (a restart after a crash, or a re-run of the job)
-    spent_before = (0.0, 0.0)  # (worker-seconds, GPU-seconds) of earlier attempts, from the checkpoint
+    spent_before = (0.0, 0.0, 0.0)  # (worker-, GPU-, wall seconds) of earlier attempts, from the checkpoint
     resume = ckpt_io.resume_point(ray.train.get_checkpoint())
     if resume is not None:
         d = ckpt_io.fetch(resume)  # only this rank's shard files, each hash-verified
@@ -188,23 +192,20 @@ def train_fn_per_worker(config: dict) -> None:
         start_step = state.step
         history = [h for h in state.history if h["step"] <= start_step]
         resumes = [*state.resumes, start_step]
-        spent_before = (state.worker_seconds, state.gpu_seconds)
+        spent_before = (state.worker_seconds, state.gpu_seconds, state.wall_seconds)
         print0(rank, f"[ftdist] resumed from {ckpt_io.store.store.child(resume)} at step {start_step}")
     clock.mark("restore")
+    # Rank 0 logs to the tracking runs the driver opened; every rank's rows are the same (all-reduced).
+    tracker = (MetricsLog(cfg.tracking, spec.run_dir, start_step, lambda m: print0(rank, m))
+               if rank == 0 and cfg.tracking.any else None)
 
-    def evaluate() -> dict:
-        engine.eval()
-        total = None  # the objective's metric sums over this rank's eval shard
-        with torch.no_grad():
-            for batch in eval_batches(splits.eval, o.micro_batch_size, rank, world, spec.eval.max_batches):
-                weight = 1.0
-                if not batch:  # keep ZeRO-3 collectives in step on ranks with a short shard
-                    batch, weight = splits.eval[:1], 0.0
-                sums = objective.forward(engine, to_device(batch))[1] * weight
-                total = sums if total is None else total + sums
-        dist.all_reduce(total)
-        engine.train()
-        return objective.eval_metrics_from(total.tolist())
+    def record(metrics: dict) -> None:
+        history.append(metrics)
+        print0(rank, f"[ftdist] step {metrics['step']}/{n_steps} | {metrics_line(metrics)}")
+        if tracker is not None:
+            tracker.log(metrics)
+
+    evaluate = Evaluator(spec, objective, splits.eval, references, rank, world, to_device, tokenizer.pad_token_id)
 
     log_every = spec.logging.every_n_steps
     ck_every = spec.checkpoint.every_n_steps
@@ -217,11 +218,10 @@ def train_fn_per_worker(config: dict) -> None:
     batches = loader.micro_batches(start_step)
     loop_t0 = time.perf_counter()  # wall time of this attempt's loop, checkpoint saves included
     metrics: dict = {}
-    if start_step == 0 and splits.eval:
-        # Baseline held-out loss before the first update, so the log shows how far fine-tuning moved it.
-        metrics = {"step": 0, **evaluate()}
-        history.append(metrics)
-        print0(rank, f"[ftdist] step 0/{n_steps} | {metrics_line(metrics)}")
+    if start_step == 0 and evaluate.enabled:
+        # Baseline held-out loss (and reference loss) before the first update: how far fine-tuning moved them.
+        metrics = {"step": 0, **evaluate(engine)}
+        record(metrics)
         ray.train.report(metrics)
         clock.mark("eval")
     engine.train()
@@ -245,7 +245,7 @@ def train_fn_per_worker(config: dict) -> None:
         done = step + 1
         last = done == n_steps
         want_ckpt = last or (ck_every is not None and done % ck_every == 0)
-        want_eval = bool(splits.eval) and (last or (ev_every is not None and done % ev_every == 0))
+        want_eval = evaluate.enabled and (last or (ev_every is not None and done % ev_every == 0))
         if not (last or want_ckpt or want_eval or done % log_every == 0):
             continue
         # Same decision on every rank (it depends on the step only): report() stays a barrier in lockstep.
@@ -268,19 +268,23 @@ def train_fn_per_worker(config: dict) -> None:
         if startup is not None:
             metrics[STARTUP_KEY], startup = startup, None
         if want_eval:
-            metrics.update(evaluate())
-        history.append(metrics)
-        print0(rank, f"[ftdist] step {done}/{n_steps} | {metrics_line(metrics)}")
+            metrics.update(evaluate(engine))
+        record(metrics)
         if want_ckpt:
-            attempt_s = (time.time() - clock.t0) * world  # this attempt, from the run's start stamp
+            wall_s = time.time() - clock.t0  # this attempt, from the run's start stamp
             state = TrainState(step=done, tag=checkpoint_name(done), world_size=world, metrics=metrics,
-                               history=history, resumes=resumes, worker_seconds=spent_before[0] + attempt_s,
-                               gpu_seconds=spent_before[1] + attempt_s * spec.resources.gpus_per_worker)
+                               history=history, resumes=resumes, worker_seconds=spent_before[0] + wall_s * world,
+                               gpu_seconds=spent_before[1] + wall_s * world * spec.resources.gpus_per_worker,
+                               wall_seconds=spent_before[2] + wall_s)
             ckpt_io.save(engine, state, tokenizer)
+            if tracker is not None:
+                tracker.sync()
         else:
             ray.train.report(metrics)
         window = None
         window_steps = 0
         window_t0 = time.perf_counter()
 
+    if tracker is not None:
+        tracker.close()
     sys.stdout.flush()

@@ -53,8 +53,8 @@ def _results(sweep_dir: Path) -> dict:
 @pytest.mark.ray
 @pytest.mark.deepspeed
 @pytest.mark.slow
-def test_sweep_asha_report_retention_export(ray_cluster, tmp_path):
-    job = _sweep_job(str(tmp_path / "store"))
+def test_sweep_asha_report_retention_export(ray_cluster, mlflow_server, tmp_path):
+    job = _sweep_job(str(tmp_path / "store"), tracking={"mlflow": {"tracking_uri": mlflow_server.uri}})
     r = _tune("tune", str(_write(tmp_path, job)), *_address())
     assert r.returncode == 0, r.stderr[-3000:]
     sweep = tmp_path / "store" / "sweep"
@@ -81,6 +81,21 @@ def test_sweep_asha_report_retention_export(ray_cluster, tmp_path):
     assert all(float(row["worker_hours"]) > 0 for row in table)  # wall x workers, per trial (CPU: no GPU-hours)
     assert (sweep / "report" / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert f"best trial {best}" in r.stdout
+
+    # MLflow: the sweep is a parent run, each trial a child run with its metric history and swept params.
+    from mlflow import MlflowClient
+
+    client = MlflowClient(mlflow_server.uri)
+    runs = client.search_runs([client.get_experiment_by_name("sweep").experiment_id])
+    (parent,) = [run for run in runs if run.data.tags.get("ftdist.sweep") == "sweep"]
+    children = {run.info.run_name: run for run in runs if run is not parent}
+    assert sorted(children) == sorted(f"sweep-{t}" for t in tune_rows)
+    assert all(c.data.tags["mlflow.parentRunId"] == parent.info.run_id for c in children.values())
+    best_run = children[f"sweep-{best}"]
+    assert best_run.data.metrics["eval_loss"] == pytest.approx(last[best])
+    assert best_run.data.params["optim.lr"] == str(float(table[0]["optim.lr"]))
+    assert parent.info.status == "FINISHED" and parent.data.tags["ftdist.best_trial"] == best
+    assert {a.path for a in client.list_artifacts(parent.info.run_id, "report")} >= {"report/results.csv"}
 
     # Sweep-wide retention (keep_best_trials 1): only the best trial keeps checkpoints; its model is exported.
     kept = {d.parent.name for d in sweep.glob("train-*/step_*")}

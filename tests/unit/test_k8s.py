@@ -144,7 +144,8 @@ def test_local_files_cannot_go_to_kubernetes(capsys):
         "ftdist: error: data.train: data/quickstart/train.jsonl is a file on this machine; a pod cannot read it: "
         "upload it (s3://bucket/...) or bake it into the image and give the absolute path")
     sets = ["--set", f"kubernetes.image={IMAGE}", "--set", "data.train=s3://ml-data/train.jsonl", "--set",
-            "data.eval=s3://ml-data/eval.jsonl", "--set", "model.name_or_path=/opt/model"]
+            "data.eval=s3://ml-data/eval.jsonl", "--set", "eval.reference=[s3://ml-data/heldout.jsonl]", "--set",
+            "model.name_or_path=/opt/model"]
     assert main(["k8s", "render", str(job), *sets]) == 2
     assert "checkpoint.storage: ./runs is a local folder; on Kubernetes checkpoints must outlive the pods" in \
         capsys.readouterr().err

@@ -1,0 +1,83 @@
+"""The torch-free parts of tracking and the run report: params, metric rows, URIs, error lines, report tables."""
+
+from __future__ import annotations
+
+import csv
+import io
+
+import pytest
+
+from ftdist.spec import spec_from_dict
+from ftdist.spec.tracking import mlflow_uri_problem
+from ftdist.train.contracts import TrainState
+from ftdist.train.obs.report import RunReport
+from ftdist.train.obs.sinks import numeric_metrics
+from ftdist.train.obs.tracking import describe_mlflow_error, flat_params
+from tests.conftest import tiny_job_dict
+
+
+def test_params_are_the_flattened_job_spec():
+    spec = spec_from_dict(tiny_job_dict("/runs", tracking={"mlflow": {"tracking_uri": "http://m:5000"}}))
+    p = flat_params(spec)
+    assert p["optim.lr"] == "0.003" and p["zero.stage"] == "2" and p["model.from_config.model_type"] == "llama"
+    assert p["optim.betas"] == "[0.9, 0.999]"  # lists as JSON
+    assert p["tracking.mlflow.tracking_uri"] == "http://m:5000"
+    assert "data.eval_fraction" in p and "sweep" not in p  # unset sections (None) are left out
+    assert all(len(k) <= 250 and len(v) <= 6000 for k, v in p.items())
+
+
+def test_metric_rows_flatten_the_startup_breakdown():
+    row = {"step": 3, "loss": 1.5, "startup": {"s": 20.0, "model": 1.0}, "note": "x", "ok": True}
+    assert numeric_metrics(row) == {"loss": 1.5, "startup/total": 20.0, "startup/model": 1.0}
+
+
+@pytest.mark.parametrize("uri, problem", [
+    ("http://mlflow:5000", None), ("https://mlflow.example.com/ml", None), ("databricks", None),
+    ("databricks://profile", None), ("file:///tmp/mlruns", None), ("/tmp/mlruns", None),
+    ("https://user:pw@mlflow.example.com", "credentials do not go into the tracking URI"),
+    ("https://mlflow.example.com?token=abcdef012345", "credentials do not go into the tracking URI"),
+    ("http:///x", "no host"), ("ftp://m/x", "unsupported scheme ftp://"), (" http://m", "without surrounding spaces"),
+])
+def test_tracking_uris(uri, problem):
+    got = mlflow_uri_problem(uri)
+    assert (got is None) if problem is None else (problem in got), got
+
+
+@pytest.mark.parametrize("message, why", [
+    ("API request to endpoint /api/2.0/mlflow/experiments/search failed with error code 401 != 200.",
+     "refused the credentials"),
+    ("HTTPConnectionPool(host='127.0.0.1', port=1): Max retries exceeded (Caused by NewConnectionError(...: "
+     "[Errno 111] Connection refused))", "nothing accepts connections there"),
+    ("Max retries exceeded (Caused by NameResolutionError(\"Failed to resolve 'nohost'\"))", "does not resolve"),
+    ("API request to endpoint /api/2.0/mlflow/experiments/search failed with error code 404 != 200.",
+     "not an MLflow tracking server"),
+    ("Read timed out. (read timeout=5)", "no answer in 5 s"),
+])
+def test_tracking_errors_are_one_line(message, why):
+    line = describe_mlflow_error(RuntimeError(message), "http://m:5000")
+    assert line.startswith("tracking.mlflow: http://m:5000: ") and why in line and "\n" not in line
+
+
+def _state(**kw) -> TrainState:
+    history = [
+        {"step": 0, "eval_loss": 4.0, "eval_ref_heldout_loss": 2.0},
+        {"step": 10, "loss": 3.0, "lr": 1e-3, "startup": {"s": 5.0}},
+        {"step": 20, "loss": 2.0, "lr": 1e-3, "eval_loss": 1.0, "eval_ref_heldout_loss": 3.0},
+    ]
+    return TrainState(step=20, tag="step_00000020", world_size=2, history=history, resumes=[10],
+                      worker_seconds=7200.0, wall_seconds=3600.0, **kw)
+
+
+def test_report_tables_forgetting_beside_the_task_gain(tmp_path):
+    report = RunReport("job", "/runs/job", _state())
+    md = report.markdown()
+    assert "| eval_loss | 4 | 1 | -3 (-75.0%) |" in md
+    assert "| heldout | 2 | 3 | +1 (+50.0%) | -3 (-75.0%) |" in md
+    assert "resumed at: 10" in md and "60.0 min" in md and "2 worker-hours (2 workers)" in md
+    assert "GPU-hours" not in md
+    rows = list(csv.DictReader(io.StringIO(report.csv_text())))
+    assert [r["step"] for r in rows] == ["0", "10", "20"] and rows[1]["startup/total"] == "5.0"
+    report.write_local(str(tmp_path))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["curves.png", "metrics.csv", "report.md"]
+    gpu = RunReport("job", "/runs/job", _state(gpu_seconds=7200.0)).markdown()
+    assert "2 GPU-hours, 2 worker-hours" in gpu
