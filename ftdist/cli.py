@@ -317,25 +317,56 @@ def _human(n: int) -> str:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from ftdist.train.export import export_checkpoint
+    from ftdist.train.wise_ft import parse_alphas
 
-    if args.interpolate is not None and not 0.0 <= args.interpolate <= 1.0:
-        raise SpecError(f"--interpolate {args.interpolate}: alpha must be between 0 (base) and 1 (fine-tuned)")
+    alphas = parse_alphas(args.interpolate) if args.interpolate is not None else None
     if args.max_shard_size is not None:
         try:
             parse_size(args.max_shard_size)
         except ValueError as e:
             raise SpecError(f"--max-shard-size: {e}") from None
-    _check_uri(args.to, "--to")
-    if is_remote(args.to):
-        from ftdist.storage import s3
+    if args.to is None and not args.eval:
+        raise SpecError("--to: where the model goes is required (or --eval with --interpolate to evaluate the "
+                        "interpolations without writing them)")
+    if args.eval and alphas is None:
+        raise SpecError("--eval: evaluates WiSE-FT interpolations: give --interpolate, e.g. 0,0.25,0.5,0.75,1")
+    if args.to is not None:
+        _check_uri(args.to, "--to")
+        if is_remote(args.to):
+            from ftdist.storage import s3
 
-        s3.check_access(args.to)
+            s3.check_access(args.to)
+    if alphas is not None and (args.eval or len(alphas) > 1):
+        return _wise_ft_curve(args, alphas)
+    from ftdist.train.export import export_checkpoint
+
     with _storage_errors(args.checkpoint, "checkpoint"):
-        out = export_checkpoint(args.checkpoint, args.to, interpolate=args.interpolate, base_model=args.base,
-                                merged=args.merged, max_shard_size=args.max_shard_size)
+        out = export_checkpoint(args.checkpoint, args.to, interpolate=alphas[0] if alphas else None,
+                                base_model=args.base, merged=args.merged, max_shard_size=args.max_shard_size)
     for kind, uri in out.items():
         print(f"ftdist: exported {kind}: {uri}")
+    return 0
+
+
+def _wise_ft_curve(args: argparse.Namespace, alphas: list) -> int:
+    """`--interpolate a,b,c [--eval]`: every interpolation written under --to/alpha_<a> and/or evaluated."""
+    from ftdist.train.export import split_checkpoint_uri
+    from ftdist.train.wise_ft import curve_destination, load_job, wise_ft_curve
+
+    with _storage_errors(args.checkpoint, "checkpoint"):
+        if args.eval:  # the job must have something to measure, before minutes of writing models
+            spec = load_job(split_checkpoint_uri(args.checkpoint.rstrip("/"))[0])
+            if not spec.evaluates:
+                raise SpecError(f"--eval: job {spec.name} has nothing to evaluate: it has no data.eval, "
+                                "eval.reference or eval.generate")
+        curve = wise_ft_curve(args.checkpoint.rstrip("/"), alphas, dest=args.to, evaluate=args.eval,
+                              base_model=args.base, max_shard_size=args.max_shard_size)
+        for alpha, uri in curve.models.items():
+            print(f"ftdist: exported alpha {alpha:g}: {uri}")
+        if args.eval:
+            print(curve.markdown())
+            for name, uri in curve.write(curve_destination(args.checkpoint.rstrip("/"))).items():
+                print(f"ftdist: {name}: {uri}")
     return 0
 
 
@@ -519,9 +550,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("export", help="write a Hugging Face model folder (safetensors) from a checkpoint")
     e.add_argument("checkpoint", help="checkpoint URI: <storage>/<job>/step_NNNNNNNN (see `ftdist checkpoints`)")
-    e.add_argument("--to", required=True, help="destination folder or s3:// prefix")
-    e.add_argument("--interpolate", type=float, default=None, metavar="ALPHA",
-                   help="WiSE-FT: write (1-ALPHA)*base + ALPHA*fine-tuned weights (0 = base, 1 = fine-tuned)")
+    e.add_argument("--to", default=None, help="destination folder or s3:// prefix")
+    e.add_argument("--interpolate", default=None, metavar="ALPHA[,ALPHA...]",
+                   help="WiSE-FT: write (1-ALPHA)*base + ALPHA*fine-tuned weights (0 = base, 1 = fine-tuned); "
+                        "several alphas write --to/alpha_<ALPHA> each")
+    e.add_argument("--eval", action="store_true",
+                   help="with --interpolate: evaluate each interpolation as the job evaluates (task metrics, "
+                        "reference-set loss, generation) and write the curve (table, plot) into the run's report/")
     e.add_argument("--base", default=None, help="base model for --interpolate (default: the job's model)")
     e.add_argument("--merged", action=argparse.BooleanOptionalAction, default=None,
                    help="LoRA: also write the merged model (default: the job's lora.merge_on_export)")
@@ -584,7 +619,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="benchmark ftdist against a bare DeepSpeed loop; prints a table")
     b.add_argument("--steps", type=int, default=30, help="timed optimizer steps per run")
-    b.add_argument("--only", choices=["throughput", "memory", "load", "checkpoint", "tune", "gpu", "peak", "dpo"],
+    b.add_argument("--only", choices=["throughput", "memory", "load", "checkpoint", "tune", "gpu", "peak", "dpo",
+                                      "tracking", "generate"],
                    action="append", help="run only these parts (repeatable)")
     b.add_argument("--rounds", type=int, default=2,
                    help="throughput: how many times ftdist and the bare loop take turns (the ratio is of the means)")

@@ -1,6 +1,7 @@
 """`ftdist bench`: runs the chosen sections and prints one table, ftdist beside the bare libraries doing the same
 work (training.py: throughput, memory, load, GPU; peak.py: the planner against measured ranks; objectives.py: DPO
-against SFT on the same sequences; storage.py: checkpoints; tune.py: sweeps)."""
+against SFT on the same sequences; storage.py: checkpoints; tune.py: sweeps; observe.py: tracking and generation
+metrics)."""
 
 from __future__ import annotations
 
@@ -89,6 +90,23 @@ def main(args: argparse.Namespace) -> int:
                          f"| >= 0.7 |")
             lines.append(f"| peak RSS per rank during training, full DPO / full SFT | {_mb(fd['peak'])} | "
                          f"{_mb(fs['peak'])} | {fd['peak'] / fs['peak']:.3f} | <= 1.1 |")
+        if "tracking" in parts:
+            from ftdist.bench.observe import bench_tracking
+
+            t = bench_tracking(tmp, args.steps, args.rounds)
+            each = ", ".join(f"{r:.3f}" for r in t["round_ratios"])
+            lines.append(f"| `ftdist train` wall time, MLflow (real server) + TensorBoard on / off, every step "
+                         f"logged, {args.steps} steps, 2 workers (mean of {args.rounds} alternating rounds: {each}) | "
+                         f"{t['on']:.1f} s | {t['off']:.1f} s | {t['ratio']:.3f} | <= 1.02 |")
+            lines.append(f"| diagnostic: the step loop's time (train_time_s), on / off | {t['loop_on']:.2f} s | "
+                         f"{t['loop_off']:.2f} s | {t['loop_ratio']:.3f} | |")
+        if "generate" in parts:
+            from ftdist.bench.observe import bench_generation
+
+            g = bench_generation()
+            lines.append(f"| eval.generate: seconds per 100 held-out prompts, greedy, {g['tokens']} new tokens, "
+                         f"batches of {g['batch']} / one at a time ({g['same']}/{g['n']} outputs identical) | "
+                         f"{g['batched_s']:.2f} s | {g['single_s']:.2f} s | {g['ratio']:.3f} | report |")
         if "load" in parts:
             for r in bench_load(tmp):
                 lines.append(f"| peak RSS of a rank while loading {r['params'] / 1e6:.0f}M params, ZeRO-3, N={WORLD} | "

@@ -11,7 +11,7 @@ import re
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from ftdist.errors import did_you_mean
 from ftdist.spec.base import FieldError, FrozenSpec
@@ -358,6 +358,101 @@ class ReferenceSpec(FrozenSpec):
         return f"eval_ref_{self.label}_loss"
 
 
+_FUNCTION_RE = re.compile(r"^(?:[A-Za-z_][\w]*(?:\.[A-Za-z_][\w]*)*|[^:\s][^:]*\.py):[A-Za-z_]\w*$")
+BUILTIN_GEN_METRICS = ("exact_match", "contains")
+
+
+class RegexMetric(FrozenSpec):
+    """With a capture group: the group extracted from the prediction equals the one from the reference (answer
+    extraction, as GSM8K-style evals do). Without: the prediction matches (a format check)."""
+
+    regex: str
+    name: str = "regex"
+
+    @field_validator("regex")
+    @classmethod
+    def _compiles(cls, v: str) -> str:
+        try:
+            re.compile(v)
+        except re.error as e:
+            raise ValueError(f"not a regular expression ({e})") from None
+        return v
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not re.match(r"^[a-z][a-z0-9_]{0,40}$", v):
+            raise ValueError("must be lowercase letters, digits and '_' (max 41), starting with a letter")
+        return v
+
+
+class GenerateSpec(FrozenSpec):
+    """Task metrics from greedy generation on held-out prompts, reported as eval_gen_<metric> (a sweep metric too)."""
+
+    data: Optional[str] = None
+    """Rows in the job's format (prompt + completion, a chat whose last assistant turn is the reference, or DPO's
+    prompt + chosen); default: data.eval."""
+    max_prompts: int = Field(200, ge=1)
+    """The first N rows (the same prompts at every evaluation)."""
+    max_new_tokens: int = Field(64, ge=1, le=32768)
+    metrics: list[Union[Literal["exact_match", "contains"], RegexMetric]] = ["exact_match"]
+    """exact_match: prediction == reference (both stripped); contains: the reference occurs in the prediction;
+    {regex: ..., name: ...}: see RegexMetric."""
+    function: Optional[str] = None
+    """A user metric `module:function` or `file.py:function` (next to the job file): f(prediction, reference) ->
+    float, averaged over the prompts; reported as eval_gen_<function>."""
+    every_n_steps: Optional[int] = Field(None, ge=1)
+    """Default: at step 0 and at the end only (generation costs far more than a loss)."""
+
+    @field_validator("data")
+    @classmethod
+    def _path(cls, v: Optional[str]) -> Optional[str]:
+        return _location(v)
+
+    @field_validator("metrics", mode="before")
+    @classmethod
+    def _regex_items(cls, v: Any) -> Any:
+        """A mapping item is a regex metric: validated as one, so its error names the regex, not the union."""
+        if not isinstance(v, list):
+            return v
+        out = []
+        for i, item in enumerate(v):
+            if isinstance(item, dict):
+                try:
+                    item = RegexMetric.model_validate(item)
+                except ValidationError as e:
+                    err = e.errors()[0]
+                    where = ".".join(str(p) for p in err["loc"])
+                    raise ValueError(f"item {i}: {where}: {err['msg'].removeprefix('Value error, ')}") from None
+            elif isinstance(item, str) and item not in BUILTIN_GEN_METRICS:
+                raise ValueError(f"item {i}: {item!r} is not a metric{did_you_mean(item, BUILTIN_GEN_METRICS)}; "
+                                 f"built in: {', '.join(BUILTIN_GEN_METRICS)}, or {{regex: ..., name: ...}}")
+            out.append(item)
+        return out
+
+    @field_validator("function")
+    @classmethod
+    def _function(cls, v: Optional[str]) -> Optional[str]:
+        if v is not None and not _FUNCTION_RE.match(v):
+            raise ValueError("must be module:function (e.g. mymetrics:score) or file.py:function")
+        return v
+
+    @property
+    def metric_names(self) -> tuple[str, ...]:
+        names = [m if isinstance(m, str) else m.name for m in self.metrics]
+        if self.function:
+            names.append(self.function.rsplit(":", 1)[1])
+        return tuple(f"eval_gen_{n}" for n in names)
+
+    @model_validator(mode="after")
+    def _unique(self) -> "GenerateSpec":
+        names = self.metric_names
+        for i, n in enumerate(names):
+            if n in names[:i]:
+                raise FieldError("metrics", f"two generation metrics are named {n}; give the regex metrics names")
+        return self
+
+
 class EvalSpec(FrozenSpec):
     every_n_steps: Optional[int] = Field(None, ge=1)
     """Eval cadence; None: only at the end (when there is eval data or a reference set)."""
@@ -365,6 +460,7 @@ class EvalSpec(FrozenSpec):
     """Per eval set (the task's and each reference set), per rank."""
     reference: list[ReferenceSpec] = []
     """Reference sets for the forgetting report (a single path is taken as a list of one)."""
+    generate: Optional[GenerateSpec] = None
 
     @field_validator("reference", mode="before")
     @classmethod
@@ -550,6 +646,14 @@ class JobSpec(FrozenSpec):
         if self.eval.every_n_steps is not None and not self.evaluates:
             raise FieldError("eval.every_n_steps", "eval.every_n_steps needs eval data: set data.eval, "
                                                    "data.eval_fraction or eval.reference")
+        gen = self.eval.generate
+        if gen is not None:
+            if self.has_score_head or (self.objective == "sft" and self.data.format == "text"):
+                raise FieldError("eval.generate", "eval.generate needs prompts and reference answers: data.format "
+                                                  "prompt_completion or chat, or objective dpo")
+            if gen.data is None and self.data.eval is None:
+                raise FieldError("eval.generate", "eval.generate needs rows with prompts: set eval.generate.data or "
+                                                  "data.eval (an eval_fraction split holds tokens, not prompts)")
         if self.eval.reference and self.has_score_head:
             raise FieldError("eval.reference", f"eval.reference measures next-token loss with the LM head; objective "
                                                f"{self.objective} replaces it with a new head: remove eval.reference")
@@ -577,8 +681,8 @@ class JobSpec(FrozenSpec):
 
     @property
     def evaluates(self) -> bool:
-        """Evaluations run: on the task's held-out data, the reference sets, or both."""
-        return self.has_eval or bool(self.eval.reference)
+        """Evaluations run: on the task's held-out data, the reference sets, generation prompts."""
+        return self.has_eval or bool(self.eval.reference) or self.eval.generate is not None
 
     @property
     def grad_accum(self) -> int:

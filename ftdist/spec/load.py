@@ -163,6 +163,16 @@ def _resolve_paths(data: dict, base: Path) -> dict:
         if isinstance(refs, list):
             e["reference"] = [_fix_reference(fix, i, r) for i, r in enumerate(refs)]
         out["eval"] = e
+    gen = out.get("eval", {}).get("generate") if isinstance(out.get("eval"), dict) else None
+    if isinstance(gen, dict):
+        gen = dict(gen)
+        if isinstance(gen.get("data"), str):
+            gen["data"] = fix("eval.generate.data", gen["data"])
+        fn = gen.get("function")
+        if isinstance(fn, str) and ".py:" in fn:  # a metric file next to the job file
+            path, name = fn.rsplit(":", 1)
+            gen["function"] = f"{fix('eval.generate.function', path)}:{name}"
+        out["eval"] = {**out["eval"], "generate": gen}
     if isinstance(out.get("model"), dict):
         m = dict(out["model"])
         for k in ("name_or_path", "tokenizer"):
@@ -170,6 +180,12 @@ def _resolve_paths(data: dict, base: Path) -> dict:
                 m[k] = fix(f"model.{k}", m[k], must_look_local=False)
         out["model"] = m
     return out
+
+
+def metric_file(gen: Any) -> Optional[str]:
+    """The file of an eval.generate.function given as file.py:function (None for module:function)."""
+    fn = gen.function
+    return fn.rsplit(":", 1)[0] if fn and ".py:" in fn else None
 
 
 def _fix_reference(fix: Callable[[str, Optional[str]], Optional[str]], i: int, ref: Any) -> Any:
@@ -254,6 +270,14 @@ def local_paths(path: Union[str, Path], spec: JobSpec, overrides: Optional[list[
         w = written_refs[i] if i < len(written_refs) else None
         w = w.get("path") if isinstance(w, dict) else w
         yield f"eval.reference.{i}", (w if isinstance(w, str) else None), ref.path
+    gen = spec.eval.generate
+    written_gen = (raw.get("eval") or {}).get("generate") if isinstance(raw.get("eval"), dict) else None
+    written_gen = written_gen if isinstance(written_gen, dict) else {}
+    if gen is not None and gen.data:
+        yield "eval.generate.data", written_gen.get("data"), gen.data
+    if gen is not None and gen.function and ".py:" in gen.function:
+        w = written_gen.get("function")
+        yield "eval.generate.function", (w.rsplit(":", 1)[0] if isinstance(w, str) else None), metric_file(gen)
 
 
 def with_overrides(spec: JobSpec, overrides: dict[str, Any]) -> JobSpec:
@@ -272,8 +296,11 @@ def with_overrides(spec: JobSpec, overrides: dict[str, Any]) -> JobSpec:
 def missing_local_inputs(spec: JobSpec) -> list[tuple[str, str, str]]:
     """(key, path, problem) for every local input (data, model, tokenizer folder) that is not on this machine."""
     out = []
+    gen = spec.eval.generate
     data_paths = [("data.train", spec.data.train), ("data.eval", spec.data.eval),
-                  *((f"eval.reference.{i}", r.path) for i, r in enumerate(spec.eval.reference))]
+                  *((f"eval.reference.{i}", r.path) for i, r in enumerate(spec.eval.reference)),
+                  ("eval.generate.data", gen.data if gen else None),
+                  ("eval.generate.function", metric_file(gen) if gen else None)]
     for key, val in data_paths:
         if val and not is_remote(val) and not os.path.exists(val):
             out.append((key, val, "no such file or directory"))

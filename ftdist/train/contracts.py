@@ -37,7 +37,8 @@ def reported_metrics(spec: JobSpec) -> tuple[str, ...]:
     """The metric names a run of this job reports."""
     evals = OBJECTIVE_EVAL_METRICS[spec.objective] if spec.has_eval else ()
     references = tuple(r.metric for r in spec.eval.reference)
-    return TRAIN_METRICS + OBJECTIVE_TRAIN_METRICS[spec.objective] + evals + references
+    generated = spec.eval.generate.metric_names if spec.eval.generate else ()
+    return TRAIN_METRICS + OBJECTIVE_TRAIN_METRICS[spec.objective] + evals + references + generated
 
 
 class _Contract(BaseModel):
@@ -77,6 +78,8 @@ class WorkerConfig(_Contract):
     tracking: TrackingTarget = TrackingTarget()
 
 
+JOB_FILE = "ftdist_job.json"
+"""In the run folder: the resolved job spec of the latest attempt (what `ftdist export --eval` evaluates with)."""
 STATE_FILE = "ftdist_state.json"
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Optional
 
@@ -18,6 +19,7 @@ from ftdist.errors import SpecError, did_you_mean
 from ftdist.spec import DataSpec, JobSpec
 from ftdist.storage.cache import download
 from ftdist.storage.uri import is_remote
+from ftdist.train.obs.progress import progress
 
 IGNORE_INDEX = -100
 CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
@@ -277,9 +279,10 @@ def _adds_bos(tok: Any) -> bool:
     return bool(probe) and probe[0] == tok.bos_token_id
 
 
-def tokenize_rows(rows: list[Row], tok: Callable[[Any], Example], spec: DataSpec, stats: DataStats) -> list[Example]:
+def tokenize_rows(rows: list[Row], tok: Callable[[Any], Example], spec: DataSpec, stats: DataStats,
+                  show: bool = False, what: str = "tokenising") -> list[Example]:
     out = []
-    for r in rows:
+    for r in progress(rows, len(rows), what, show=show, stream=sys.stdout):
         try:
             ex = tok(r.data)
         except RowError as e:
@@ -330,8 +333,9 @@ class Splits:
 
 
 def build_splits(spec: DataSpec, tokenizer: Any, seed: int,
-                 encode: Optional[Callable[[Any], Example]] = None) -> Splits:
-    """Train and eval examples; `encode` turns a row into an example (the objective's; default: SFT's Tokenize)."""
+                 encode: Optional[Callable[[Any], Example]] = None, show: bool = False) -> Splits:
+    """Train and eval examples; `encode` turns a row into an example (the objective's; default: SFT's Tokenize).
+    `show`: progress lines for a long tokenisation (rank 0)."""
     tok = encode or Tokenize(tokenizer, spec)
     stats = DataStats()
     rows = read_rows(spec.train)
@@ -344,9 +348,9 @@ def build_splits(spec: DataSpec, tokenizer: Any, seed: int,
         rows = [r for i, r in enumerate(rows) if i not in eval_idx]
     elif spec.eval:
         eval_rows = read_rows(spec.eval)
-    train = tokenize_rows(rows, tok, spec, stats)
+    train = tokenize_rows(rows, tok, spec, stats, show, f"tokenising {spec.train}")
     eval_stats = DataStats() if eval_rows else None
-    ev = tokenize_rows(eval_rows, tok, spec, eval_stats) if eval_rows else []
+    ev = tokenize_rows(eval_rows, tok, spec, eval_stats, show, "tokenising the eval rows") if eval_rows else []
     if spec.packing:
         train = pack(train, spec.max_length)
         ev = pack(ev, spec.max_length) if ev else []

@@ -21,9 +21,9 @@ from ftdist.spec import JobSpec
 from ftdist.storage import s3
 from ftdist.storage.checkpoints import CheckpointStore
 from ftdist.storage.lease import run_lease
-from ftdist.storage.store import TransferOptions
+from ftdist.storage.store import TransferOptions, open_store
 from ftdist.storage.uri import is_remote, without_scheme
-from ftdist.train.contracts import STATE_FILE, TrackingTarget, TrainState, WorkerConfig
+from ftdist.train.contracts import JOB_FILE, STATE_FILE, TrackingTarget, TrainState, WorkerConfig
 from ftdist.train.obs.report import RunReport, load_run_report
 from ftdist.train.obs.tracking import finish_tracking, start_tracking
 from ftdist.train.ray_runtime import connect_ray, disconnect_ray, runtime_env_vars
@@ -128,20 +128,26 @@ def preflight_data(spec: JobSpec) -> Optional["DataStats"]:
     # transformers and the tokenizer stay off the path of `ftdist validate`.
     from ftdist.train.data import ShardedLoader
     from ftdist.train.evaluation import load_references
+    from ftdist.train.generation import load_metric_function, load_prompts
     from ftdist.train.locations import preflight_tokenizer
     from ftdist.train.model_config import check_from_config
     from ftdist.train.objectives import splits_for
 
     check_from_config(spec.model)
+    gen = spec.eval.generate
+    if gen is not None:
+        load_metric_function(gen)  # an unknown function or module is one line now
     if any(p and is_remote(p) for p in (spec.data.train, spec.data.eval, spec.model.tokenizer_path)):
         return None
     tok = preflight_tokenizer(spec.model)
     if tok is None:
         return None
-    splits = splits_for(spec, tok)
+    splits = splits_for(spec, tok, show=True)
     ShardedLoader.for_job(spec, splits.train, 0, spec.resources.num_workers)  # raises if < one global batch
     if not any(is_remote(r.path) for r in spec.eval.reference):
         load_references(spec, tok)  # a bad reference row is a file:line error now, not in every worker
+    if gen is not None and not is_remote(gen.data or spec.data.eval):
+        load_prompts(spec, tok)  # a row without a prompt or reference is a file:line error now
     return splits.stats
 
 
@@ -192,6 +198,7 @@ def run_training(spec: JobSpec, *, address: Optional[str] = None, dashboard: boo
     ckpt, state, metrics, error = None, None, {}, None
     try:
         with run_lease(spec.run_dir) as lease:  # one live attempt per job: a second is refused here, in one line
+            open_store(spec.run_dir).put_bytes(JOB_FILE, spec.model_dump_json(indent=1).encode())
             tracking = start_tracking(spec, attempt=lease.generation, parent_run_id=tracking_parent,
                                       group=tracking_group)
             try:

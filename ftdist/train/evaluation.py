@@ -12,6 +12,7 @@ import torch.distributed as dist
 
 from ftdist.spec import JobSpec
 from ftdist.train.data import DataStats, Example, Tokenize, collate, eval_batches, read_rows, tokenize_rows
+from ftdist.train.generation import GenerationEval
 from ftdist.train.objectives.base import Objective
 from ftdist.train.objectives.sft import next_token_sums
 
@@ -38,16 +39,19 @@ def load_references(spec: JobSpec, tokenizer: Any) -> list[ReferenceSet]:
 
 
 class Evaluator:
-    """One evaluation = the task's eval set through the objective + every reference set through the LM head."""
+    """One evaluation = the task's eval set through the objective + every reference set through the LM head + (at
+    step 0, the end and eval.generate.every_n_steps) greedy generation on the held-out prompts."""
 
     def __init__(self, spec: JobSpec, objective: Objective, eval_examples: list, references: list[ReferenceSet],
-                 rank: int, world: int, to_device: Callable[[list], dict], pad_id: int) -> None:
+                 generation: Optional[GenerationEval], rank: int, world: int, to_device: Callable[[list], dict],
+                 pad_id: int) -> None:
         self.spec, self.objective, self.eval_examples, self.references = spec, objective, eval_examples, references
+        self.generation = generation
         self.rank, self.world, self.to_device, self.pad_id = rank, world, to_device, pad_id
 
     @property
     def enabled(self) -> bool:
-        return bool(self.eval_examples or self.references)
+        return bool(self.eval_examples or self.references or self.generation)
 
     def _sums(self, examples: list, forward: Callable[[list], torch.Tensor]) -> torch.Tensor:
         total: Optional[torch.Tensor] = None
@@ -58,7 +62,8 @@ class Evaluator:
                 batch, weight = examples[:1], 0.0
             sums = forward(batch) * weight
             total = sums if total is None else total + sums
-        dist.all_reduce(total)
+        if dist.is_initialized():
+            dist.all_reduce(total)
         return total
 
     def _lm_sums(self, engine: Any, batch: list) -> torch.Tensor:
@@ -66,7 +71,7 @@ class Evaluator:
         b = {k: v.to(engine.device) for k, v in collate(batch, self.pad_id).items()}
         return next_token_sums(engine, b)[1]
 
-    def __call__(self, engine: Any) -> dict[str, float]:
+    def __call__(self, engine: Any, step: int, last: bool) -> dict[str, float]:
         engine.eval()
         metrics: dict[str, float] = {}
         with torch.no_grad():
@@ -76,5 +81,43 @@ class Evaluator:
             for ref in self.references:
                 loss_sum, tokens = self._sums(ref.examples, lambda b: self._lm_sums(engine, b)).tolist()
                 metrics[ref.metric] = loss_sum / max(tokens, 1.0)  # token-weighted over the whole set
+            if self.generation is not None and self.generation.due(step, last):
+                metrics.update(self.generation(engine.module, engine.device))
         engine.train()
         return metrics
+
+
+class SingleProcessEngine:
+    """A plain model where the Evaluator expects a DeepSpeed engine (one process, no ZeRO): the WiSE-FT curve."""
+
+    def __init__(self, model: Any) -> None:
+        self.module = model
+        self.device = next(model.parameters()).device
+
+    def __call__(self, **batch: Any) -> Any:
+        return self.module(**batch)
+
+    def eval(self) -> None:
+        self.module.eval()
+
+    def train(self) -> None:
+        pass  # the model stays in eval mode: nothing trains here
+
+
+def evaluate_alone(spec: JobSpec, objective: Objective, model: Any, tokenizer: Any) -> dict[str, float]:
+    """One evaluation of a model in this process, as the job's evaluations measure it: the task's data.eval through
+    the objective (not for DPO, whose metrics need the reference log-probabilities of the run), every reference set,
+    and eval.generate."""
+    eval_examples = []
+    if spec.data.eval and spec.objective != "dpo":
+        stats = DataStats()
+        eval_examples = tokenize_rows(read_rows(spec.data.eval), objective.encoder(tokenizer), spec.data, stats)
+    generation = GenerationEval(spec, tokenizer, 0, 1) if spec.eval.generate else None
+    engine = SingleProcessEngine(model)
+
+    def to_device(batch: list) -> dict:
+        return {k: v.to(engine.device) for k, v in objective.collate(batch, tokenizer.pad_token_id).items()}
+
+    evaluator = Evaluator(spec, objective, eval_examples, load_references(spec, tokenizer), generation, 0, 1,
+                          to_device, tokenizer.pad_token_id)
+    return evaluator(engine, 0, last=True)

@@ -198,12 +198,15 @@ def adapter_only(stream: Tensors, alpha: Optional[float] = None) -> Tensors:
 
 def interpolated(stream: Tensors, base: "BaseWeights", alpha: float, layout: HeadLayout = HeadLayout()) -> Tensors:
     """WiSE-FT (Wortsman et al., 2022): theta = (1 - alpha) * theta_base + alpha * theta_finetuned. A head trained
-    from scratch has no base to move toward and stays as trained (the backbone is interpolated)."""
+    from scratch has no base to move toward and stays as trained (the backbone is interpolated); a tied output
+    embedding moves toward the base's input embedding, which is the same matrix."""
     for name, t in stream:
         if not t.is_floating_point():
             yield name, t
             continue
         b = base.get(name, layout.backbone)
+        if b is None and name in dict(layout.tied):  # a tied output embedding: the base stores the input one
+            b = base.get(dict(layout.tied)[name], layout.backbone)
         if b is None and layout.in_head(name):
             yield name, t
             continue
@@ -263,76 +266,106 @@ def needed_for_export(path: str, zero_stage: int) -> bool:
     return zero_stage == 3 or not _OPTIM_FILE.search(path)
 
 
+class FetchedCheckpoint:
+    """A committed checkpoint's export files downloaded into a scratch folder (each hash-verified): its manifest,
+    Hugging Face metadata and trainer state, and its weights as a stream. A context manager: the scratch goes at
+    the end."""
+
+    def __init__(self, ckpt_uri: str) -> None:
+        job_uri, name = split_checkpoint_uri(ckpt_uri)
+        self.job_uri = job_uri
+        cs = CheckpointStore(job_uri)
+        manifest = cs.read_manifest(name)
+        if manifest is None:
+            raise ValueError(f"{ckpt_uri}: not a committed checkpoint (no manifest)")
+        self.manifest = manifest
+        self.work = tempfile.mkdtemp(prefix="ftdist-export-")
+        try:
+            self.local = os.path.join(self.work, "ckpt")
+            cs.fetch(name, self.local, lambda path: needed_for_export(path, manifest.zero_stage))
+            self.hf_dir = os.path.join(self.local, "hf")
+            with open(os.path.join(self.hf_dir, "config.json")) as fh:
+                self.config = json.load(fh)
+            with open(os.path.join(self.local, STATE_FILE)) as fh:
+                self.state = TrainState.model_validate_json(fh.read())
+        except BaseException:
+            self.close()
+            raise
+        self.dtype = _dtype_of(self.config)
+
+    def __enter__(self) -> "FetchedCheckpoint":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        shutil.rmtree(self.work, ignore_errors=True)
+
+    def read(self, want: Callable[[str], bool] = lambda _: True) -> Tensors:
+        return iter_checkpoint_tensors(self.local, self.state.tag, self.manifest.zero_stage, want)
+
+    def base(self, base_model: Optional[str]) -> BaseWeights:
+        """The base model's weights, for WiSE-FT (default: the model the job fine-tuned)."""
+        src = base_model or self.manifest.base_model
+        if not src:
+            raise ValueError("--interpolate needs the base model's weights: this job built its model from a "
+                             "config; pass --base <hub id | path | s3://...>")
+        return BaseWeights(resolve_location(src, None))
+
+    def model_weights(self, interpolate: Optional[float] = None, base: Optional[BaseWeights] = None) -> Tensors:
+        """The whole model's weights (LoRA: merged into the base), WiSE-FT-interpolated when asked, in the
+        checkpoint's dtype."""
+        if self.manifest.method == "lora":
+            with open(os.path.join(self.hf_dir, "adapter_config.json")) as fh:
+                stream = merged_lora(self.read, json.load(fh))
+        else:
+            stream = self.read()
+        if interpolate is not None:
+            # The head trained from scratch has no base to move toward: WiSE-FT's only use of the layout.
+            stream = interpolated(stream, base, interpolate, HeadLayout.of(self.hf_dir, self.config))
+        return cast(stream, self.dtype)
+
+    def write(self, stream: Tensors, out: str, shard_size: str, prefix: str = "model", adapter: bool = False) -> None:
+        """A Hugging Face folder: the tensors in shards, and the checkpoint's config and tokenizer files beside."""
+        w = ShardWriter(out, shard_size, prefix=prefix)
+        for k, t in stream:
+            w.add(k, t)
+        w.close()
+        for f in os.listdir(self.hf_dir):
+            if f == "adapter_config.json" and not adapter:
+                continue
+            if adapter and f in ("config.json", "generation_config.json"):
+                continue
+            shutil.copy(os.path.join(self.hf_dir, f), os.path.join(out, f))
+
+    def drop_weights(self) -> None:
+        """Free the downloaded weights' scratch (before an upload)."""
+        shutil.rmtree(self.local, ignore_errors=True)
+
+
 def export_checkpoint(ckpt_uri: str, dest: str, *, interpolate: Optional[float] = None,
                       base_model: Optional[str] = None, merged: Optional[bool] = None,
                       max_shard_size: Optional[str] = None) -> dict:
     """Download a committed checkpoint (the files an export needs, each verified), write a HF folder to `dest`
     (local or s3://). `max_shard_size` defaults to the job's export.max_shard_size. Returns
     {"model"|"adapter"|"merged": uri}."""
-    job_uri, name = split_checkpoint_uri(ckpt_uri)
-    cs = CheckpointStore(job_uri)
-    manifest = cs.read_manifest(name)
-    if manifest is None:
-        raise ValueError(f"{ckpt_uri}: not a committed checkpoint (no manifest)")
-    shard_size = max_shard_size or manifest.export_max_shard_size
-    parse_size(shard_size)  # a bad --max-shard-size is an error before anything is downloaded
-    work = tempfile.mkdtemp(prefix="ftdist-export-")
-    try:
-        local = os.path.join(work, "ckpt")
-        cs.fetch(name, local, lambda path: needed_for_export(path, manifest.zero_stage))
-        hf_dir = os.path.join(local, "hf")
-        with open(os.path.join(hf_dir, "config.json")) as fh:
-            config = json.load(fh)
-        dtype = _dtype_of(config)
-        with open(os.path.join(local, STATE_FILE)) as fh:
-            tag = TrainState.model_validate_json(fh.read()).tag
-        base = None
-        if interpolate is not None:
-            src = base_model or manifest.base_model
-            if not src:
-                raise ValueError("--interpolate needs the base model's weights: this job built its model from a "
-                                 "config; pass --base <hub id | path | s3://...>")
-            base = BaseWeights(resolve_location(src, None))
-        staging = os.path.join(work, "out")
+    with FetchedCheckpoint(ckpt_uri) as ck:
+        shard_size = max_shard_size or ck.manifest.export_max_shard_size
+        parse_size(shard_size)  # a bad --max-shard-size is an error before anything is written
+        base = ck.base(base_model) if interpolate is not None else None
+        staging = os.path.join(ck.work, "out")
         written: dict = {}
-
-        def meta_files(out: str, adapter: bool = False) -> None:
-            for f in os.listdir(hf_dir):
-                if f == "adapter_config.json" and not adapter:
-                    continue
-                if adapter and f in ("config.json", "generation_config.json"):
-                    continue
-                shutil.copy(os.path.join(hf_dir, f), os.path.join(out, f))
-
-        def write(stream: Tensors, out: str, prefix: str = "model", adapter: bool = False) -> None:
-            w = ShardWriter(out, shard_size, prefix=prefix)
-            for k, t in stream:
-                w.add(k, t)
-            w.close()
-            meta_files(out, adapter)
-
-        layout = HeadLayout.of(hf_dir, config) if interpolate is not None else HeadLayout()  # WiSE-FT's only
-
-        def weights(stream: Tensors) -> Tensors:
-            if interpolate is not None:
-                stream = interpolated(stream, base, interpolate, layout)
-            return cast(stream, dtype)
-
-        read = lambda want: iter_checkpoint_tensors(local, tag, manifest.zero_stage, want)  # noqa: E731
-        if manifest.method == "lora":
-            write(adapter_only(read(_in_adapter), interpolate), os.path.join(staging, "adapter"), "adapter_model",
-                  True)
+        if ck.manifest.method == "lora":
+            ck.write(adapter_only(ck.read(_in_adapter), interpolate), os.path.join(staging, "adapter"), shard_size,
+                     "adapter_model", adapter=True)
             written["adapter"] = "adapter"
-            if merged if merged is not None else manifest.merge_on_export:
-                with open(os.path.join(hf_dir, "adapter_config.json")) as fh:
-                    adapter_cfg = json.load(fh)
-                write(weights(merged_lora(read, adapter_cfg)), os.path.join(staging, "merged"))
+            if merged if merged is not None else ck.manifest.merge_on_export:
+                ck.write(ck.model_weights(interpolate, base), os.path.join(staging, "merged"), shard_size)
                 written["merged"] = "merged"
         else:
-            write(weights(read(lambda _: True)), staging)
+            ck.write(ck.model_weights(interpolate, base), staging, shard_size)
             written["model"] = ""
-        shutil.rmtree(local)  # free scratch before the upload
+        ck.drop_weights()
         publish_dir(staging, dest.rstrip("/"))
         return {k: (f"{dest.rstrip('/')}/{v}" if v else dest.rstrip("/")) for k, v in written.items()}
-    finally:
-        shutil.rmtree(work, ignore_errors=True)

@@ -80,19 +80,30 @@ class HeadLayout:
     """The backbone's attribute name (`model`, `bert`): a base checkpoint may store its tensors without it."""
     head: tuple[str, ...] = ()
     """The head's top-level modules: a base model has no such tensors (WiSE-FT keeps the fine-tuned ones)."""
+    tied: tuple[tuple[str, str], ...] = ()
+    """(output embedding weight, input embedding weight) when the config ties them: a base checkpoint stores the
+    pair once, under the input embedding's name."""
 
     @classmethod
     def of(cls, hf_dir: str, config: dict) -> "HeadLayout":
-        """The layout of the model whose config.json (`config`, read) is in `hf_dir`: a sequence-classification
-        model is built on the meta device (no memory, no weights) to find it; a causal LM has no new head."""
-        if not any(a.endswith("ForSequenceClassification") for a in config.get("architectures") or ()):
-            return cls()
-        from transformers import AutoConfig, AutoModelForSequenceClassification
+        """The layout of the model whose config.json (`config`, read) is in `hf_dir`, from the model built on the
+        meta device (no memory, no weights): a sequence classifier's backbone and new head; a causal LM's tied
+        embeddings."""
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
+        classifier = any(a.endswith("ForSequenceClassification") for a in config.get("architectures") or ())
         cfg = AutoConfig.from_pretrained(hf_dir)
         with torch.device("meta"):
-            model = AutoModelForSequenceClassification.from_config(cfg)
-        return cls(getattr(model, "base_model_prefix", "model"), tuple(head_modules(model)))
+            model = (AutoModelForSequenceClassification if classifier else AutoModelForCausalLM).from_config(cfg)
+        tied: tuple = ()
+        text_cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+        out_emb, in_emb = model.get_output_embeddings(), model.get_input_embeddings()
+        if getattr(text_cfg, "tie_word_embeddings", False) and out_emb is not None and in_emb is not None:
+            names = {id(m): n for n, m in model.named_modules()}
+            tied = ((f"{names[id(out_emb)]}.weight", f"{names[id(in_emb)]}.weight"),)
+        if not classifier:
+            return cls(tied=tied)
+        return cls(getattr(model, "base_model_prefix", "model"), tuple(head_modules(model)), tied)
 
     def in_head(self, name: str) -> bool:
         return name.split(".", 1)[0] in self.head

@@ -32,10 +32,12 @@ from ftdist.train.contracts import STARTUP_KEY, TrainState, WorkerConfig
 from ftdist.train.data import ShardedLoader
 from ftdist.train.ds_config import to_deepspeed
 from ftdist.train.evaluation import Evaluator, load_references
+from ftdist.train.generation import GenerationEval
 from ftdist.train.locations import load_tokenizer, prefetch_per_node
 from ftdist.train.modeling import apply_kernels, apply_method, count_params, load_model
 from ftdist.train.objectives import objective_for, splits_for
 from ftdist.train.objectives.reference import attach_reference
+from ftdist.train.obs.progress import eta
 from ftdist.train.obs.sinks import MetricsLog
 from ftdist.train.optim import lr_lambda, param_groups, torch_adamw, total_steps
 
@@ -127,7 +129,7 @@ def train_fn_per_worker(config: dict) -> None:
     tokenizer = load_tokenizer(tok_path, spec.model.trust_remote_code)
 
     objective = objective_for(spec)
-    splits = splits_for(spec, tokenizer, objective)
+    splits = splits_for(spec, tokenizer, objective, show=rank == 0)
     references = load_references(spec, tokenizer)
     loader = ShardedLoader.for_job(spec, splits.train, rank, world)
     n_steps = total_steps(spec, loader.steps_per_epoch)
@@ -201,11 +203,15 @@ def train_fn_per_worker(config: dict) -> None:
 
     def record(metrics: dict) -> None:
         history.append(metrics)
-        print0(rank, f"[ftdist] step {metrics['step']}/{n_steps} | {metrics_line(metrics)}")
+        left = eta(metrics["step"] - start_step, n_steps - start_step, metrics.get("train_time_s", 0.0))
+        print0(rank, f"[ftdist] step {metrics['step']}/{n_steps} | {metrics_line(metrics)}"
+                     + (f" | eta {left}" if left else ""))
         if tracker is not None:
             tracker.log(metrics)
 
-    evaluate = Evaluator(spec, objective, splits.eval, references, rank, world, to_device, tokenizer.pad_token_id)
+    generation = GenerationEval(spec, tokenizer, rank, world) if spec.eval.generate else None
+    evaluate = Evaluator(spec, objective, splits.eval, references, generation, rank, world, to_device,
+                         tokenizer.pad_token_id)
 
     log_every = spec.logging.every_n_steps
     ck_every = spec.checkpoint.every_n_steps
@@ -220,7 +226,7 @@ def train_fn_per_worker(config: dict) -> None:
     metrics: dict = {}
     if start_step == 0 and evaluate.enabled:
         # Baseline held-out loss (and reference loss) before the first update: how far fine-tuning moved them.
-        metrics = {"step": 0, **evaluate(engine)}
+        metrics = {"step": 0, **evaluate(engine, 0, last=n_steps == 0)}
         record(metrics)
         ray.train.report(metrics)
         clock.mark("eval")
@@ -268,7 +274,7 @@ def train_fn_per_worker(config: dict) -> None:
         if startup is not None:
             metrics[STARTUP_KEY], startup = startup, None
         if want_eval:
-            metrics.update(evaluate(engine))
+            metrics.update(evaluate(engine, done, last))
         record(metrics)
         if want_ckpt:
             wall_s = time.time() - clock.t0  # this attempt, from the run's start stamp

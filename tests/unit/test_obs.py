@@ -81,3 +81,20 @@ def test_report_tables_forgetting_beside_the_task_gain(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["curves.png", "metrics.csv", "report.md"]
     gpu = RunReport("job", "/runs/job", _state(gpu_seconds=7200.0)).markdown()
     assert "2 GPU-hours, 2 worker-hours" in gpu
+
+
+def test_progress_off_a_terminal_is_one_line_per_interval(monkeypatch):
+    import io as _io
+
+    from ftdist.train.obs import progress as p
+
+    clock = iter(range(0, 1000, 10))  # every item takes 10 s
+    monkeypatch.setattr(p.time, "monotonic", lambda: next(clock))
+    out = _io.StringIO()
+    assert list(p.progress(range(9), 9, "tokenising x", stream=out, interval_s=30)) == list(range(9))
+    lines = out.getvalue().splitlines()
+    assert lines[0] == "[ftdist] tokenising x: 3/9 (33%), 30s, eta 1m00s" and len(lines) == 4
+    assert lines[-1] == "[ftdist] tokenising x: done, 9 in 1m40s"  # the clock read once more at the end
+    quiet = _io.StringIO()
+    assert list(p.progress(range(3), 3, "x", stream=quiet, show=False)) == [0, 1, 2] and quiet.getvalue() == ""
+    assert p.duration(3725) == "1h02m" and p.eta(10, 240, 20.0) == "7m40s" and p.eta(0, 10, 1.0) is None

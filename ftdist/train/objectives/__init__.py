@@ -19,7 +19,8 @@ def objective_for(spec: JobSpec) -> Objective:
     return OBJECTIVES[spec.objective](spec)
 
 
-def splits_for(spec: JobSpec, tokenizer: Any, objective: Optional[Objective] = None) -> Splits:
-    """The job's train and eval examples as its objective reads rows (the driver's check, every worker, the bench)."""
+def splits_for(spec: JobSpec, tokenizer: Any, objective: Optional[Objective] = None, show: bool = False) -> Splits:
+    """The job's train and eval examples as its objective reads rows (the driver's check, every worker, the bench).
+    `show`: progress lines for a long tokenisation."""
     objective = objective or objective_for(spec)
-    return build_splits(spec.data, tokenizer, spec.optim.seed, objective.encoder(tokenizer))
+    return build_splits(spec.data, tokenizer, spec.optim.seed, objective.encoder(tokenizer), show)

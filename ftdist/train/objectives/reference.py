@@ -9,11 +9,14 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import sys
 import time
 from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
+
+from ftdist.train.obs.progress import progress
 
 REFERENCE_FILE = "reference_logps.json"
 
@@ -36,7 +39,8 @@ def score(objective: Any, engine: Any, examples: list, micro: int, rank: int, wo
     out = torch.zeros(n, 2, dtype=torch.float64)
     engine.eval()
     with torch.no_grad():
-        for i in range(passes):
+        for i in progress(range(passes), passes, "reference log-probabilities (batches)", show=rank == 0,
+                          stream=sys.stdout):
             idx = mine[i * micro:(i + 1) * micro]
             batch = [examples[j] for j in idx] or examples[:1]  # a short rank still joins ZeRO-3's gathers
             logps = objective.logps(engine, to_device(batch))[0].double().cpu()

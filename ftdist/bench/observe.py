@@ -1,0 +1,77 @@
+"""What knowing a run costs: tracking on against off (a real MLflow server and TensorBoard event files, the same
+job, the two taking turns), and generation metrics batched against one prompt at a time."""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+
+import torch
+
+from ftdist.bench.common import BENCH_LLAMA, bench_spec, task
+from ftdist.bench.local_mlflow import new_password, start_mlflow
+from ftdist.spec import with_overrides
+from ftdist.train.driver import run_training
+from ftdist.train.generation import greedy_generate, load_prompts
+from ftdist.train.locations import load_tokenizer
+from ftdist.train.ray_runtime import connect_ray, disconnect_ray
+
+
+def bench_tracking(tmp: str, steps: int, rounds: int) -> dict:
+    """Wall time of a whole `run_training` (logging every step: the most rows a job can send) with MLflow +
+    TensorBoard on and off, alternating; the ratio of the means. One embedded Ray serves every run, so Ray's start
+    is in neither."""
+    server = start_mlflow(new_password())
+    os.environ.update({k: v for k, v in server.env().items() if k != "MLFLOW_TRACKING_URI"})  # before Ray starts
+    started = connect_ray(None, 3)
+    walls: dict[str, list[float]] = {"on": [], "off": []}
+    loops: dict[str, list[float]] = {"on": [], "off": []}
+    try:
+        for i in range(rounds):
+            for mode in (("on", "off") if i % 2 == 0 else ("off", "on")):
+                spec = bench_spec(os.path.join(tmp, f"tracking-{mode}-{i}"), steps, log_every=1)
+                tracking = {"mlflow": {"tracking_uri": server.uri, "experiment": "bench"}, "tensorboard": True}
+                spec = with_overrides(spec, {"tracking": tracking if mode == "on" else {"tensorboard": False}})
+                t0 = time.perf_counter()
+                s = run_training(spec)
+                if s.error:
+                    raise RuntimeError(s.error)
+                walls[mode].append(time.perf_counter() - t0)
+                loops[mode].append(s.history[-1]["train_time_s"])
+    finally:
+        disconnect_ray(started)
+        server.stop()
+    on, off = statistics.mean(walls["on"]), statistics.mean(walls["off"])
+    loop_on, loop_off = statistics.mean(loops["on"]), statistics.mean(loops["off"])
+    return {"on": on, "off": off, "ratio": on / off, "loop_on": loop_on, "loop_off": loop_off,
+            "loop_ratio": loop_on / loop_off, "round_ratios": [a / b for a, b in zip(walls["on"], walls["off"])]}
+
+
+def bench_generation(prompts: int = 100, batch: int = 16, max_new_tokens: int = 24) -> dict:
+    """Seconds per `prompts` held-out prompts of greedy decoding on the benchmark model: in batches of `batch`
+    (as eval.generate runs) and one prompt at a time. The model is random, so every prompt runs the full
+    max_new_tokens on both sides."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    files = task()
+    spec = with_overrides(bench_spec("/tmp/unused", 1), {"data.eval": files.eval,
+                                                        "eval.generate": {"max_prompts": prompts}})
+    tok = load_tokenizer(files.tokenizer, False)
+    rows = [p.ids for p in load_prompts(spec, tok)]
+    torch.manual_seed(0)
+    cfg = AutoConfig.for_model(**BENCH_LLAMA)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    # No EOS, no early stop: the same work per prompt either way.
+    run = lambda ids: greedy_generate(model, ids, tok.pad_token_id, None, max_new_tokens)  # noqa: E731
+    with torch.no_grad():
+        run(rows[:batch])  # warm-up
+        t0 = time.perf_counter()
+        batched = [out for i in range(0, len(rows), batch) for out in run(rows[i:i + batch])]
+        t_batched = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        single = [run([ids])[0] for ids in rows]
+        t_single = time.perf_counter() - t0
+    same = sum(a == b for a, b in zip(batched, single))
+    return {"batched_s": t_batched * 100 / len(rows), "single_s": t_single * 100 / len(rows),
+            "ratio": t_batched / t_single, "same": same, "n": len(rows), "batch": batch, "tokens": max_new_tokens}
