@@ -8,13 +8,15 @@ import hashlib
 import os
 import shutil
 from pathlib import Path
-from typing import Optional
+import tempfile
+from typing import Callable, Optional
 
 from botocore.exceptions import BotoCoreError, ClientError
 
 from ftdist.errors import SpecError
+from ftdist.progress import Meter
 from ftdist.storage import s3
-from ftdist.storage.store import S3Store, TransferOptions, relative_files
+from ftdist.storage.store import S3Store, TransferOptions, open_store, relative_files
 from ftdist.storage.uri import is_remote, split_s3
 
 
@@ -48,20 +50,24 @@ def _download_locked(uri: str, bucket: str, key: str, target: Path) -> str:
     kind = "prefix"
     try:
         prefix = key.rstrip("/") + "/" if key else ""
-        keys = [
-            o["Key"]
+        sizes = {
+            o["Key"]: o["Size"]
             for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
             for o in page.get("Contents", [])
-        ]
-        if not keys and key:
-            client.head_object(Bucket=bucket, Key=key)
-            keys, prefix, kind = [key], key.rsplit("/", 1)[0] + "/" if "/" in key else "", "object"
-        if not keys:
+        }
+        if not sizes and key:
+            sizes = {key: client.head_object(Bucket=bucket, Key=key)["ContentLength"]}
+            prefix, kind = key.rsplit("/", 1)[0] + "/" if "/" in key else "", "object"
+        if not sizes:
             raise SpecError(f"{uri}: nothing stored under this prefix")
-        for k in keys:
-            out = tmp / k[len(prefix):]
-            out.parent.mkdir(parents=True, exist_ok=True)
-            client.download_file(bucket, k, str(out))
+        meter = Meter(sum(sizes.values()), f"downloading {uri}")  # once per node: the other ranks wait on the lock
+        try:
+            for k in sizes:
+                out = tmp / k[len(prefix):]
+                out.parent.mkdir(parents=True, exist_ok=True)
+                client.download_file(bucket, k, str(out), Callback=meter)
+        finally:
+            meter.close()
     except (ClientError, BotoCoreError) as e:
         shutil.rmtree(tmp, ignore_errors=True)
         raise SpecError(s3.describe_error(e, uri)) from None
@@ -82,6 +88,28 @@ def _readable(root: str) -> None:
             os.chmod(os.path.join(d, f), 0o666 & ~umask)
 
 
+def publish_files(dest: str, texts: dict[str, str], plots: Optional[dict[str, Callable[[str], None]]] = None, *,
+                  replace: bool = False, local: Optional[str] = None) -> dict[str, str]:
+    """Generated report files (tables as text; plots drawn by a callable into a path) built in `local` (kept: the
+    tracking server gets a copy) or a temporary folder, then published to `dest` (local or s3://): replacing the
+    folder (`replace`), or beside what is there. Returns {name: uri}."""
+    plots = plots or {}
+    with tempfile.TemporaryDirectory(prefix="ftdist-files-") as tmp:
+        folder = local or tmp
+        os.makedirs(folder, exist_ok=True)
+        for name, text in texts.items():
+            with open(os.path.join(folder, name), "w") as fh:
+                fh.write(text)
+        for name, draw in plots.items():
+            draw(os.path.join(folder, name))
+        names = [*texts, *plots]
+        if replace:
+            publish_dir(folder, dest)
+        else:
+            open_store(dest).put_files([(os.path.join(folder, n), n) for n in names])
+    return {n: f"{dest}/{n}" for n in names}
+
+
 def publish_dir(local_dir: str, dest: str, opts=None) -> str:
     """Copy a finished local folder to `dest` (local path or s3:// prefix)."""
     if is_remote(dest):
@@ -89,7 +117,7 @@ def publish_dir(local_dir: str, dest: str, opts=None) -> str:
         items = [(os.path.join(local_dir, rel), rel) for rel in relative_files(local_dir)]
         # Replace, don't merge: stale shards of an earlier export must not sit next to the new index.
         store.delete_prefix("")
-        store.put_files(items)
+        store.put_files(items, what=f"uploading {dest}")
         return dest
     if os.path.abspath(local_dir) != os.path.abspath(dest):
         tmp = dest.rstrip("/") + ".tmp"

@@ -89,13 +89,15 @@ class CheckpointStore:
     # --- writing ------------------------------------------------------------------------------------------------
 
     def upload_rank(self, local_dir: str, name: str, rank: int) -> list[FileEntry]:
-        """Upload one rank's files of checkpoint `name`, then its file list (the rank's part of the commit)."""
+        """Upload one rank's files of checkpoint `name`, then its file list (the rank's part of the commit). Rank 0
+        reports progress on a long upload."""
         rels = relative_files(local_dir)
         # Hash while the bytes stream out (hashlib and the HTTP transfers both release the GIL); the file list is
         # written only after both finished.
         with ThreadPoolExecutor(max_workers=1) as ex:
             hashed = ex.submit(_hash_files, local_dir, rels, rank)
-            self.store.put_files([(os.path.join(local_dir, r), f"{name}/{r}") for r in rels])
+            self.store.put_files([(os.path.join(local_dir, r), f"{name}/{r}") for r in rels],
+                                 what=f"uploading {name}" if rank == 0 else None)
             files = hashed.result()
         listing = [f.model_dump(exclude_none=True) for f in files]
         self.store.put_bytes(f"{name}/{PARTS}/rank-{rank:05d}.json", json.dumps(listing).encode())
@@ -197,14 +199,16 @@ class CheckpointStore:
                 return c
         return None
 
-    def fetch(self, name: str, dest: str, want: Callable[[str], bool] = lambda _: True) -> Manifest:
+    def fetch(self, name: str, dest: str, want: Callable[[str], bool] = lambda _: True,
+              show: bool = False) -> Manifest:
         """Download the files of a committed checkpoint whose path passes `want` into dest/ and verify each hash.
-        Returns the manifest."""
+        Returns the manifest. `show`: progress lines for a long download."""
         m = self.read_manifest(name)
         if m is None:
             raise CheckpointError(f"{self.store.child(name)}: not a committed checkpoint (no {MANIFEST})")
         chosen = [f for f in m.files if want(f.path)]
-        self.store.get_files([(f"{name}/{f.path}", os.path.join(dest, f.path)) for f in chosen])
+        self.store.get_files([(f"{name}/{f.path}", os.path.join(dest, f.path)) for f in chosen],
+                             what=f"downloading {name}" if show else None, total=sum(f.size for f in chosen))
         for f in chosen:
             if not verify_file(os.path.join(dest, f.path), f):
                 raise CheckpointError(f"{self.store.child(name)}/{f.path}: checksum mismatch after download "
@@ -216,8 +220,8 @@ class CheckpointStore:
         return self.fetch(name, dest)
 
     def fetch_for_rank(self, name: str, rank: int, dest: str) -> Manifest:
-        """Only the files `rank` needs to resume (its own shards and the shared files)."""
-        return self.fetch(name, dest, lambda path: needed_by(path, rank))
+        """Only the files `rank` needs to resume (its own shards and the shared files); rank 0 shows progress."""
+        return self.fetch(name, dest, lambda path: needed_by(path, rank), show=rank == 0)
 
     # --- housekeeping -------------------------------------------------------------------------------------------
 

@@ -19,7 +19,9 @@ from typing import Any, Callable, Iterable, Optional
 from blake3 import blake3
 from boto3.s3.transfer import TransferConfig, create_transfer_manager
 from botocore.exceptions import ClientError
+from s3transfer.subscribers import BaseSubscriber
 
+from ftdist.progress import Meter
 from ftdist.storage import s3
 from ftdist.storage.uri import is_remote, split_s3
 
@@ -89,7 +91,8 @@ class Store:
     def child(self, key: str) -> str:
         return f"{self.uri.rstrip('/')}/{key}" if key else self.uri
 
-    def put_files(self, items: list[tuple[str, str]]) -> None:  # [(local_path, key)]
+    def put_files(self, items: list[tuple[str, str]], what: Optional[str] = None) -> None:
+        """[(local_path, key)]; `what`: progress lines for a long transfer, e.g. "uploading step_00000240"."""
         raise NotImplementedError
 
     def put_bytes(self, key: str, data: bytes, if_absent: bool = False) -> bool:
@@ -99,7 +102,8 @@ class Store:
     def get_bytes(self, key: str) -> Optional[bytes]:
         raise NotImplementedError
 
-    def get_files(self, items: list[tuple[str, str]]) -> None:  # [(key, local_path)]
+    def get_files(self, items: list[tuple[str, str]], what: Optional[str] = None, total: Optional[int] = None) -> None:
+        """[(key, local_path)]; `what`, `total` (bytes): progress lines for a long transfer."""
         raise NotImplementedError
 
     def list(self, prefix: str) -> dict[str, int]:
@@ -126,8 +130,8 @@ class LocalStore(Store):
     def _p(self, key: str) -> str:
         return os.path.join(self.uri, *key.split("/")) if key else self.uri
 
-    def put_files(self, items: list[tuple[str, str]]) -> None:
-        for src, key in items:
+    def put_files(self, items: list[tuple[str, str]], what: Optional[str] = None) -> None:
+        for src, key in items:  # a local copy: no progress to show
             dst = self._p(key)
             os.makedirs(os.path.dirname(dst), exist_ok=True)
             tmp = f"{dst}.part{os.getpid()}"
@@ -162,7 +166,7 @@ class LocalStore(Store):
         except FileNotFoundError:
             return None
 
-    def get_files(self, items: list[tuple[str, str]]) -> None:
+    def get_files(self, items: list[tuple[str, str]], what: Optional[str] = None, total: Optional[int] = None) -> None:
         for key, dst in items:
             os.makedirs(os.path.dirname(dst) or ".", exist_ok=True)
             shutil.copyfile(self._p(key), dst)
@@ -210,12 +214,14 @@ class S3Store(Store):
                              max_concurrency=self.opts.concurrency, use_threads=True)
         return create_transfer_manager(self.client, cfg)
 
-    def put_files(self, items: list[tuple[str, str]]) -> None:
+    def put_files(self, items: list[tuple[str, str]], what: Optional[str] = None) -> None:
         extra = dict(self.opts.extra_args)
+        meter = Meter(sum(os.path.getsize(src) for src, _ in items), what) if what else None
 
         def run(todo: list[tuple[str, str]]) -> None:
             with self._transfer() as tm:
-                futures = [tm.upload(src, self.bucket, self._k(key), extra_args=extra or None) for src, key in todo]
+                futures = [tm.upload(src, self.bucket, self._k(key), extra_args=extra or None,
+                                     subscribers=_subscribers(meter)) for src, key in todo]
                 errors = []
                 for f in futures:
                     try:
@@ -225,7 +231,11 @@ class S3Store(Store):
                 if errors:
                     raise errors[0]
 
-        retry(lambda: run(items), 3, "upload")
+        try:
+            retry(lambda: run(items), 3, "upload")
+        finally:
+            if meter is not None:
+                meter.close()
 
     def put_bytes(self, key: str, data: bytes, if_absent: bool = False) -> bool:
         kw: dict = dict(self.opts.extra_args)
@@ -248,17 +258,23 @@ class S3Store(Store):
                 return None
             raise
 
-    def get_files(self, items: list[tuple[str, str]]) -> None:
+    def get_files(self, items: list[tuple[str, str]], what: Optional[str] = None, total: Optional[int] = None) -> None:
+        meter = Meter(total, what) if what else None
+
         def run() -> None:
             with self._transfer() as tm:
                 futures = []
                 for key, dst in items:
                     os.makedirs(os.path.dirname(dst) or ".", exist_ok=True)
-                    futures.append(tm.download(self.bucket, self._k(key), dst))
+                    futures.append(tm.download(self.bucket, self._k(key), dst, subscribers=_subscribers(meter)))
                 for f in futures:
                     f.result()
 
-        retry(run, 3, "download")
+        try:
+            retry(run, 3, "download")
+        finally:
+            if meter is not None:
+                meter.close()
 
     def _iter(self, prefix: str, delimiter: Optional[str] = None) -> Iterable[dict]:
         p = self._k(prefix)
@@ -297,6 +313,20 @@ class S3Store(Store):
                 self.client.abort_multipart_upload(Bucket=self.bucket, Key=u["Key"], UploadId=u["UploadId"])
                 n += 1
         return n
+
+
+class _MeterSubscriber(BaseSubscriber):
+    """s3transfer's progress callback, into a Meter."""
+
+    def __init__(self, meter: Meter) -> None:
+        self.meter = meter
+
+    def on_progress(self, future: Any, bytes_transferred: int, **kwargs: Any) -> None:
+        self.meter(bytes_transferred)
+
+
+def _subscribers(meter: Optional[Meter]) -> Optional[list]:
+    return [_MeterSubscriber(meter)] if meter is not None else None
 
 
 def open_store(uri: str, opts: TransferOptions = TransferOptions()) -> Store:

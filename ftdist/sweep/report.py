@@ -7,8 +7,6 @@ import csv
 import io
 import json
 import math
-import os
-import tempfile
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -17,7 +15,7 @@ from ray.tune import ExperimentAnalysis
 
 from ftdist.errors import SpecError
 from ftdist.spec import JobSpec, spec_from_dict
-from ftdist.storage.cache import publish_dir
+from ftdist.storage.cache import publish_files
 from ftdist.storage import s3
 from ftdist.storage.checkpoints import CheckpointStore
 from ftdist.storage.store import open_store
@@ -146,15 +144,9 @@ class SweepReport:
         fig.savefig(path, dpi=110)
 
     def write(self, dest: str) -> dict[str, str]:
-        """results.csv, results.md and sweep.png into `dest` (local folder or s3:// prefix)."""
-        with tempfile.TemporaryDirectory(prefix="ftdist-report-") as tmp:
-            with open(os.path.join(tmp, "results.csv"), "w") as fh:
-                fh.write(self.csv_text())
-            with open(os.path.join(tmp, "results.md"), "w") as fh:
-                fh.write(self.markdown() + "\n")
-            self.plot(os.path.join(tmp, "sweep.png"))
-            publish_dir(tmp, dest)
-        return {n: f"{dest}/{n}" for n in ("results.csv", "results.md", "sweep.png")}
+        """results.csv, results.md and sweep.png into `dest` (local folder or s3:// prefix), replacing it."""
+        return publish_files(dest, {"results.csv": self.csv_text(), "results.md": self.markdown() + "\n"},
+                             {"sweep.png": self.plot}, replace=True)
 
 
 def load_report(spec: JobSpec) -> SweepReport:

@@ -19,7 +19,7 @@ from ftdist.errors import SpecError, did_you_mean
 from ftdist.spec import DataSpec, JobSpec
 from ftdist.storage.cache import download
 from ftdist.storage.uri import is_remote
-from ftdist.train.obs.progress import progress
+from ftdist.progress import progress
 
 IGNORE_INDEX = -100
 CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")

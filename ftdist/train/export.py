@@ -282,7 +282,7 @@ class FetchedCheckpoint:
         self.work = tempfile.mkdtemp(prefix="ftdist-export-")
         try:
             self.local = os.path.join(self.work, "ckpt")
-            cs.fetch(name, self.local, lambda path: needed_for_export(path, manifest.zero_stage))
+            cs.fetch(name, self.local, lambda path: needed_for_export(path, manifest.zero_stage), show=True)
             self.hf_dir = os.path.join(self.local, "hf")
             with open(os.path.join(self.hf_dir, "config.json")) as fh:
                 self.config = json.load(fh)

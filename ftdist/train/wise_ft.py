@@ -12,7 +12,6 @@ import io
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from typing import Optional
 
@@ -20,13 +19,12 @@ from matplotlib.figure import Figure
 
 from ftdist.errors import SpecError
 from ftdist.spec import JobSpec, parse_size, spec_from_dict
-from ftdist.storage.cache import publish_dir
+from ftdist.storage.cache import publish_dir, publish_files
 from ftdist.storage.store import open_store
 from ftdist.train.contracts import JOB_FILE
-from ftdist.train.obs.progress import progress
+from ftdist.progress import progress
 from ftdist.train.obs.report import REPORT_DIR
 
-CURVE_FILES = ("wise_ft.csv", "wise_ft.md", "wise_ft.png")
 
 
 def parse_alphas(text: str) -> list[float]:
@@ -108,14 +106,8 @@ class WiseFtCurve:
     def write(self, dest: str) -> dict[str, str]:
         """The curve's CSV, Markdown table and plot into `dest` (local folder or s3:// prefix), beside what is
         there (a run's report/ keeps its other files)."""
-        with tempfile.TemporaryDirectory(prefix="ftdist-wise-ft-") as tmp:
-            with open(os.path.join(tmp, "wise_ft.csv"), "w") as fh:
-                fh.write(self.csv_text())
-            with open(os.path.join(tmp, "wise_ft.md"), "w") as fh:
-                fh.write(self.markdown() + "\n")
-            self.plot(os.path.join(tmp, "wise_ft.png"))
-            open_store(dest).put_files([(os.path.join(tmp, n), n) for n in CURVE_FILES])
-        return {n: f"{dest}/{n}" for n in CURVE_FILES}
+        return publish_files(dest, {"wise_ft.csv": self.csv_text(), "wise_ft.md": self.markdown() + "\n"},
+                             {"wise_ft.png": self.plot})
 
 
 def _load_model(spec: JobSpec, folder: str):

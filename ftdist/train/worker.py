@@ -37,7 +37,7 @@ from ftdist.train.locations import load_tokenizer, prefetch_per_node
 from ftdist.train.modeling import apply_kernels, apply_method, count_params, load_model
 from ftdist.train.objectives import objective_for, splits_for
 from ftdist.train.objectives.reference import attach_reference
-from ftdist.train.obs.progress import eta
+from ftdist.progress import eta
 from ftdist.train.obs.sinks import MetricsLog
 from ftdist.train.optim import lr_lambda, param_groups, torch_adamw, total_steps
 

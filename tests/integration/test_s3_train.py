@@ -16,9 +16,11 @@ import time
 import pytest
 import torch
 
+from ftdist.cli import main
 from ftdist.spec import spec_from_dict
-from ftdist.train.driver import run_training
 from ftdist.storage.checkpoints import CheckpointStore
+from ftdist.storage.store import open_store
+from ftdist.train.driver import run_training
 from tests.conftest import REPO, tiny_job_dict
 from tests.support.faultproxy import FaultProxy
 
@@ -65,6 +67,12 @@ def test_sigkilled_worker_restarts_from_s3_and_matches_uninterrupted(ray_cluster
                   checkpoint={"every_n_steps": 4, "keep_last": 2}, eval={"max_batches": 2})
     ref = run_training(spec_from_dict(tiny_job_dict(storage, name="uninterrupted", **common)))
     assert ref.error is None, ref.error
+    # On s3:// storage the run report and the TensorBoard events (uploaded from rank 0's staging) land in the run
+    # folder too, and `ftdist report` rebuilds the report from there.
+    keys = open_store(f"{storage}/uninterrupted").list("")
+    assert {"report/report.md", "report/metrics.csv", "report/curves.png", "ftdist_job.json"} <= set(keys)
+    assert any(k.startswith("tensorboard/events.out.tfevents.") and size > 0 for k, size in keys.items()), keys
+    assert main(["report", f"{storage}/uninterrupted"]) == 0
 
     spec = spec_from_dict(tiny_job_dict(storage, name="killed", resources={"num_workers": 2, "cpus_per_worker": 1,
                                                                            "max_failures": 2}, **common))

@@ -1,107 +1,21 @@
-"""Tracking against a real MLflow tracking server (SQLite backend, local artifact root, basic auth), TensorBoard
-events read back with TensorBoard's own reader, the run report, and the reference sets' forgetting measure, on real
-Ray Train + DeepSpeed runs."""
+"""Tracking and forgetting on real Ray Train + DeepSpeed runs: a refused MLflow credential, the reference sets'
+forgetting measure for full fine-tuning against LoRA, the WiSE-FT curve. (A resumed run continuing its MLflow run
+with every step once, TensorBoard's own reader, the run report and the secret scan: test_train.py's resume test.)"""
 
 from __future__ import annotations
 
 import csv
-import io
-import os
-import shutil
 
 import pytest
-from mlflow import MlflowClient
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from ftdist.cli import main
 from ftdist.spec import spec_from_dict
-from ftdist.storage.checkpoints import MANIFEST
 from ftdist.train.driver import run_training
-from ftdist.train.obs.tracking import flat_params
 from tests.conftest import REPO, tiny_job_dict
 
 pytestmark = [pytest.mark.ray, pytest.mark.deepspeed]
 
 REFERENCE = str(REPO / "jobs" / "data" / "upstream" / "heldout.jsonl")
-
-
-def _history(client: MlflowClient, run_id: str, key: str) -> dict[int, float]:
-    """{step: value} of a metric, asserting no step was logged twice."""
-    points = client.get_metric_history(run_id, key)
-    steps = [m.step for m in points]
-    assert len(steps) == len(set(steps)), (key, sorted(steps))
-    return {m.step: m.value for m in points}
-
-
-def test_a_resumed_run_continues_the_same_tracking_run_without_duplicate_steps(ray_cluster, mlflow_server,
-                                                                                s3_credentials, tmp_path, capsys):
-    """Attempt 1 runs to step 6 (checkpoints at 4 and 6) and its step-6 checkpoint loses its commit marker, as when
-    an attempt dies after logging a step but before committing it; attempt 2 resumes at 4, replays 5 and 6, and runs
-    to 8."""
-    store = str(tmp_path / "store")
-    sections = dict(name="tracked", export={"enabled": False},
-                    tracking={"mlflow": {"tracking_uri": mlflow_server.uri, "experiment": "ftdist-tests"}},
-                    eval={"every_n_steps": 2, "max_batches": 2, "reference": [REFERENCE]},
-                    checkpoint={"every_n_steps": 4, "keep_last": 3})
-    optim = tiny_job_dict("x")["optim"]
-    first = spec_from_dict(tiny_job_dict(store, optim={**optim, "max_steps": 6}, **sections))
-    s1 = run_training(first)
-    assert s1.error is None, s1.error
-    os.remove(f"{store}/tracked/step_00000006/{MANIFEST}")
-    s2 = run_training(spec_from_dict(tiny_job_dict(store, optim={**optim, "max_steps": 8}, **sections)))
-    assert s2.error is None, s2.error
-    assert s2.state.resumes == [4]
-
-    client = MlflowClient(mlflow_server.uri)
-    (run,) = client.search_runs([client.get_experiment_by_name("ftdist-tests").experiment_id])
-    rid = run.info.run_id
-    assert run.info.status == "FINISHED" and run.info.run_name == "tracked"
-    tags = run.data.tags
-    assert (tags["ftdist.job"], tags["ftdist.attempt"], tags["ftdist.world_size"]) == ("tracked", "2", "2")
-    assert tags["ftdist.version"] and tags["ftdist.checkpoint_uri"] == s2.checkpoint
-    assert run.data.params == flat_params(first)  # logged once, by the attempt that created the run
-    loss = _history(client, rid, "loss")
-    assert sorted(loss) == list(range(1, 9))
-    ours = {h["step"]: h for h in s2.history}
-    for step in (1, 2, 3, 4, 7, 8):  # 5 and 6 hold the first attempt's values (the same to float noise)
-        assert loss[step] == pytest.approx(ours[step]["loss"], rel=1e-6)
-    reference = _history(client, rid, "eval_ref_heldout_loss")
-    assert sorted(reference) == [0, 2, 4, 6, 8]
-    assert reference[8] == pytest.approx(ours[8]["eval_ref_heldout_loss"], rel=1e-6)
-    assert sorted(_history(client, rid, "eval_loss")) == [0, 2, 4, 6, 8]
-    artifacts = {a.path for d in ("report", "ftdist") for a in client.list_artifacts(rid, d)}
-    assert artifacts == {"report/metrics.csv", "report/curves.png", "report/report.md", "ftdist/outputs.json"}
-
-    # TensorBoard: every step once; the second attempt's purge step drops the first attempt's 5 and 6.
-    events = EventAccumulator(f"{store}/tracked/tensorboard")
-    events.Reload()
-    tb = {e.step: e.value for e in events.Scalars("loss")}
-    assert sorted(tb) == list(range(1, 9)) and len(events.Scalars("loss")) == 8
-    for step in range(1, 9):
-        assert tb[step] == pytest.approx(ours[step]["loss"], rel=1e-5)
-    assert [e.step for e in events.Scalars("eval_ref_heldout_loss")] == [0, 2, 4, 6, 8]
-
-    # The run report in the run folder; `ftdist report` rebuilds the same from storage.
-    run_dir = tmp_path / "store" / "tracked"
-    md = (run_dir / "report" / "report.md").read_text()
-    assert "## Forgetting" in md and "| heldout |" in md and "resumed at: 4" in md
-    rows = list(csv.DictReader(io.StringIO((run_dir / "report" / "metrics.csv").read_text())))
-    assert [int(r["step"]) for r in rows] == list(range(0, 9))
-    assert float(rows[-1]["eval_ref_heldout_loss"]) == pytest.approx(ours[8]["eval_ref_heldout_loss"])
-    before = (run_dir / "report" / "metrics.csv").read_text()
-    shutil.rmtree(run_dir / "report")
-    capsys.readouterr()
-    assert main(["report", str(run_dir)]) == 0
-    assert "## Forgetting" in capsys.readouterr().out
-    assert (run_dir / "report" / "metrics.csv").read_text() == before
-
-    # No credential anywhere the server stores things, nor in the run folder.
-    secrets = [mlflow_server.password.encode(), s3_credentials[1].encode()]
-    files = mlflow_server.files() + [str(p) for p in tmp_path.rglob("*") if p.is_file()]
-    for path in files:
-        with open(path, "rb") as fh:
-            data = fh.read()
-        assert not any(s in data for s in secrets), path
 
 
 def test_credentials_the_server_refuses_are_one_line_before_ray(mlflow_server, tmp_path, write_job, monkeypatch,

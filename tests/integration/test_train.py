@@ -14,9 +14,12 @@ from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoin
 
 from ftdist.spec import spec_from_dict
 from ftdist.train.driver import run_training
+from ftdist.storage.checkpoints import MANIFEST
 from tests.conftest import QS, REPO, TINY_LLAMA, tiny_job_dict
+from tests.support.tracking_checks import check_no_secret, check_one_tracking_run, check_run_report
 
 pytestmark = [pytest.mark.ray, pytest.mark.deepspeed]
+REFERENCE = str(REPO / "jobs" / "data" / "upstream" / "heldout.jsonl")
 
 
 def _run(tmp_path, name, **sections):
@@ -77,17 +80,23 @@ PINNED_LOSSES = {1: 5.80442, 4: 5.07368, 8: 4.29181}
 PINNED_REL = 2e-3
 
 
-def test_resume_continues_with_identical_loss(ray_cluster, tmp_path):
-    """An uninterrupted 8-step run vs. a 4-step run re-run under the same name to 8 steps, with gradient
-    accumulation 2 (micro batch 8 x 2 workers x 2 = global batch 32); the first run's losses are pinned."""
+def test_resume_continues_with_identical_loss_and_one_tracking_run(ray_cluster, mlflow_server, s3_credentials,
+                                                                   tmp_path, capsys):
+    """An uninterrupted 8-step run vs. a run whose first attempt reaches step 6 (checkpoints at 4 and 6) and loses
+    its step-6 commit marker, as when an attempt dies after logging a step but before committing it; the re-run
+    under the same name resumes at 4 and runs to 8. Gradient accumulation 2 (micro batch 8 x 2 workers x 2 = global
+    batch 32); the first run's losses are pinned. The resumed run is tracked (MLflow with basic auth, TensorBoard, a
+    reference set): the re-run continues the first attempt's tracking run with every step once."""
     accum2 = {**tiny_job_dict("x")["optim"], "global_batch_size": 32}
     _, full = _run(tmp_path, "uninterrupted", optim=accum2, export={"enabled": False})
     for step, want in PINNED_LOSSES.items():
         assert _losses(full.history)[step] == pytest.approx(want, rel=PINNED_REL), (step, _losses(full.history))
-    optim4 = {**accum2, "max_steps": 4}
-    _, part = _run(tmp_path, "resumed", optim=optim4, export={"enabled": False})
-    assert part.metrics["step"] == 4
-    _, rest = _run(tmp_path, "resumed", optim=accum2, export={"enabled": False})  # same name: resumes at step 4
+    tracked = dict(export={"enabled": False}, eval={"every_n_steps": 2, "reference": [REFERENCE]},
+                   tracking={"mlflow": {"tracking_uri": mlflow_server.uri, "experiment": "ftdist-tests"}})
+    first, part = _run(tmp_path, "resumed", optim={**accum2, "max_steps": 6}, **tracked)
+    assert part.metrics["step"] == 6
+    os.remove(tmp_path / "store" / "resumed" / "step_00000006" / MANIFEST)
+    _, rest = _run(tmp_path, "resumed", optim=accum2, **tracked)  # same name: resumes at step 4
     a, b = _losses(full.history), _losses(rest.history)
     assert sorted(b) == list(range(1, 9))
     for step in range(1, 9):
@@ -96,6 +105,11 @@ def test_resume_continues_with_identical_loss(ray_cluster, tmp_path):
     # What the run spent is carried across attempts: the resumed run's total includes the first attempt's.
     assert rest.state.resumes == [4] and part.state.worker_seconds > 0
     assert rest.state.worker_seconds > part.state.worker_seconds and rest.state.gpu_seconds == 0
+    check_one_tracking_run(mlflow_server, "ftdist-tests", first, rest.history, rest.checkpoint, last_step=8,
+                           replayed={5, 6}, eval_steps=[0, 2, 4, 6, 8])
+    check_run_report(tmp_path / "store" / "resumed", rest.history, resumed_at=4, capsys=capsys)
+    files = mlflow_server.files() + [str(p) for p in tmp_path.rglob("*") if p.is_file()]
+    check_no_secret(files, [mlflow_server.password, s3_credentials[1]])
     from ftdist.storage.checkpoints import CheckpointStore
 
     manifest = CheckpointStore(f"{tmp_path}/store/resumed").read_manifest("step_00000008")

@@ -69,16 +69,19 @@ def _state(**kw) -> TrainState:
 
 
 def test_report_tables_forgetting_beside_the_task_gain(tmp_path):
-    report = RunReport("job", "/runs/job", _state())
+    report = RunReport("job", str(tmp_path), _state())
     md = report.markdown()
     assert "| eval_loss | 4 | 1 | -3 (-75.0%) |" in md
     assert "| heldout | 2 | 3 | +1 (+50.0%) | -3 (-75.0%) |" in md
-    assert "resumed at: 10" in md and "60.0 min" in md and "2 worker-hours (2 workers)" in md
+    assert "Run folder: `" in md and "resumed at: 10" in md and "60.0 min" in md and "2 worker-hours (2 workers)" in md
     assert "GPU-hours" not in md
     rows = list(csv.DictReader(io.StringIO(report.csv_text())))
     assert [r["step"] for r in rows] == ["0", "10", "20"] and rows[1]["startup/total"] == "5.0"
-    report.write_local(str(tmp_path))
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["curves.png", "metrics.csv", "report.md"]
+    (tmp_path / "report").mkdir()
+    (tmp_path / "report" / "wise_ft.csv").write_text("alpha\n")  # the WiSE-FT curve's files stay beside it
+    report.write()
+    assert sorted(p.name for p in (tmp_path / "report").iterdir()) == ["curves.png", "metrics.csv", "report.md",
+                                                                       "wise_ft.csv"]
     gpu = RunReport("job", "/runs/job", _state(gpu_seconds=7200.0)).markdown()
     assert "2 GPU-hours, 2 worker-hours" in gpu
 
@@ -86,7 +89,7 @@ def test_report_tables_forgetting_beside_the_task_gain(tmp_path):
 def test_progress_off_a_terminal_is_one_line_per_interval(monkeypatch):
     import io as _io
 
-    from ftdist.train.obs import progress as p
+    from ftdist import progress as p
 
     clock = iter(range(0, 1000, 10))  # every item takes 10 s
     monkeypatch.setattr(p.time, "monotonic", lambda: next(clock))

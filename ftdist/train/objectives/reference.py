@@ -16,7 +16,7 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
-from ftdist.train.obs.progress import progress
+from ftdist.progress import progress
 
 REFERENCE_FILE = "reference_logps.json"
 

@@ -9,15 +9,13 @@ from __future__ import annotations
 
 import csv
 import io
-import os
-import tempfile
 from dataclasses import dataclass
 from typing import Optional
 
 from matplotlib.figure import Figure
 
 from ftdist.errors import SpecError
-from ftdist.storage.cache import publish_dir
+from ftdist.storage.cache import publish_files
 from ftdist.storage.checkpoints import CheckpointStore
 from ftdist.train.contracts import STATE_FILE, TrainState
 from ftdist.train.obs.sinks import numeric_metrics
@@ -139,22 +137,12 @@ class RunReport:
         fig.tight_layout()
         fig.savefig(path, dpi=110)
 
-    def write_local(self, folder: str) -> None:
-        os.makedirs(folder, exist_ok=True)
-        with open(os.path.join(folder, "metrics.csv"), "w") as fh:
-            fh.write(self.csv_text())
-        with open(os.path.join(folder, "report.md"), "w") as fh:
-            fh.write(self.markdown() + "\n")
-        self.plot(os.path.join(folder, "curves.png"))
-
     def write(self, local: Optional[str] = None) -> dict[str, str]:
-        """metrics.csv, curves.png and report.md into <run folder>/report (local or s3://), built in `local` (kept,
-        for the tracking server's copy) or in a temporary folder."""
-        dest = f"{self.run_dir}/{REPORT_DIR}"
-        with tempfile.TemporaryDirectory(prefix="ftdist-report-") as tmp:
-            self.write_local(local or tmp)
-            publish_dir(local or tmp, dest)
-        return {n: f"{dest}/{n}" for n in FILES}
+        """metrics.csv, curves.png and report.md into <run folder>/report (local or s3://; beside the WiSE-FT
+        curve's files), built in `local` when given (kept, for the tracking server's copy)."""
+        return publish_files(f"{self.run_dir}/{REPORT_DIR}",
+                             {"metrics.csv": self.csv_text(), "report.md": self.markdown() + "\n"},
+                             {"curves.png": self.plot}, local=local)
 
 
 def load_run_report(run_uri: str) -> RunReport:
