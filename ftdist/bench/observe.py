@@ -18,10 +18,10 @@ from ftdist.train.locations import load_tokenizer
 from ftdist.train.ray_runtime import connect_ray, disconnect_ray
 
 
-def bench_tracking(tmp: str, steps: int, rounds: int) -> dict:
+def bench_tracking(tmp: str, steps: int, rounds: int, workers: int = 2) -> dict:
     """Wall time of a whole `run_training` (logging every step: the most rows a job can send) with MLflow +
     TensorBoard on and off, alternating; the ratio of the means. One embedded Ray serves every run, so Ray's start
-    is in neither."""
+    is in neither. `workers` below the cores leaves one for the tracking thread and Ray's own processes."""
     server = start_mlflow(new_password())
     os.environ.update({k: v for k, v in server.env().items() if k != "MLFLOW_TRACKING_URI"})  # before Ray starts
     started = connect_ray(None, 3)
@@ -30,7 +30,8 @@ def bench_tracking(tmp: str, steps: int, rounds: int) -> dict:
     try:
         for i in range(rounds):
             for mode in (("on", "off") if i % 2 == 0 else ("off", "on")):
-                spec = bench_spec(os.path.join(tmp, f"tracking-{mode}-{i}"), steps, log_every=1)
+                spec = bench_spec(os.path.join(tmp, f"tracking-{workers}-{mode}-{i}"), steps, log_every=1,
+                                  workers=workers)
                 tracking = {"mlflow": {"tracking_uri": server.uri, "experiment": "bench"}, "tensorboard": True}
                 spec = with_overrides(spec, {"tracking": tracking if mode == "on" else {"tensorboard": False}})
                 t0 = time.perf_counter()

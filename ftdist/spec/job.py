@@ -402,7 +402,8 @@ class GenerateSpec(FrozenSpec):
     """A user metric `module:function` or `file.py:function` (next to the job file): f(prediction, reference) ->
     float, averaged over the prompts; reported as eval_gen_<function>."""
     every_n_steps: Optional[int] = Field(None, ge=1)
-    """Default: at step 0 and at the end only (generation costs far more than a loss)."""
+    """Default: at step 0 and at the end only (generation costs far more than a loss); else also at the evaluations
+    (eval.every_n_steps) whose step is a multiple of it."""
 
     @field_validator("data")
     @classmethod

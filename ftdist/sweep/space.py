@@ -97,9 +97,16 @@ def validate_sweep(spec: JobSpec, source: str = "job") -> None:
             hint = f" (objective {owners[0]} reports it; this job's objective is {spec.objective})"
         raise SpecError(f"sweep.metric: {sw.metric!r} is not reported by the trials{hint}; they report {', '.join(known)}")
     if sw.scheduler.type == "asha":
-        if sw.metric in EVAL_METRICS and spec.eval.every_n_steps is None:
+        evaluated = sw.metric in EVAL_METRICS or sw.metric in (r.metric for r in spec.eval.reference)
+        if evaluated and spec.eval.every_n_steps is None:
             raise SpecError(f"sweep.scheduler: asha compares trials on {sw.metric} while they run; set "
                             f"eval.every_n_steps (now eval runs only at the end)")
+        gen = spec.eval.generate
+        if gen is not None and sw.metric in gen.metric_names and (gen.every_n_steps is None
+                                                                    or spec.eval.every_n_steps is None):
+            raise SpecError(f"sweep.scheduler: asha compares trials on {sw.metric} while they run; set "
+                            "eval.generate.every_n_steps and eval.every_n_steps (now generation runs at step 0 and "
+                            "at the end)")
         if spec.optim.max_steps is None:
             raise SpecError("sweep.scheduler: asha needs optim.max_steps (its time axis is the optimizer step)")
     if sw.max_trials is not None and sw.search == "grid":

@@ -30,7 +30,7 @@ def test_credentials_the_server_refuses_are_one_line_before_ray(mlflow_server, t
 
 
 def test_full_fine_tuning_forgets_more_than_lora_and_the_wise_ft_curve_spans_them(ray_cluster, tmp_path, capsys):
-    """The upstream model (pre-trained on Python's docs) fine-tuned on the number-spelling task, 16 steps at the
+    """The upstream model (pre-trained on Python's docs) fine-tuned on the number-spelling task, 8 steps at the
     same constant lr 3e-3: the reference set's loss (its held-out docs) rises under full fine-tuning and much less
     under LoRA. The WiSE-FT curve of the full run: alpha 0 is the base model (its step-0 losses), alpha 1 the
     fine-tuned one (its last eval)."""
@@ -40,23 +40,23 @@ def test_full_fine_tuning_forgets_more_than_lora_and_the_wise_ft_curve_spans_the
         job = tiny_job_dict(str(tmp_path / "store"), name=f"forget-{method}", method=method,
                             model={"name_or_path": upstream, "from_config": None, "tokenizer": None,
                                    "dtype": "fp32"},
-                            optim={"lr": 3e-3, "max_steps": 16, "schedule": "constant"},
+                            optim={"lr": 3e-3, "max_steps": 8, "schedule": "constant"},
                             eval={"reference": [REFERENCE], "max_batches": None},
-                            checkpoint={"every_n_steps": 16}, export={"enabled": False})
+                            checkpoint={"every_n_steps": 8}, export={"enabled": False})
         s = run_training(spec_from_dict(job))
         assert s.error is None, s.error
         history[method] = {h["step"]: h for h in s.history if "eval_ref_heldout_loss" in h}
-        assert sorted(history[method]) == [0, 16]
-        change[method] = history[method][16]["eval_ref_heldout_loss"] - history[method][0]["eval_ref_heldout_loss"]
+        assert sorted(history[method]) == [0, 8]
+        change[method] = history[method][8]["eval_ref_heldout_loss"] - history[method][0]["eval_ref_heldout_loss"]
     assert change["full"] > 1.0 and 0 <= change["lora"] < 0.5 * change["full"], change
 
     run = tmp_path / "store" / "forget-full"
     capsys.readouterr()
-    assert main(["export", str(run / "step_00000016"), "--interpolate", "0,0.5,1", "--eval"]) == 0
+    assert main(["export", str(run / "step_00000008"), "--interpolate", "0,0.5,1", "--eval"]) == 0
     curve = {float(r["alpha"]): r for r in csv.DictReader((run / "report" / "wise_ft.csv").open())}
-    for alpha, step in ((0.0, 0), (1.0, 16)):
+    for alpha, step in ((0.0, 0), (1.0, 8)):
         for key in ("eval_ref_heldout_loss", "eval_loss"):
             assert float(curve[alpha][key]) == pytest.approx(history["full"][step][key], rel=1e-4), (alpha, key)
     middle = float(curve[0.5]["eval_ref_heldout_loss"])
-    assert history["full"][0]["eval_ref_heldout_loss"] < middle < history["full"][16]["eval_ref_heldout_loss"]
+    assert history["full"][0]["eval_ref_heldout_loss"] < middle < history["full"][8]["eval_ref_heldout_loss"]
     assert "| 0.5 |" in capsys.readouterr().out and (run / "report" / "wise_ft.png").is_file()

@@ -234,7 +234,8 @@ def _spelled_exactly(model_dir, rows) -> int:
 def test_quickstart_and_its_dpo_end_to_end(tmp_path):
     """The README's two laptop runs: `ftdist train jobs/quickstart.yaml` fine-tunes the shipped pre-trained model,
     then `jobs/quickstart-dpo.yaml` preference-tunes its export."""
-    out = _ftdist_train(tmp_path, "quickstart.yaml")
+    # (The first 200 held-out prompts for eval.generate: the job's 400 cost CI seconds, and 200 tell the same.)
+    out = _ftdist_train(tmp_path, "quickstart.yaml", "--set", "eval.generate.max_prompts=200")
     evals = _reported(out, "eval_loss")
     assert len(evals) >= 3 and evals[-1] < 0.5 * evals[0], evals
     assert "ftdist: exported model:" in out
@@ -259,10 +260,14 @@ def test_quickstart_and_its_dpo_end_to_end(tmp_path):
     rows = [json.loads(line) for line in (QS / "eval.jsonl").read_text().splitlines()]
     exact = _reported(out, "eval_gen_exact_match")
     assert exact[0] == 0.0 and exact[-1] >= 0.9, exact
-    assert _spelled_exactly(export, rows) == round(exact[-1] * len(rows))
+    assert _spelled_exactly(export, rows[:200]) == round(exact[-1] * 200)
 
     # DPO from the SFT export: held-out preference accuracy from chance to >= 0.9, the SFT task kept (<= +5% loss).
-    out = _ftdist_train(tmp_path, "quickstart-dpo.yaml", "--set", f"model.name_or_path={export}")
+    # With --dashboard: the embedded Ray starts its dashboard and prints the URL, and Ray Train's placement-group
+    # cleaner finds the State API it serves (test_embedded_ray_dashboard_modes: the dashboard packages missing).
+    out = _ftdist_train(tmp_path, "quickstart-dpo.yaml", "--set", f"model.name_or_path={export}", "--set",
+                        "eval.generate.max_prompts=200", "--dashboard")
+    assert "[ftdist] Ray dashboard: http://127.0.0.1:" in out and "State API" not in out, out[-3000:]
     accuracy = _reported(out, "eval_preference_accuracy")
     assert accuracy[-1] >= 0.9, accuracy
     sft, dpo = (_completion_loss(tmp_path / "runs" / name / "export", rows)
@@ -271,7 +276,7 @@ def test_quickstart_and_its_dpo_end_to_end(tmp_path):
     assert _reported(out, "eval_gen_exact_match")[-1] >= 0.98 * exact[-1]  # and it still spells them
 
 
-@pytest.mark.parametrize("mode", ["dashboard", "dashboard-packages-missing"])
+@pytest.mark.parametrize("mode", ["dashboard-packages-missing"])  # "dashboard": in the quickstart e2e's DPO run
 def test_embedded_ray_dashboard_modes(tmp_path, write_job, mode):
     """`ftdist train --dashboard` starts its embedded Ray with the dashboard and prints the URL (without the flag
     there is none: the quickstart test checks that). A minimal Ray (`ray[train]` without `[default]`, as on some GPU

@@ -38,6 +38,31 @@ def test_bad_sweeps_fail_before_any_trial(tmp_path, change, match):
         validate_sweep(spec_from_dict(job))
 
 
+REF = "jobs/data/upstream/heldout.jsonl"
+
+
+def test_sweeps_on_generation_and_forgetting_metrics(tmp_path):
+    """eval_gen_* and eval_ref_* are sweep metrics like eval_loss; ASHA needs them measured while trials run."""
+    def sweep(metric: str, mode: str, evaluation: dict) -> dict:
+        job = _sweep_job(str(tmp_path))
+        job["eval"] = {**job["eval"], **evaluation}
+        job["sweep"].update(metric=metric, mode=mode)
+        return job
+
+    gen = {"generate": {"max_prompts": 8, "every_n_steps": 4}}
+    validate_sweep(spec_from_dict(sweep("eval_gen_exact_match", "max", gen)))
+    validate_sweep(spec_from_dict(sweep("eval_ref_heldout_loss", "min", {"reference": [REF]})))
+    with pytest.raises(SpecError, match=r"asha compares trials on eval_gen_exact_match .*eval\.generate\.every_n"):
+        validate_sweep(spec_from_dict(sweep("eval_gen_exact_match", "max", {"generate": {}})))
+    no_eval_cadence = sweep("eval_ref_heldout_loss", "min", {"reference": [REF]})
+    no_eval_cadence["eval"].pop("every_n_steps")
+    with pytest.raises(SpecError, match=r"asha compares trials on eval_ref_heldout_loss while they run"):
+        validate_sweep(spec_from_dict(no_eval_cadence))
+    tracked = _sweep_job(str(tmp_path), tracking={"mlflow": {"tracking_uri": "http://m:5000"}})
+    t = trial_spec(spec_from_dict(tracked), {"optim.lr": 3e-3, "lora.rank": 4}, "abc_00001")
+    assert (t.tracking.mlflow.experiment, t.tracking.mlflow.run_name) == ("sweep", "sweep-abc_00001")
+
+
 def test_bad_space_values_are_rejected_by_the_schema(tmp_path):
     job = _sweep_job(str(tmp_path))
     job["sweep"]["space"]["optim.lr"] = {"loguniform": [1e-2, 1e-4]}

@@ -152,7 +152,7 @@ def _experiment_id(client: Any, name: str) -> str:
 def _mlflow_run(client: Any, spec: JobSpec, saved_id: Optional[str], tags: dict[str, str],
                 parent_run_id: Optional[str]) -> str:
     """The run an earlier attempt created (reopened), or a new one with the job's params."""
-    from mlflow.entities import Param
+    from mlflow.entities import Param, RunTag
 
     if saved_id:
         try:
@@ -161,8 +161,7 @@ def _mlflow_run(client: Any, spec: JobSpec, saved_id: Optional[str], tags: dict[
             run = None
         if run is not None and run.info.lifecycle_stage == "active":
             client.update_run(saved_id, status="RUNNING")
-            for k, v in tags.items():
-                client.set_tag(saved_id, k, v)
+            client.log_batch(saved_id, tags=[RunTag(k, v) for k, v in tags.items()])
             return saved_id
     run_tags = dict(tags)
     if parent_run_id:
@@ -223,11 +222,11 @@ def finish_tracking(target: TrackingTarget, *, failed: bool, outputs: dict[str, 
 
     with _mlflow_http(retries=3, timeout_s=60):
         try:
+            from mlflow.entities import RunTag
+
             client = _client(target.mlflow_uri)
             run_id = target.mlflow_run_id
-            for k, v in outputs.items():
-                if v:
-                    client.set_tag(run_id, f"ftdist.{k}", v)
+            client.log_batch(run_id, tags=[RunTag(f"ftdist.{k}", v) for k, v in outputs.items() if v])
             with tempfile.TemporaryDirectory() as tmp:
                 with open(os.path.join(tmp, "outputs.json"), "w") as fh:
                     json.dump({k: v for k, v in outputs.items() if v}, fh, indent=1)
