@@ -1,6 +1,6 @@
 """Progress for long phases (tokenisation, the reference pass, the WiSE-FT curve, downloads and uploads) and the
-training ETA: a tqdm bar on a terminal, and one plain line per interval where the output is a log (Ray's forwarded worker output, a RayJob's
-log, CI), since a bar's carriage returns become one unreadable line there."""
+training ETA: a tqdm bar on a terminal, and one plain line per interval where the output is a log (Ray's forwarded
+worker output, a RayJob's log, CI), since a bar's carriage returns become one unreadable line there."""
 
 from __future__ import annotations
 

@@ -35,7 +35,8 @@ def _losses(history):
 
 # eval.generate under ZeRO-3 + LoRA (the ranks decode their shards in step) with every kind of metric.
 GENERATE = {"max_batches": 4, "generate": {
-    "max_prompts": 11, "max_new_tokens": 6, "function": str(REPO / "tests" / "support" / "gen_metrics.py") + ":length_ratio",
+    "max_prompts": 11, "max_new_tokens": 6,
+    "function": str(REPO / "tests" / "support" / "gen_metrics.py") + ":length_ratio",
     "metrics": ["exact_match", "contains", {"regex": r"^\s*(\w+)", "name": "first_word"}]}}
 GEN_METRICS = ("eval_gen_exact_match", "eval_gen_contains", "eval_gen_first_word", "eval_gen_length_ratio")
 

@@ -357,10 +357,12 @@ CASES = [
     Case("reference-duplicate", "cross", V, r"eval\.reference\.1: two reference sets are named ref",
          job=_set("eval", reference=["ref.jsonl", {"path": "ref.jsonl"}]), files={"ref.jsonl": '{"text": "a"}\n'}),
     Case("generate-unknown-module", "storage", T, r"eval\.generate\.function: nosuchmod_q:score: no module named "
-                                                  r"'nosuchmod_q'", job=_set("eval", generate={"function": "nosuchmod_q:score"})),
+                                                  r"'nosuchmod_q'",
+         job=_set("eval", generate={"function": "nosuchmod_q:score"})),
     Case("generate-unknown-function", "storage", T, r"eval\.generate\.function: .*metrics\.py:scor: .*metrics\.py has "
                                                     r"no function 'scor'",
-         job=_set("eval", generate={"function": "metrics.py:scor"}), files={"metrics.py": "def score(p, r):\n    return 1\n"}),
+         job=_set("eval", generate={"function": "metrics.py:scor"}),
+         files={"metrics.py": "def score(p, r):\n    return 1\n"}),
     Case("generate-function-file-missing", "paths", V, r"eval\.generate\.function: .*/nometrics\.py: no such file",
          job=_set("eval", generate={"function": "nometrics.py:score"})),
     Case("generate-function-syntax", "schema", V, r"eval\.generate\.function: .*must be module:function",

@@ -85,8 +85,9 @@ class RunReport:
         evals = [k for k in dict.fromkeys(k for r in self.rows for k in r)
                  if k.startswith("eval_") and not k.startswith(REFERENCE_PREFIX)]
         if evals:
-            out += ["## Held-out metrics", "", f"At step {self._first_step('eval_loss')} and at step {self.state.step}.",
-                    "", "| metric | first | last | change |", "|---|---|---|---|"]
+            first = self._first_step("eval_loss")
+            out += ["## Held-out metrics", "", f"At step {first} and at step {self.state.step}.", "",
+                    "| metric | first | last | change |", "|---|---|---|---|"]
             for k in evals:
                 a, b = self.first_last(k)
                 out.append(f"| {k} | {_fmt(a)} | {_fmt(b)} | {_change(a, b)} |")

@@ -38,7 +38,8 @@ def numeric_metrics(row: dict) -> dict[str, float]:
         if k == "step":
             continue
         if isinstance(v, dict):
-            out.update({f"{k}/{'total' if kk == 's' else kk}": float(vv) for kk, vv in v.items() if isinstance(vv, (int, float))})
+            out.update({f"{k}/{'total' if kk == 's' else kk}": float(vv)
+                        for kk, vv in v.items() if isinstance(vv, (int, float))})
         elif isinstance(v, (int, float)) and not isinstance(v, bool):
             out[k] = float(v)
     return out
