@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import os
 import re
@@ -10,6 +9,8 @@ import tempfile
 from pathlib import Path
 
 import pytest
+
+from ftdist.environ import temporary_environ
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
@@ -169,18 +170,7 @@ def s3_server(s3_credentials):
     server.stop()
 
 
-@contextlib.contextmanager
-def _environ(values: dict):
-    saved = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+_environ = temporary_environ
 
 
 @pytest.fixture

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import os
 import secrets
-import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -16,6 +14,8 @@ import tempfile
 import time
 import urllib.request
 from dataclasses import dataclass
+
+from ftdist.bench.local_s3 import stop_server
 
 ADMIN = "admin"
 
@@ -38,14 +38,7 @@ class MlflowServer:
         return [os.path.join(d, f) for d, _, names in os.walk(self.workdir) for f in names]
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-        shutil.rmtree(self.workdir, ignore_errors=True)
+        stop_server(self.proc, self.workdir, grace_s=15)
 
 
 def new_password() -> str:

@@ -64,14 +64,20 @@ class S3Server:
         return name
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-        shutil.rmtree(self.workdir, ignore_errors=True)
+        stop_server(self.proc, self.workdir, grace_s=10)
+
+
+def stop_server(proc: subprocess.Popen, workdir: str, grace_s: float) -> None:
+    """A throwaway server started in its own session: SIGTERM to its process group, SIGKILL after `grace_s`; then
+    its folder goes. (By PID: never anything machine-wide.)"""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(grace_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    shutil.rmtree(workdir, ignore_errors=True)
 
 
 def weed_binary() -> str:

@@ -15,9 +15,10 @@ import os
 import re
 import time
 import uuid
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 import ftdist
+from ftdist.environ import temporary_environ
 from ftdist.errors import SpecError, last_line
 from ftdist.redact import redact
 from ftdist.spec import JobSpec
@@ -49,21 +50,11 @@ def experiment_name(spec: JobSpec) -> str:
     return spec.tracking.mlflow.experiment or spec.name
 
 
-@contextlib.contextmanager
-def _mlflow_http(retries: int, timeout_s: int) -> Iterator[None]:
+def _mlflow_http(retries: int, timeout_s: int) -> contextlib.AbstractContextManager:
     """MLflow's REST client retries a refused connection 7 times with backoff (minutes) by default: fine inside a
     long run, wrong for a check that must answer in seconds. Its settings are read from the environment per call."""
-    keys = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": str(retries), "MLFLOW_HTTP_REQUEST_TIMEOUT": str(timeout_s)}
-    before = {k: os.environ.get(k) for k in keys}
-    os.environ.update(keys)
-    try:
-        yield
-    finally:
-        for k, v in before.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    return temporary_environ({"MLFLOW_HTTP_REQUEST_MAX_RETRIES": str(retries),
+                              "MLFLOW_HTTP_REQUEST_TIMEOUT": str(timeout_s)})
 
 
 def describe_mlflow_error(e: BaseException, uri: str) -> str:
