@@ -185,6 +185,9 @@ def _print_sweep(out) -> None:
         print(f"ftdist: {kind}: {uri}")
     if out.deleted:
         print(f"ftdist: retention deleted {len(out.deleted)} checkpoint(s) of the other trials")
+    if out.pruned:
+        print(f"ftdist: removed {len(out.pruned)} folder(s) of trials an interrupted driver started but Tune never "
+              f"recorded (their configurations ran again): {', '.join(out.pruned)}")
     for kind, uri in (out.exported or {}).items():
         print(f"ftdist: best trial exported ({kind}): {uri}")
     for t in out.errors:

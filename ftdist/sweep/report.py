@@ -20,7 +20,7 @@ from ftdist.storage import s3
 from ftdist.storage.checkpoints import CheckpointStore
 from ftdist.storage.store import open_store
 from ftdist.storage.uri import is_remote, without_scheme
-from ftdist.sweep.space import REPORT_DIR, TRAIN_PREFIX, sweep_dir, trial_overrides
+from ftdist.sweep.space import REPORT_DIR, TRAIN_PREFIX, TRIAL_PREFIX, sweep_dir, trial_overrides
 from ftdist.train.driver import run_export_task
 
 def tune_storage(spec: JobSpec) -> tuple[str, str, Any]:
@@ -196,6 +196,27 @@ def apply_retention(report: SweepReport) -> list[str]:
     return deleted
 
 
+def prune_orphans(report: SweepReport) -> list[str]:
+    """Delete the folders of trials Tune started but never recorded in its experiment state (the driver was killed
+    in between): `--resume` runs their configuration again as a new trial, so what they left is only litter, and
+    retention, which goes by the recorded trials, would never reach their checkpoints. Only the sweep's driver calls
+    this, after Tune has finished, so no trial can still be writing there."""
+    known = {t.trial_id for t in report.trials}
+    store = open_store(sweep_dir(report.spec))
+    deleted = []
+    for d in store.list_dirs():
+        prefix = next((p for p in (TRIAL_PREFIX, TRAIN_PREFIX) if d.startswith(p)), None)
+        if prefix is None or d[len(prefix):] in known:
+            continue
+        if prefix == TRAIN_PREFIX:  # its checkpoints uncommitted first, as retention does
+            cs = CheckpointStore(store.child(d))
+            for c in cs.checkpoints(committed_only=False):
+                cs.delete(c.name)
+        store.delete_prefix(d)
+        deleted.append(store.child(d))
+    return deleted
+
+
 def export_best(report: SweepReport) -> Optional[dict]:
     best = report.best
     if best is None:
@@ -213,6 +234,7 @@ class SweepSummary:
     deleted: list
     exported: Optional[dict]
     errors: list
+    pruned: list = field(default_factory=list)  # folders of trials Tune never recorded (see prune_orphans)
 
 
 def finish(spec: JobSpec, retention: bool = True, export: bool = True) -> SweepSummary:
@@ -221,8 +243,9 @@ def finish(spec: JobSpec, retention: bool = True, export: bool = True) -> SweepS
     # Export before retention: with keep_best_trials 0 retention deletes the best trial's checkpoints too.
     exported = export_best(report) if export and spec.sweep.export_best else None
     deleted = apply_retention(report) if retention else []
+    pruned = prune_orphans(report) if retention else []
     errors = [t for t in report.trials if t.status == "ERROR"]
-    return SweepSummary(report, files, deleted, exported, errors)
+    return SweepSummary(report, files, deleted, exported, errors, pruned)
 
 
 SPEC_FILE = "ftdist_sweep.json"

@@ -131,3 +131,30 @@ def test_the_sweep_table_says_what_each_trial_spent(tmp_path):
     assert row["worker_hours"] == 360.0 * spec.resources.num_workers / 3600
     gpu = spec.model_copy(update={"resources": spec.resources.model_copy(update={"gpus_per_worker": 2})})
     assert "gpu_hours" in SweepReport(gpu, []).columns()
+
+
+def test_folders_of_trials_tune_never_recorded_are_removed(tmp_path):
+    """A driver killed between starting a trial and saving Tune's state leaves that trial's folders behind; --resume
+    runs its configuration again under a new id. The finished sweep removes the orphan's trial and train folders
+    (checkpoint manifest first) and leaves every recorded trial's folders and everything else alone."""
+    from ftdist.storage.checkpoints import CheckpointStore
+    from ftdist.sweep.report import SweepReport, TrialRecord, prune_orphans
+    from ftdist.sweep.space import sweep_dir
+    from tests.support.checkpoints import meta
+
+    spec = spec_from_dict(_sweep_job(str(tmp_path)))
+    base = tmp_path / spec.name
+    for name in ("trial-a", "train-a", "trial-orphan", "report", "trial-a/keep"):
+        (base / name).mkdir(parents=True)
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "model.bin").write_bytes(b"x")
+    cs = CheckpointStore(f"{sweep_dir(spec)}/train-orphan")
+    cs.upload_rank(str(ckpt), "step_00000004", 0)
+    cs.commit("step_00000004", 1, meta(4), timeout_s=5)
+    assert cs.latest_valid() is not None
+
+    pruned = prune_orphans(SweepReport(spec, [TrialRecord("a", {}, "TERMINATED", [{"step": 8}])]))
+    assert sorted(pruned) == [f"{sweep_dir(spec)}/train-orphan", f"{sweep_dir(spec)}/trial-orphan"]
+    assert sorted(p.name for p in base.iterdir()) == ["report", "train-a", "trial-a"]
+    assert (base / "trial-a" / "keep").is_dir()
