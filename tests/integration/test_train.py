@@ -266,8 +266,10 @@ def test_quickstart_and_its_dpo_end_to_end(tmp_path):
     # DPO from the SFT export: held-out preference accuracy from chance to >= 0.9, the SFT task kept (<= +5% loss).
     # With --dashboard: the embedded Ray starts its dashboard and prints the URL, and Ray Train's placement-group
     # cleaner finds the State API it serves (test_embedded_ray_dashboard_modes: the dashboard packages missing).
+    # (Half the job's 120 steps, evaluated at 30 and 60: measured 0.97 accuracy and 0.98 exact there, as at 120.)
     out = _ftdist_train(tmp_path, "quickstart-dpo.yaml", "--set", f"model.name_or_path={export}", "--set",
-                        "eval.generate.max_prompts=200", "--dashboard")
+                        "eval.generate.max_prompts=200", "--set", "optim.max_steps=60", "--set",
+                        "eval.every_n_steps=30", "--dashboard")
     assert "[ftdist] Ray dashboard: http://127.0.0.1:" in out and "State API" not in out, out[-3000:]
     accuracy = _reported(out, "eval_preference_accuracy")
     assert accuracy[-1] >= 0.9, accuracy
