@@ -68,15 +68,19 @@ def _preflight(args: argparse.Namespace, spec) -> None:
     """What `train` and `tune` check on this machine before Ray starts and before anything is written (the run
     lease included): the cluster address answers, the data tokenizes, the storage takes writes, the tracking server
     answers."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from ftdist.train.driver import preflight_data, preflight_storage
     from ftdist.train.obs.tracking import check_tracking
     from ftdist.train.ray_runtime import check_local_gpus
 
     if not _check_address(args):
         check_local_gpus(spec.resources)
-    stats = preflight_data(spec)
-    preflight_storage(spec)
-    check_tracking(spec)
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        tracking_checked = pool.submit(check_tracking, spec)  # MLflow's imports and a round trip, beside tokenising
+        stats = preflight_data(spec)
+        preflight_storage(spec)
+        tracking_checked.result()
     if stats is not None:  # after every check passed: an error stays the only line
         print(f"ftdist: data: {stats.summary()}", file=sys.stderr)
 

@@ -93,18 +93,20 @@ def main(args: argparse.Namespace) -> int:
         if "tracking" in parts:
             from ftdist.bench.observe import bench_tracking
 
-            t = bench_tracking(tmp, args.steps, args.rounds)
-            each = ", ".join(f"{r:.3f}" for r in t["round_ratios"])
-            lines.append(f"| `ftdist train` wall time, MLflow (real server) + TensorBoard on / off, every step "
-                         f"logged, {args.steps} steps, 2 workers (mean of {args.rounds} alternating rounds: {each}) | "
-                         f"{t['on']:.1f} s | {t['off']:.1f} s | {t['ratio']:.3f} | <= 1.02 |")
-            lines.append(f"| diagnostic: the step loop's time (train_time_s), on / off | {t['loop_on']:.2f} s | "
-                         f"{t['loop_off']:.2f} s | {t['loop_ratio']:.3f} | |")
+            for auth in (False, True):
+                t = bench_tracking(tmp, args.steps, args.rounds, auth=auth)
+                each = ", ".join(f"{r:.3f}" for r in t["round_ratios"])
+                server = "basic auth: a password hashed per request" if auth else "no auth"
+                lines.append(f"| `ftdist train` wall time, MLflow (real server, {server}) + TensorBoard on / off, "
+                             f"every step logged, {args.steps} steps, 2 workers (mean of {args.rounds} alternating "
+                             f"rounds: {each}) | {t['on']:.1f} s | {t['off']:.1f} s | {t['ratio']:.3f} | <= 1.02 |")
+                lines.append(f"| diagnostic: the step loop's time (train_time_s), on / off | {t['loop_on']:.2f} s | "
+                             f"{t['loop_off']:.2f} s | {t['loop_ratio']:.3f} | |")
             if usable_cores() <= WORLD:  # as for throughput: the same with a core left for the tracking thread
-                t1 = bench_tracking(tmp, args.steps, args.rounds, workers=1)
+                t1 = bench_tracking(tmp, args.steps, args.rounds, workers=1, auth=False)
                 each = ", ".join(f"{r:.3f}" for r in t1["round_ratios"])
-                lines.append(f"| diagnostic: the same wall time with 1 worker, a core left for the tracking thread "
-                             f"and Ray's own processes (rounds: {each}) | {t1['on']:.1f} s | {t1['off']:.1f} s | "
+                lines.append(f"| diagnostic: no auth, 1 worker, a core left for the tracking thread and Ray's own "
+                             f"processes (rounds: {each}) | {t1['on']:.1f} s | {t1['off']:.1f} s | "
                              f"{t1['ratio']:.3f} | |")
         if "generate" in parts:
             from ftdist.bench.observe import bench_generation

@@ -1,7 +1,8 @@
 """A throwaway MLflow tracking server for tests and `ftdist bench --only tracking`: `mlflow server` (the full `mlflow`
 package, `pip install ftdist[test]`) on 127.0.0.1, a SQLite backend store and a local artifact root in its own
 folder, MLflow's basic-auth app with a fresh admin password (so every client authenticates as a real deployment's
-would, from MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD); stopped by PID."""
+would, from MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD; the benchmark also measures a server without it);
+stopped by PID."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import tempfile
 import time
 import urllib.request
 from dataclasses import dataclass
+from typing import Optional
 
 from ftdist.bench.local_s3 import stop_server
 
@@ -24,12 +26,14 @@ ADMIN = "admin"
 class MlflowServer:
     uri: str
     username: str
-    password: str
+    password: Optional[str]
     proc: subprocess.Popen
     workdir: str
 
     def env(self) -> dict[str, str]:
         """What a client process needs: the URI and the credentials (from its environment, as MLflow reads them)."""
+        if self.password is None:
+            return {"MLFLOW_TRACKING_URI": self.uri}
         return {"MLFLOW_TRACKING_URI": self.uri, "MLFLOW_TRACKING_USERNAME": self.username,
                 "MLFLOW_TRACKING_PASSWORD": self.password}
 
@@ -51,20 +55,24 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_mlflow(password: str, timeout: float = 90.0) -> MlflowServer:
-    """Start the server with `password` for the admin user and wait until it answers."""
+def start_mlflow(password: Optional[str], timeout: float = 90.0) -> MlflowServer:
+    """Start the server with `password` for the admin user (None: without the basic-auth app, as a server behind a
+    company proxy that authenticates runs) and wait until it answers."""
     workdir = tempfile.mkdtemp(prefix="ftdist-mlflow-")
-    auth_ini = os.path.join(workdir, "basic_auth.ini")
-    with open(auth_ini, "w") as fh:
-        fh.write(f"[mlflow]\ndefault_permission = READ\ndatabase_uri = sqlite:///{workdir}/basic_auth.db\n"
-                 f"admin_username = {ADMIN}\nauthorization_function = "
-                 "mlflow.server.auth:authenticate_request_basic_auth\n")
     port = _free_port()
-    env = {**os.environ, "MLFLOW_AUTH_CONFIG_PATH": auth_ini, "MLFLOW_AUTH_ADMIN_PASSWORD": password,
-           "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(16)}  # the auth app's CSRF key
     args = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{workdir}/mlflow.db",
             "--artifacts-destination", f"{workdir}/artifacts", "--host", "127.0.0.1", "--port", str(port),
-            "--workers", "1", "--app-name", "basic-auth"]
+            "--workers", "1"]
+    env = dict(os.environ)
+    if password is not None:
+        auth_ini = os.path.join(workdir, "basic_auth.ini")
+        with open(auth_ini, "w") as fh:
+            fh.write(f"[mlflow]\ndefault_permission = READ\ndatabase_uri = sqlite:///{workdir}/basic_auth.db\n"
+                     f"admin_username = {ADMIN}\nauthorization_function = "
+                     "mlflow.server.auth:authenticate_request_basic_auth\n")
+        env.update({"MLFLOW_AUTH_CONFIG_PATH": auth_ini, "MLFLOW_AUTH_ADMIN_PASSWORD": password,
+                    "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(16)})  # the auth app's CSRF key
+        args += ["--app-name", "basic-auth"]
     log = open(os.path.join(workdir, "server.log"), "wb")
     proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=workdir, env=env)
     server = MlflowServer(f"http://127.0.0.1:{port}", ADMIN, password, proc, workdir)

@@ -30,7 +30,7 @@ from ftdist.sweep.report import SweepSummary, finish, load_report, save_spec, tu
 from ftdist.sweep.space import TRIAL_PREFIX, concurrency, num_samples, sweep_dir, trial_cost, trial_spec
 from ftdist.train.contracts import TrackingTarget
 from ftdist.train.driver import run_training
-from ftdist.train.obs.tracking import finish_tracking, start_tracking
+from ftdist.train.obs.tracking import attach_report, finish_tracking, start_tracking
 from ftdist.train.ray_runtime import connect_ray, disconnect_ray
 
 
@@ -161,9 +161,10 @@ def _finish_sweep_tracking(tracking: TrackingTarget, out: SweepSummary) -> None:
                **{f"export_uri_{k}": v for k, v in (out.exported or {}).items()}}
     with tempfile.TemporaryDirectory() as tmp:
         out.report.write(tmp)
-        warning = finish_tracking(tracking, failed=bool(out.errors) or best is None, outputs=outputs,
-                                  report_dir=tmp)
-    if warning:
+        warnings = [attach_report(tracking, sweep_dir(out.report.spec), tmp),
+                    finish_tracking(tracking, sweep_dir(out.report.spec), failed=bool(out.errors) or best is None,
+                                    outputs=outputs)]
+    for warning in dict.fromkeys(w for w in warnings if w):
         print(f"[ftdist] {warning}", flush=True)
 
 
@@ -175,7 +176,7 @@ def run_sweep(spec: JobSpec, *, address: Optional[str] = None, resume: bool = Fa
         with run_lease(sweep_dir(spec)) as lease:  # one live driver per sweep (a second would run every trial again)
             print(f"[ftdist] sweep {spec.name}: {n} trial(s) at a time, {cpus:g} CPUs / {gpus:g} GPUs each; "
                   f"folder {sweep_dir(spec)}", flush=True)
-            tracking = start_tracking(spec, attempt=lease.generation, sweep=True)
+            tracking = start_tracking(spec, attempt=lease.generation)
             tuner = build_tuner(spec, n, resume=resume, tracking_parent=tracking.mlflow_run_id)
             save_spec(spec)
             tuner.fit()

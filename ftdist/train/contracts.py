@@ -46,12 +46,20 @@ class _Contract(BaseModel):
 
 
 class TrackingTarget(_Contract):
-    """Where rank 0 logs a run's metrics: resolved by the driver (which created or resumed the tracking runs), so
-    every attempt and every restarted worker logs into the same runs. No credentials: the logging process reads
-    them from its environment."""
+    """Where rank 0 logs a run's metrics, planned by the driver without a request to any server: rank 0 creates or
+    reopens the MLflow run itself (obs/sinks.py, in its logging thread, while the workers load data and model), and
+    `<run folder>/tracking.json` keeps its id, so every attempt and every restarted worker logs into the same run.
+    No credentials: the logging process reads them from its environment."""
 
     mlflow_uri: Optional[str] = None
     mlflow_run_id: Optional[str] = None
+    """Known in advance only for a sweep's own run; a training run's id is in tracking.json once rank 0 opened it."""
+    mlflow_experiment: Optional[str] = None
+    mlflow_run_name: Optional[str] = None
+    mlflow_parent_run_id: Optional[str] = None
+    """A sweep trial's parent: the sweep's run."""
+    mlflow_tags: dict[str, str] = {}
+    """Set on the run when it is created or reopened (job, attempt, world size, version, ...)."""
     tensorboard_dir: Optional[str] = None
     """<run folder>/tensorboard: a local folder, or an s3:// prefix the events are uploaded to."""
     wandb_project: Optional[str] = None
@@ -62,11 +70,11 @@ class TrackingTarget(_Contract):
     wandb_group: Optional[str] = None
     """A sweep's name: W&B groups its trials' runs."""
     params: dict[str, str] = {}
-    """The flattened job spec (W&B's config; MLflow's params are logged once, by the driver)."""
+    """The flattened job spec: MLflow's params (logged once, when the run is created) and W&B's config."""
 
     @property
     def any(self) -> bool:
-        return bool(self.mlflow_run_id or self.tensorboard_dir or self.wandb_project)
+        return bool(self.mlflow_uri or self.tensorboard_dir or self.wandb_project)
 
 
 class WorkerConfig(_Contract):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 import os
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Optional
@@ -25,7 +26,7 @@ from ftdist.storage.store import TransferOptions, open_store
 from ftdist.storage.uri import is_remote, without_scheme
 from ftdist.train.contracts import JOB_FILE, STATE_FILE, TrackingTarget, TrainState, WorkerConfig
 from ftdist.train.obs.report import RunReport, load_run_report
-from ftdist.train.obs.tracking import finish_tracking, start_tracking
+from ftdist.train.obs.tracking import attach_report, finish_tracking, plan_tracking
 from ftdist.train.ray_runtime import connect_ray, disconnect_ray, runtime_env_vars
 
 if TYPE_CHECKING:  # the data module imports torch; the driver imports it only inside preflight_data
@@ -199,8 +200,8 @@ def run_training(spec: JobSpec, *, address: Optional[str] = None, dashboard: boo
     try:
         with run_lease(spec.run_dir) as lease:  # one live attempt per job: a second is refused here, in one line
             open_store(spec.run_dir).put_bytes(JOB_FILE, spec.model_dump_json(indent=1).encode())
-            tracking = start_tracking(spec, attempt=lease.generation, parent_run_id=tracking_parent,
-                                      group=tracking_group)
+            tracking = plan_tracking(spec, attempt=lease.generation, parent_run_id=tracking_parent,
+                                     group=tracking_group)
             try:
                 result = build_trainer(spec, callbacks=callbacks, tracking=tracking).fit()
             except KeyboardInterrupt:
@@ -212,6 +213,7 @@ def run_training(spec: JobSpec, *, address: Optional[str] = None, dashboard: boo
             else:
                 ckpt, state = _final_checkpoint(spec, result)
                 metrics, error = dict(result.metrics or {}), result.error
+            with RunReporting(spec, state, tracking) as reporting:  # the report, and its upload beside the export
                 if error is None and ckpt and spec.export.enabled:
                     try:
                         written = run_export_task(ckpt, export_uri(spec))
@@ -219,30 +221,49 @@ def run_training(spec: JobSpec, *, address: Optional[str] = None, dashboard: boo
                               flush=True)
                     except RuntimeError as e:
                         error = e
-            exp = export_uri(spec) if spec.export.enabled and error is None else None
-            _report_and_close(spec, state, tracking, failed=error is not None,
-                              outputs={"checkpoint_uri": ckpt, "export_uri": exp})
+                exp = export_uri(spec) if spec.export.enabled and error is None else None
+                reporting.close(failed=error is not None, outputs={"checkpoint_uri": ckpt, "export_uri": exp})
     finally:
         disconnect_ray(started)
     return RunSummary(spec.name, spec.run_dir, ckpt, exp, metrics, error=error,
                       history=state.history if state else [], state=state)
 
 
-def _report_and_close(spec: JobSpec, state: Optional[TrainState], tracking: TrackingTarget, *, failed: bool,
-                      outputs: dict) -> None:
-    """The run report into the run folder (also after a failure: what the last checkpoint recorded), and the
-    tracking runs closed with the report and the outputs attached. Neither can fail the run."""
-    with tempfile.TemporaryDirectory(prefix="ftdist-report-") as tmp:
+class RunReporting:
+    """The run report into the run folder (also after a failure: what the last checkpoint recorded) and its upload
+    to the tracking run, in a thread while the export runs; then the tracking runs closed with the outputs. Neither
+    can fail the run."""
+
+    def __init__(self, spec: JobSpec, state: Optional[TrainState], tracking: TrackingTarget) -> None:
+        self.spec, self.state, self.tracking = spec, state, tracking
+        self.tmp = tempfile.TemporaryDirectory(prefix="ftdist-report-")
+        self.warnings: list[str] = []
+        self.thread = threading.Thread(target=self._report, name="ftdist-report", daemon=True)
+
+    def __enter__(self) -> "RunReporting":
+        self.thread.start()
+        return self
+
+    def _report(self) -> None:
+        spec = self.spec
         try:
-            report = RunReport(spec.name, spec.run_dir, state) if state else load_run_report(spec.run_dir)
-            files = report.write(tmp)
+            report = RunReport(spec.name, spec.run_dir, self.state) if self.state else load_run_report(spec.run_dir)
+            files = report.write(self.tmp.name)
             print(f"[ftdist] run report: {files['report.md']}", flush=True)
         except Exception as e:  # noqa: BLE001  (no checkpoint yet, or storage trouble: the run's result stands)
             print(f"[ftdist] no run report: {last_line(e, 300)}", flush=True)
-            tmp = None
-        warning = finish_tracking(tracking, failed=failed, outputs=outputs, report_dir=tmp)
-    if warning:
-        print(f"[ftdist] {warning} (the run's results are in {spec.run_dir})", flush=True)
+            return
+        self.warnings.append(attach_report(self.tracking, spec.run_dir, self.tmp.name))
+
+    def close(self, *, failed: bool, outputs: dict) -> None:
+        self.thread.join()
+        self.warnings.append(finish_tracking(self.tracking, self.spec.run_dir, failed=failed, outputs=outputs))
+        for warning in dict.fromkeys(w for w in self.warnings if w):
+            print(f"[ftdist] {warning} (the run's results are in {self.spec.run_dir})", flush=True)
+
+    def __exit__(self, *exc: Any) -> None:
+        self.thread.join()
+        self.tmp.cleanup()
 
 
 def _final_checkpoint(spec: JobSpec, result: Any) -> tuple[Optional[str], Optional[TrainState]]:

@@ -101,3 +101,59 @@ def test_progress_off_a_terminal_is_one_line_per_interval(monkeypatch):
     quiet = _io.StringIO()
     assert list(p.progress(range(3), 3, "x", stream=quiet, show=False)) == [0, 1, 2] and quiet.getvalue() == ""
     assert p.duration(3725) == "1h02m" and p.eta(10, 240, 20.0) == "7m40s" and p.eta(0, 10, 1.0) is None
+
+
+def test_rank_0_writes_at_most_once_per_interval_and_waits_for_a_sink_that_cannot_open_yet():
+    """MetricsLog's thread: rows logged every step go out together, one write per interval (the first at once);
+    sync and close write at once; a sink that fails to open (the server was down) is opened again at the next write
+    and then receives every row it missed, in order."""
+    import threading
+    import time
+
+    from ftdist.train.contracts import TrackingTarget
+    from ftdist.train.obs.sinks import MetricsLog
+
+    writes: list[list[int]] = []
+    opened = threading.Event()
+    attempts = []
+
+    class Recording:
+        name = "rec"
+
+        def write(self, rows):
+            writes.append([r["step"] for r in rows])
+
+        def sync(self):
+            writes.append(["sync"])
+
+        def close(self):
+            writes.append(["close"])
+
+    def make():
+        attempts.append(1)
+        if not opened.is_set():
+            raise ConnectionError("server down")
+        return Recording()
+
+    class Log(MetricsLog):
+        def _makers(self):
+            return [("rec", make)]
+
+    def until(cond):
+        deadline = time.monotonic() + 10
+        while not cond() and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+    said: list[str] = []
+    log = Log(TrackingTarget(), "/unused", 0, said.append, flush_every_s=0.5)
+    until(lambda: attempts)  # the first opening failed
+    for step in range(1, 4):
+        log.log({"step": step, "loss": 1.0})
+    opened.set()
+    log.sync()
+    until(lambda: ["sync"] in writes)
+    for step in range(4, 8):  # within one interval of the last write: one request
+        log.log({"step": step, "loss": 1.0})
+    log.close()
+    assert writes == [[1, 2, 3], ["sync"], [4, 5, 6, 7], ["close"]], writes
+    assert said == ["[ftdist] tracking: rec failed (server down); training goes on, rows are retried"]

@@ -25,6 +25,7 @@ from ftdist.redact import redact
 from ftdist.storage.store import open_store
 from ftdist.storage.uri import is_remote
 from ftdist.train.contracts import TrackingTarget
+from ftdist.train.obs.tracking import open_mlflow_run
 
 MAX_PENDING_ROWS = 100_000
 """Rows kept for a tracking server that is down (a 100k-step run logging every step); older ones are dropped."""
@@ -48,12 +49,13 @@ def numeric_metrics(row: dict) -> dict[str, float]:
 class _MlflowSink:
     name = "MLflow"
 
-    def __init__(self, target: TrackingTarget) -> None:
+    def __init__(self, target: TrackingTarget, run_dir: str) -> None:
         from mlflow import MlflowClient
 
         self.client = MlflowClient(tracking_uri=target.mlflow_uri)
-        self.run_id = target.mlflow_run_id
-        self.last: Optional[dict[str, int]] = None  # per metric, the last step the server holds
+        self.run_id, created = open_mlflow_run(target, run_dir)
+        # Per metric, the last step the server holds (a new run holds none: nothing to read back).
+        self.last: Optional[dict[str, int]] = {} if created else None
 
     def _logged_steps(self) -> dict[str, int]:
         keys = self.client.get_run(self.run_id).data.metrics.keys()
@@ -138,15 +140,21 @@ class _WandbSink:
 
 
 class MetricsLog:
-    """Rank 0's asynchronous writer of metric rows to every configured tracking sink."""
+    """Rank 0's asynchronous writer of metric rows to every configured tracking sink. The thread opens the sinks
+    (creating or reopening the MLflow run) while the workers load data and model, and writes at most once per
+    `flush_every_s` (a row logged every step is still one request per interval), at once on `sync` and `close`. A
+    sink that cannot open yet is tried again at each write; its rows wait for it."""
 
     def __init__(self, target: TrackingTarget, run_dir: str, start_step: int,
-                 say: Callable[[str], None] = lambda m: print(m, file=sys.stderr)) -> None:
+                 say: Callable[[str], None] = lambda m: print(m, file=sys.stderr),
+                 flush_every_s: float = 5.0) -> None:
         self.target, self.run_dir, self.start_step, self.say = target, run_dir, start_step, say
+        self.flush_every_s = flush_every_s
         self.queue: queue.Queue = queue.Queue()
         self.pending: dict[str, list[dict]] = {}
         self.warned: set[str] = set()
         self.sinks: list[Any] = []
+        self.unopened: list[tuple[str, Callable[[], Any]]] = []
         self.thread = threading.Thread(target=self._loop, name="ftdist-tracking", daemon=True)
         self.thread.start()
 
@@ -154,7 +162,8 @@ class MetricsLog:
         self.queue.put(("row", dict(row)))
 
     def sync(self) -> None:
-        """After a checkpoint: event files that live in s3:// storage are uploaded (in the thread)."""
+        """After a checkpoint: rows written now, and event files that live in s3:// storage uploaded (in the
+        thread)."""
         self.queue.put(("sync", None))
 
     def close(self, timeout_s: float = 60.0) -> None:
@@ -169,23 +178,30 @@ class MetricsLog:
             self.warned.add(sink)
             self.say(redact(f"[ftdist] tracking: {sink} failed ({last_line(e)}); training goes on, rows are retried"))
 
-    def _open(self) -> None:
+    def _makers(self) -> list[tuple[str, Callable[[], Any]]]:
         t = self.target
         makers: list[tuple[str, Callable[[], Any]]] = []
-        if t.mlflow_run_id:
-            makers.append(("MLflow", lambda: _MlflowSink(t)))
+        if t.mlflow_uri:
+            makers.append(("MLflow", lambda: _MlflowSink(t, self.run_dir)))
         if t.tensorboard_dir:
             makers.append(("TensorBoard", lambda: _TensorBoardSink(t, self.start_step)))
         if t.wandb_project:
             makers.append(("W&B", lambda: _WandbSink(t, self.run_dir)))
-        for name, make in makers:
+        return makers
+
+    def _open(self) -> None:
+        still = []
+        for name, make in self.unopened:
             try:
                 self.sinks.append(make())
-                self.pending[name] = []
             except Exception as e:  # noqa: BLE001  (checked before the run: a late failure must not stop it)
                 self._warn(name, e)
+                still.append((name, make))
+        self.unopened = still
 
     def _flush(self, sync: bool = False) -> None:
+        if self.unopened:
+            self._open()
         for sink in self.sinks:
             rows = self.pending[sink.name]
             try:
@@ -196,21 +212,31 @@ class MetricsLog:
                     sink.sync()
             except Exception as e:  # noqa: BLE001
                 self._warn(sink.name, e)
-                del rows[:-MAX_PENDING_ROWS]
+        for rows in self.pending.values():
+            del rows[:-MAX_PENDING_ROWS]
 
     def _loop(self) -> None:
+        self.unopened = self._makers()
+        self.pending = {name: [] for name, _ in self.unopened}
         self._open()
+        last_write = -math.inf
         while True:
-            kind, row = self.queue.get()
-            batch = [(kind, row)]
-            while not self.queue.empty():  # coalesce what queued up meanwhile into one request per sink
+            waiting = any(self.pending.values()) or self.unopened
+            wait = max(0.0, last_write + self.flush_every_s - time.monotonic()) if waiting else None
+            try:
+                batch = [self.queue.get(timeout=wait)]
+            except queue.Empty:
+                batch = []
+            while not self.queue.empty():  # what queued up meanwhile goes in the same request per sink
                 batch.append(self.queue.get())
             for k, r in batch:
                 if k == "row":
                     for rows in self.pending.values():
                         rows.append(r)
             kinds = {k for k, _ in batch}
-            self._flush(sync="sync" in kinds)
+            if kinds & {"sync", "close"} or time.monotonic() - last_write >= self.flush_every_s:
+                self._flush(sync="sync" in kinds)  # (close syncs each sink itself)
+                last_write = time.monotonic()
             if "close" in kinds:
                 for sink in self.sinks:
                     try:

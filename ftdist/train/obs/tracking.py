@@ -1,6 +1,7 @@
-"""The driver's side of tracking: check the MLflow server before Ray starts, create the run (or find the one an
-earlier attempt of the job created), log the job's parameters once, and at the end attach what the run produced
-(checkpoint and export URIs, the run report) and close it. Rank 0 logs the metrics (obs/sinks.py).
+"""The driver's side of tracking: check the MLflow server before Ray starts, plan where the attempt logs (no
+request: rank 0 creates the run, or reopens the one an earlier attempt created, and logs the job's parameters once,
+in its logging thread: obs/sinks.py), and at the end attach what the run produced (the run report while the export
+runs, then the checkpoint and export URIs) and close it.
 
 The run folder keeps `tracking.json`: the MLflow run id per tracking URI and the W&B run id, so a re-run of the job,
 a RayJob retry or a worker restart continues the same tracking run. No torch, no Ray.
@@ -15,6 +16,7 @@ import os
 import re
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Optional
 
 import ftdist
@@ -93,9 +95,15 @@ def check_tracking(spec: JobSpec) -> None:
         return
     with _mlflow_http(retries=0, timeout_s=PROBE_TIMEOUT_S):
         try:
-            _client(uri).search_experiments(max_results=1)
+            exp = _client(uri).get_experiment_by_name(experiment_name(spec))
         except Exception as e:  # noqa: BLE001  (any client failure here is the user's server or credentials)
             raise SpecError(describe_mlflow_error(e, uri)) from None
+    if exp is not None and exp.lifecycle_stage == "deleted":
+        raise SpecError(_deleted(exp.name))
+
+
+def _deleted(name: str) -> str:
+    return f"tracking.mlflow.experiment: {name} is deleted on the server (restore it, or choose another name)"
 
 
 def flat_params(spec: JobSpec) -> dict[str, str]:
@@ -128,8 +136,7 @@ def _experiment_id(client: Any, name: str) -> str:
     exp = client.get_experiment_by_name(name)
     if exp is not None:
         if exp.lifecycle_stage == "deleted":
-            raise SpecError(f"tracking.mlflow.experiment: {name} is deleted on the server (restore it, or choose "
-                            "another name)")
+            raise SpecError(_deleted(name))
         return exp.experiment_id
     try:
         return client.create_experiment(name)
@@ -140,9 +147,8 @@ def _experiment_id(client: Any, name: str) -> str:
         return exp.experiment_id
 
 
-def _mlflow_run(client: Any, spec: JobSpec, saved_id: Optional[str], tags: dict[str, str],
-                parent_run_id: Optional[str]) -> str:
-    """The run an earlier attempt created (reopened), or a new one with the job's params."""
+def _mlflow_run(client: Any, target: TrackingTarget, saved_id: Optional[str]) -> tuple[str, bool]:
+    """(run id, created): the run an earlier attempt created, reopened, or a new one with the job's params."""
     from mlflow.entities import Param, RunTag
 
     if saved_id:
@@ -152,28 +158,28 @@ def _mlflow_run(client: Any, spec: JobSpec, saved_id: Optional[str], tags: dict[
             run = None
         if run is not None and run.info.lifecycle_stage == "active":
             client.update_run(saved_id, status="RUNNING")
-            client.log_batch(saved_id, tags=[RunTag(k, v) for k, v in tags.items()])
-            return saved_id
-    run_tags = dict(tags)
-    if parent_run_id:
-        run_tags[PARENT_TAG] = parent_run_id
-    run = client.create_run(_experiment_id(client, experiment_name(spec)), tags=run_tags,
-                            run_name=spec.tracking.mlflow.run_name or spec.name)
-    params = [Param(k, v) for k, v in flat_params(spec).items()]
+            client.log_batch(saved_id, tags=[RunTag(k, v) for k, v in target.mlflow_tags.items()])
+            return saved_id, False
+    tags = dict(target.mlflow_tags)
+    if target.mlflow_parent_run_id:
+        tags[PARENT_TAG] = target.mlflow_parent_run_id
+    run = client.create_run(_experiment_id(client, target.mlflow_experiment), tags=tags,
+                            run_name=target.mlflow_run_name)
+    params = [Param(k, v) for k, v in target.params.items()]
     for i in range(0, len(params), 100):  # MLflow takes at most 100 params per request
         client.log_batch(run.info.run_id, params=params[i:i + 100])
-    return run.info.run_id
+    return run.info.run_id, True
 
 
-def start_tracking(spec: JobSpec, *, attempt: int, parent_run_id: Optional[str] = None,
-                   group: Optional[str] = None, sweep: bool = False) -> TrackingTarget:
-    """Create or reopen the job's tracking runs (after the run lease is held, so a refused second attempt creates
-    nothing) and say where rank 0 logs. `attempt`: the run lease's generation, tagged on the run. `sweep`: the
-    sweep's own MLflow run, the parent of its trials' runs (TensorBoard and W&B get the trials' runs only: the sweep
-    folder holds each trial's events, W&B groups the trials by the sweep's name)."""
+def plan_tracking(spec: JobSpec, *, attempt: int, parent_run_id: Optional[str] = None,
+                  group: Optional[str] = None, sweep: bool = False) -> TrackingTarget:
+    """Where the job's attempt logs, decided without a request to any tracking server (after the run lease is held,
+    so a refused second attempt creates nothing): rank 0 opens the MLflow run in its logging thread, while the
+    workers load data and model, instead of the driver doing it on the path to the first step. `attempt`: the run
+    lease's generation, tagged on the run. `sweep`: the sweep's own MLflow run, the parent of its trials' runs
+    (TensorBoard and W&B get the trials' runs only: the sweep folder holds each trial's events, W&B groups the
+    trials by the sweep's name)."""
     t = spec.tracking
-    store = open_store(spec.run_dir)
-    saved = _read_saved(store)
     target: dict[str, Any] = {}
     if t.tensorboard and not sweep:
         target["tensorboard_dir"] = f"{spec.run_dir}/{TENSORBOARD_DIR}"
@@ -184,30 +190,85 @@ def start_tracking(spec: JobSpec, *, attempt: int, parent_run_id: Optional[str] 
                 "ftdist.objective": spec.objective, "ftdist.method": spec.method}
         if sweep:
             tags["ftdist.sweep"] = spec.name
-        runs = saved.setdefault("mlflow", {})
-        with _mlflow_http(retries=2, timeout_s=30):
-            try:
-                runs[uri] = _mlflow_run(_client(uri), spec, runs.get(uri), tags, parent_run_id)
-            except SpecError:
-                raise
-            except Exception as e:  # noqa: BLE001
-                raise SpecError(describe_mlflow_error(e, uri)) from None
-        target.update(mlflow_uri=uri, mlflow_run_id=runs[uri])
+        target.update(mlflow_uri=uri, mlflow_experiment=experiment_name(spec), mlflow_tags=tags,
+                      mlflow_run_name=t.mlflow.run_name or spec.name, mlflow_parent_run_id=parent_run_id)
     if t.wandb is not None and not sweep:
-        saved.setdefault("wandb_id", uuid.uuid4().hex[:16])
+        store = open_store(spec.run_dir)
+        saved = _read_saved(store)
+        if "wandb_id" not in saved:
+            saved["wandb_id"] = uuid.uuid4().hex[:16]
+            store.put_bytes(TRACKING_FILE, json.dumps(saved, indent=1).encode())
         target.update(wandb_project=t.wandb.project, wandb_entity=t.wandb.entity, wandb_mode=t.wandb.mode,
-                      wandb_id=saved["wandb_id"], wandb_name=spec.name, wandb_group=group, params=flat_params(spec))
-    if saved:
-        store.put_bytes(TRACKING_FILE, json.dumps(saved, indent=1).encode())
+                      wandb_id=saved["wandb_id"], wandb_name=spec.name, wandb_group=group)
+    if uri is not None or "wandb_project" in target:
+        target["params"] = flat_params(spec)
     return TrackingTarget(**target)
 
 
-def finish_tracking(target: TrackingTarget, *, failed: bool, outputs: dict[str, Optional[str]],
-                    report_dir: Optional[str] = None) -> Optional[str]:
-    """Attach the run's outputs (checkpoint and export URIs as tags and as outputs.json, the run report's files)
-    and close the MLflow run as FINISHED or FAILED. A tracking failure here is a warning (returned), never the
-    run's failure: the run's results are in its folder either way."""
-    if not target.mlflow_run_id:
+def open_mlflow_run(target: TrackingTarget, run_dir: str) -> tuple[str, bool]:
+    """(run id, created): reopen the MLflow run tracking.json names for this server (an earlier attempt's or an
+    earlier worker's), or create it with the job's params and record its id there. SpecError with one line if the
+    server refuses."""
+    uri = target.mlflow_uri
+    store = open_store(run_dir)
+    saved = _read_saved(store)
+    runs = saved.setdefault("mlflow", {})
+    with _mlflow_http(retries=2, timeout_s=30):
+        try:
+            run_id, created = _mlflow_run(_client(uri), target, runs.get(uri))
+        except SpecError:
+            raise
+        except Exception as e:  # noqa: BLE001
+            raise SpecError(describe_mlflow_error(e, uri)) from None
+    if runs.get(uri) != run_id:
+        runs[uri] = run_id
+        store.put_bytes(TRACKING_FILE, json.dumps(saved, indent=1).encode())
+    return run_id, created
+
+
+def start_tracking(spec: JobSpec, *, attempt: int) -> TrackingTarget:
+    """A sweep's own MLflow run, opened by its driver now: its trials' runs are its children."""
+    target = plan_tracking(spec, attempt=attempt, sweep=True)
+    if target.mlflow_uri is None:
+        return target
+    return target.model_copy(update={"mlflow_run_id": open_mlflow_run(target, spec.run_dir)[0]})
+
+
+def _run_id(target: TrackingTarget, run_dir: str) -> str:
+    """The run this attempt logged to: known (a sweep's), recorded by rank 0, or, when the attempt failed before rank 0
+    opened it, opened now so the failure is on record."""
+    if target.mlflow_run_id:
+        return target.mlflow_run_id
+    saved = _read_saved(open_store(run_dir)).get("mlflow", {}).get(target.mlflow_uri)
+    return saved or open_mlflow_run(target, run_dir)[0]
+
+
+def _upload(client: Any, run_id: str, files: list[tuple[str, str]]) -> None:
+    """[(local file, artifact folder)], a few at a time (one request each)."""
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        for f in [pool.submit(client.log_artifact, run_id, path, folder) for path, folder in files]:
+            f.result()
+
+
+def attach_report(target: TrackingTarget, run_dir: str, report_dir: str) -> Optional[str]:
+    """Upload the run report's files to the MLflow run (while the export runs). A failure is a warning (returned)."""
+    if not target.mlflow_uri or not os.path.isdir(report_dir):
+        return None
+    with _mlflow_http(retries=3, timeout_s=60):
+        try:
+            files = [(os.path.join(report_dir, n), "report") for n in sorted(os.listdir(report_dir))]
+            _upload(_client(target.mlflow_uri), _run_id(target, run_dir), files)
+        except Exception as e:  # noqa: BLE001
+            return describe_mlflow_error(e, target.mlflow_uri)
+    return None
+
+
+def finish_tracking(target: TrackingTarget, run_dir: str, *, failed: bool,
+                    outputs: dict[str, Optional[str]]) -> Optional[str]:
+    """Attach the run's outputs (checkpoint and export URIs as tags and as ftdist/outputs.json) and close the MLflow
+    run as FINISHED or FAILED. A tracking failure here is a warning (returned), never the run's failure: the run's
+    results are in its folder either way."""
+    if not target.mlflow_uri:
         return None
     import tempfile
 
@@ -216,16 +277,17 @@ def finish_tracking(target: TrackingTarget, *, failed: bool, outputs: dict[str, 
             from mlflow.entities import RunTag
 
             client = _client(target.mlflow_uri)
-            run_id = target.mlflow_run_id
-            client.log_batch(run_id, tags=[RunTag(f"ftdist.{k}", v) for k, v in outputs.items() if v])
-            with tempfile.TemporaryDirectory() as tmp:
-                with open(os.path.join(tmp, "outputs.json"), "w") as fh:
-                    json.dump({k: v for k, v in outputs.items() if v}, fh, indent=1)
-                client.log_artifacts(run_id, tmp, "ftdist")
-            if report_dir and os.path.isdir(report_dir):
-                client.log_artifacts(run_id, report_dir, "report")
+            run_id = _run_id(target, run_dir)
+            done = {k: v for k, v in outputs.items() if v}
+            with tempfile.TemporaryDirectory() as tmp, ThreadPoolExecutor(max_workers=1) as pool:
+                path = os.path.join(tmp, "outputs.json")
+                with open(path, "w") as fh:
+                    json.dump(done, fh, indent=1)
+                upload = pool.submit(client.log_artifact, run_id, path, "ftdist")  # beside the tags' request
+                client.log_batch(run_id, tags=[RunTag(f"ftdist.{k}", v) for k, v in done.items()])
+                upload.result()
             client.set_terminated(run_id, status="FAILED" if failed else "FINISHED",
                                   end_time=int(time.time() * 1000))
         except Exception as e:  # noqa: BLE001
-            return describe_mlflow_error(e, target.mlflow_uri or "")
+            return describe_mlflow_error(e, target.mlflow_uri)
     return None
