@@ -102,6 +102,10 @@ def main(args: argparse.Namespace) -> int:
                              f"rounds: {each}) | {t['on']:.1f} s | {t['off']:.1f} s | {t['ratio']:.3f} | <= 1.02 |")
                 lines.append(f"| diagnostic: the step loop's time (train_time_s), on / off | {t['loop_on']:.2f} s | "
                              f"{t['loop_off']:.2f} s | {t['loop_ratio']:.3f} | |")
+                c = t["critical"]
+                lines.append(f"| diagnostic: tracking requests no run can overlap (check {c['check']:.2f} s, last "
+                             f"flush {c['flush']:.2f} s, close {c['close']:.2f} s) / the run off | {c['total']:.2f} s | "
+                             f"{t['off']:.1f} s | {c['total'] / t['off']:.3f} | |")
             if usable_cores() <= WORLD:  # as for throughput: the same with a core left for the tracking thread
                 t1 = bench_tracking(tmp, args.steps, args.rounds, workers=1, auth=False)
                 each = ", ".join(f"{r:.3f}" for r in t1["round_ratios"])

@@ -14,7 +14,7 @@ from ftdist.bench.local_mlflow import new_password, start_mlflow
 from ftdist.environ import temporary_environ
 from ftdist.spec import with_overrides
 from ftdist.train.driver import run_training
-from ftdist.train.obs.tracking import check_tracking
+from ftdist.train.obs.tracking import check_tracking, finish_tracking, open_mlflow_run, plan_tracking
 from ftdist.train.generation import greedy_generate, load_prompts
 from ftdist.train.locations import load_tokenizer
 from ftdist.train.ray_runtime import connect_ray, disconnect_ray
@@ -36,11 +36,12 @@ def bench_tracking(tmp: str, steps: int, rounds: int, workers: int = 2, auth: bo
                                                  rounds, workers)
             finally:
                 disconnect_ray(started)
+            critical = critical_path_seconds(server.uri, os.path.join(tmp, f"tracking-{workers}-{auth}"))
     finally:
         server.stop()
     on, off = statistics.mean(walls["on"]), statistics.mean(walls["off"])
     loop_on, loop_off = statistics.mean(loops["on"]), statistics.mean(loops["off"])
-    return {"on": on, "off": off, "ratio": on / off, "loop_on": loop_on, "loop_off": loop_off,
+    return {"on": on, "off": off, "ratio": on / off, "loop_on": loop_on, "loop_off": loop_off, "critical": critical,
             "loop_ratio": loop_on / loop_off, "round_ratios": [a / b for a, b in zip(walls["on"], walls["off"])]}
 
 
@@ -54,7 +55,9 @@ def _alternating_runs(uri: str, tmp: str, steps: int, rounds: int, workers: int)
         for mode in (("on", "off") if i % 2 == 0 else ("off", "on")):
             spec = bench_spec(os.path.join(tmp, f"{mode}-{i}"), steps, log_every=1, workers=workers)
             tracking = {"mlflow": {"tracking_uri": uri, "experiment": "bench"}, "tensorboard": True}
-            spec = with_overrides(spec, {"tracking": tracking if mode == "on" else {"tensorboard": False}})
+            # With the export, as the quickstart runs (the report's upload overlaps it).
+            spec = with_overrides(spec, {"tracking": tracking if mode == "on" else {"tensorboard": False},
+                                         "export.enabled": True})
             t0 = time.perf_counter()
             check_tracking(spec)
             s = run_training(spec)
@@ -63,6 +66,34 @@ def _alternating_runs(uri: str, tmp: str, steps: int, rounds: int, workers: int)
             walls[mode].append(time.perf_counter() - t0)
             loops[mode].append(s.history[-1]["train_time_s"])
     return walls, loops
+
+
+def critical_path_seconds(uri: str, tmp: str, rows: int = 16) -> dict:
+    """ftdist's own cost, without the noise of whole runs: the tracking requests a run cannot overlap with other
+    work, timed against the server one after another as a run makes them: the check before Ray, rank 0's last
+    flush (5 s of rows logged every step), and the close (tags beside outputs.json, then the status)."""
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric
+
+    spec = with_overrides(bench_spec(os.path.join(tmp, "critical"), 1),
+                          {"tracking": {"mlflow": {"tracking_uri": uri, "experiment": "bench"}}})
+    t0 = time.perf_counter()
+    check_tracking(spec)
+    check = time.perf_counter() - t0
+    target = plan_tracking(spec, attempt=1)
+    run_id, _ = open_mlflow_run(target, spec.run_dir)  # off the path: rank 0's thread, during start-up
+    now = int(time.time() * 1000)
+    batch = [Metric(k, 1.0, now, step) for step in range(rows) for k in ("loss", "lr", "grad_norm", "tokens_per_s",
+                                                                        "step_time_s", "epoch", "train_time_s")]
+    t0 = time.perf_counter()
+    MlflowClient(uri).log_batch(run_id, metrics=batch)
+    flush = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    warning = finish_tracking(target, spec.run_dir, failed=False, outputs={"checkpoint_uri": "/x", "export_uri": "/y"})
+    close = time.perf_counter() - t0
+    if warning:
+        raise RuntimeError(warning)
+    return {"check": check, "flush": flush, "close": close, "total": check + flush + close}
 
 
 def bench_generation(prompts: int = 100, batch: int = 16, max_new_tokens: int = 24) -> dict:

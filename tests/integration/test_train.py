@@ -108,6 +108,8 @@ def test_resume_continues_with_identical_loss_and_one_tracking_run(ray_cluster, 
     assert rest.state.worker_seconds > part.state.worker_seconds and rest.state.gpu_seconds == 0
     check_one_tracking_run(mlflow_server, "ftdist-tests", first, rest.history, rest.checkpoint, last_step=8,
                            replayed={5, 6}, eval_steps=[0, 2, 4, 6, 8])
+    said = capsys.readouterr()
+    assert "View run" not in said.out + said.err  # the MLflow client's own end-of-run line is kept out
     check_run_report(tmp_path / "store" / "resumed", rest.history, resumed_at=4, capsys=capsys)
     files = mlflow_server.files() + [str(p) for p in tmp_path.rglob("*") if p.is_file()]
     check_no_secret(files, [mlflow_server.password, s3_credentials[1]])

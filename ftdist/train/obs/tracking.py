@@ -56,7 +56,10 @@ def _mlflow_http(retries: int, timeout_s: int) -> contextlib.AbstractContextMana
     """MLflow's REST client retries a refused connection 7 times with backoff (minutes) by default: fine inside a
     long run, wrong for a check that must answer in seconds. Its settings are read from the environment per call."""
     return temporary_environ({"MLFLOW_HTTP_REQUEST_MAX_RETRIES": str(retries),
-                              "MLFLOW_HTTP_REQUEST_TIMEOUT": str(timeout_s)})
+                              "MLFLOW_HTTP_REQUEST_TIMEOUT": str(timeout_s),
+                              # and no "🏃 View run ..." line from the client when a run ends: ftdist's output
+                              # stays its own lines
+                              "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"})
 
 
 def describe_mlflow_error(e: BaseException, uri: str) -> str:
