@@ -187,12 +187,16 @@ def apply_retention(report: SweepReport) -> list[str]:
     manifest goes first, so a half-deleted checkpoint is never taken for a valid one)."""
     keep = report.spec.sweep.keep_best_trials
     base = sweep_dir(report.spec)
+    return [uri for t in report.trials[keep:] for uri in _delete_checkpoints(f"{base}/{TRAIN_PREFIX}{t.trial_id}")]
+
+
+def _delete_checkpoints(train_uri: str) -> list[str]:
+    """Every checkpoint of one trial's run, each uncommitted first (its manifest), then its data; their URIs."""
+    cs = CheckpointStore(train_uri)
     deleted = []
-    for t in report.trials[keep:]:
-        cs = CheckpointStore(f"{base}/{TRAIN_PREFIX}{t.trial_id}")
-        for c in cs.checkpoints(committed_only=False):
-            cs.delete(c.name)
-            deleted.append(c.uri)
+    for c in cs.checkpoints(committed_only=False):
+        cs.delete(c.name)
+        deleted.append(c.uri)
     return deleted
 
 
@@ -209,9 +213,7 @@ def prune_orphans(report: SweepReport) -> list[str]:
         if prefix is None or d[len(prefix):] in known:
             continue
         if prefix == TRAIN_PREFIX:  # its checkpoints uncommitted first, as retention does
-            cs = CheckpointStore(store.child(d))
-            for c in cs.checkpoints(committed_only=False):
-                cs.delete(c.name)
+            _delete_checkpoints(store.child(d))
         store.delete_prefix(d)
         deleted.append(store.child(d))
     return deleted
