@@ -77,10 +77,10 @@ def _preflight(args: argparse.Namespace, spec) -> None:
     if not _check_address(args):
         check_local_gpus(spec.resources)
     with ThreadPoolExecutor(max_workers=1) as pool:
-        tracking_checked = pool.submit(check_tracking, spec)  # MLflow's imports and a round trip, beside tokenising
-        stats = preflight_data(spec)
+        tracking_checked = pool.submit(check_tracking, spec)  # MLflow's imports and a round trip, beside these
         preflight_storage(spec)
         tracking_checked.result()
+    stats = preflight_data(spec)  # last: a preparation writes its entry into the storage
     if stats is not None:  # after every check passed: an error stays the only line
         print(f"ftdist: data: {stats.summary()}", file=sys.stderr)
 

@@ -204,11 +204,20 @@ class DataSpec(FrozenSpec):
     on_bad_row: Literal["fail", "skip"] = "fail"
     chat_template: Optional[str] = None
     """Jinja chat template overriding the tokenizer's (for tokenizers that have none)."""
+    cache: Optional[str] = None
+    """Where the tokenised data is kept (a local folder or s3:// prefix), one folder per key (a hash of the data,
+    tokenizer and these options): tokenised once, then reused by every run, sweep trial and resume. Default:
+    <checkpoint.storage>/_prepared. `off`: every worker tokenises the data itself at each start (nothing stored)."""
 
     @field_validator("train", "eval")
     @classmethod
     def _where(cls, v: Optional[str]) -> Optional[str]:
         return _location(v)
+
+    @field_validator("cache")
+    @classmethod
+    def _cache_where(cls, v: Optional[str]) -> Optional[str]:
+        return v if v == "off" else _location(v, (S3_SCHEME, FILE_SCHEME))
 
     @model_validator(mode="after")
     def _checks(self) -> "DataSpec":
@@ -670,6 +679,14 @@ class JobSpec(FrozenSpec):
     def run_dir(self) -> str:
         """<checkpoint.storage>/<name>: the run's (or sweep's) folder, local path or s3:// URI."""
         return f"{self.checkpoint.resolved_storage()}/{self.name}"
+
+    @property
+    def prepared_root(self) -> Optional[str]:
+        """Where tokenised data is kept (data.cache; default <checkpoint.storage>/_prepared); None: data.cache off."""
+        c = self.data.cache
+        if c == "off":
+            return None
+        return resolve(c) if c else f"{self.checkpoint.resolved_storage()}/_prepared"
 
     @property
     def has_score_head(self) -> bool:

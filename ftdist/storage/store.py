@@ -21,6 +21,7 @@ from boto3.s3.transfer import TransferConfig, create_transfer_manager
 from botocore.exceptions import ClientError
 from s3transfer.subscribers import BaseSubscriber
 
+from ftdist.errors import SpecError
 from ftdist.progress import Meter
 from ftdist.storage import s3
 from ftdist.storage.uri import is_remote, split_s3
@@ -327,6 +328,18 @@ class _MeterSubscriber(BaseSubscriber):
 
 def _subscribers(meter: Optional[Meter]) -> Optional[list]:
     return [_MeterSubscriber(meter)] if meter is not None else None
+
+
+def check_local_folder(path: str, key: str) -> None:
+    """A local storage folder (`key` names the job setting) must be, or be creatable as, a folder this user can
+    write: one line naming the key otherwise."""
+    existing = path
+    while not os.path.exists(existing) and os.path.dirname(existing) != existing:
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise SpecError(f"{key}: {path}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise SpecError(f"{key}: {path}: {existing} is not writable by this user")
 
 
 def open_store(uri: str, opts: TransferOptions = TransferOptions()) -> Store:

@@ -44,6 +44,8 @@ def trial_spec(spec: JobSpec, params: dict[str, Any], trial_id: str) -> JobSpec:
     ov = trial_overrides(spec, params)
     ov.update({"name": f"{TRAIN_PREFIX}{trial_id}", "checkpoint.storage": sweep_dir(spec), "export.enabled": False,
                "sweep": None})
+    if spec.prepared_root is not None:  # the sweep's prepared data (built once before the trials) serves them all
+        ov["data.cache"] = spec.prepared_root
     if spec.tracking.mlflow is not None:  # the trials' runs go under the sweep's run, in the sweep's experiment
         ov.update({"tracking.mlflow.experiment": spec.tracking.mlflow.experiment or spec.name,
                    "tracking.mlflow.run_name": f"{spec.name}-{trial_id}"})

@@ -9,7 +9,7 @@ import math
 import os
 import sys
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -20,6 +20,7 @@ from ftdist.spec import DataSpec, JobSpec
 from ftdist.storage.cache import download
 from ftdist.storage.uri import is_remote
 from ftdist.progress import progress
+from ftdist.train.packing import best_fit_decreasing
 
 IGNORE_INDEX = -100
 CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
@@ -43,51 +44,87 @@ def _local_copy(uri: str) -> str:
     return uri
 
 
-def read_rows(path: str) -> list[Row]:
-    """All rows of a JSONL file, Parquet file, folder of those, or `datasets.save_to_disk` folder."""
-    local = _local_copy(path)
+def data_files(path: str, local: Optional[str] = None) -> tuple[str, list[tuple[str, str]]]:
+    """("hf", [(folder, shown)]) for a `datasets.save_to_disk` folder, else ("files", [(local file, shown path)]) of a
+    JSONL/Parquet file or a folder of those (sorted by name); s3:// data is downloaded into the node cache first
+    (unless `local` is its copy already)."""
+    local = local or _local_copy(path)
     if os.path.isdir(local):
         if os.path.exists(os.path.join(local, "dataset_info.json")) or os.path.exists(
             os.path.join(local, "dataset_dict.json")
         ):
-            return _read_hf_disk(local, path)
+            return "hf", [(local, path)]
         files = sorted(
             f for f in os.listdir(local) if f.endswith((".jsonl", ".json", ".parquet")) and not f.startswith(".")
         )
         if not files:
             raise SpecError(f"{path}: folder has no .jsonl/.parquet files and is not a datasets save_to_disk folder")
-        rows: list[Row] = []
-        for f in files:
-            rows.extend(_read_file(os.path.join(local, f), f"{path.rstrip('/')}/{f}"))
-        return rows
+        return "files", [(os.path.join(local, f), f"{path.rstrip('/')}/{f}") for f in files]
     if not os.path.exists(local):
         raise SpecError(f"{path}: no such file or directory")
-    return _read_file(local, path)
+    return "files", [(local, path)]
 
 
-def _read_file(local: str, shown: str) -> list[Row]:
-    if local.endswith(".parquet"):
-        try:
-            table = pq.read_table(local)
-        except Exception as e:  # pyarrow raises several types for corrupt files
-            raise SpecError(f"{shown}: not a readable Parquet file ({e.__class__.__name__})") from None
-        return [Row(f"{shown}:row {i + 1}", r) for i, r in enumerate(table.to_pylist())]
-    rows = []
-    with open(local, encoding="utf-8", errors="strict") as fh:
-        try:
-            for lineno, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                try:
-                    rows.append(Row(f"{shown}:{lineno}", json.loads(line)))
-                except json.JSONDecodeError as e:
-                    rows.append(Row(f"{shown}:{lineno}", _BadJson(e.msg)))
-        except UnicodeDecodeError:
-            raise SpecError(f"{shown}: not UTF-8 text (expected JSONL)") from None
+def read_rows(path: str) -> list[Row]:
+    """All rows of a JSONL file, Parquet file, folder of those, or `datasets.save_to_disk` folder."""
+    kind, files = data_files(path)
+    if kind == "hf":
+        return list(hf_rows(*files[0]))
+    rows: list[Row] = []
+    for local, shown in files:
+        rows.extend(parquet_rows(local, shown) if local.endswith(".parquet") else jsonl_rows(local, shown))
     return rows
 
 
-def _read_hf_disk(local: str, shown: str) -> list[Row]:
+def open_parquet(local: str, shown: str) -> pq.ParquetFile:
+    try:
+        return pq.ParquetFile(local)
+    except Exception as e:  # pyarrow raises several types for corrupt files
+        raise SpecError(f"{shown}: not a readable Parquet file ({e.__class__.__name__})") from None
+
+
+def parquet_rows(local: str, shown: str, groups: Optional[list[int]] = None, first_row: int = 0) -> Iterator[Row]:
+    """The rows of a Parquet file (or of some of its row groups, the first being row `first_row` of the file)."""
+    f = open_parquet(local, shown)
+    try:
+        table = f.read() if groups is None else f.read_row_groups(groups)
+    except Exception as e:  # noqa: BLE001  (a truncated or corrupt column chunk)
+        raise SpecError(f"{shown}: not a readable Parquet file ({e.__class__.__name__})") from None
+    for i, r in enumerate(table.to_pylist(), first_row):
+        yield Row(f"{shown}:row {i + 1}", r)
+
+
+def jsonl_rows(local: str, shown: str, start: int = 0, stop: Optional[int] = None,
+               first_line: int = 1) -> Iterator[Row]:
+    """The rows of a JSONL file, or of its bytes [start, stop) that begin at line `first_line` (blank lines are
+    not rows; a line that is not JSON is a row that fails to encode, named by its line)."""
+    with open(local, "rb") as fh:
+        fh.seek(start)
+        pos, lineno = start, first_line - 1
+        for raw in fh:
+            if stop is not None and pos >= stop:
+                break
+            pos += len(raw)
+            lineno += 1
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise SpecError(f"{shown}: not UTF-8 text (expected JSONL)") from None
+            if not line.strip():
+                continue
+            try:
+                yield Row(f"{shown}:{lineno}", json.loads(line))
+            except json.JSONDecodeError as e:
+                yield Row(f"{shown}:{lineno}", _BadJson(e.msg))
+
+
+def hf_rows(local: str, shown: str, start: int = 0, stop: Optional[int] = None) -> Iterator[Row]:
+    ds = load_hf_disk(local, shown)
+    for i in range(start, len(ds) if stop is None else stop):
+        yield Row(f"{shown}:row {i + 1}", ds[i])
+
+
+def load_hf_disk(local: str, shown: str) -> Any:
     import datasets  # ~1 s to import, and only save_to_disk folders need it
 
     ds = datasets.load_from_disk(local)
@@ -95,7 +132,7 @@ def _read_hf_disk(local: str, shown: str) -> list[Row]:
         if "train" not in ds:
             raise SpecError(f"{shown}: DatasetDict has no 'train' split (has {sorted(ds)})")
         ds = ds["train"]
-    return [Row(f"{shown}:row {i + 1}", r) for i, r in enumerate(ds)]
+    return ds
 
 
 @dataclass
@@ -143,6 +180,26 @@ class DataStats:
     dropped_no_target: int = 0
     tokens: int = 0
     bad_examples: list[str] = field(default_factory=list)
+    lengths: dict[str, int] = field(default_factory=dict)
+    """Examples by token count: {"<=64": n, "<=128": n, ...} (powers of two)."""
+
+    def count(self, n_tokens: int) -> None:
+        self.tokens += n_tokens
+        bucket = f"<={max(64, 1 << max(0, n_tokens - 1).bit_length())}"
+        self.lengths[bucket] = self.lengths.get(bucket, 0) + 1
+
+    def merge(self, other: "DataStats") -> None:
+        """Add another part's counts (parts merged in data order: the first bad rows stay first)."""
+        for name in ("rows", "skipped_bad", "truncated", "dropped_no_target", "tokens"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.bad_examples = (self.bad_examples + other.bad_examples)[:3]
+        for k, v in other.lengths.items():
+            self.lengths[k] = self.lengths.get(k, 0) + v
+
+    def histogram(self) -> str:
+        """`<=64: 10, <=128: 250, ...` in length order."""
+        keys = sorted(self.lengths, key=lambda k: int(k[2:]))
+        return ", ".join(f"{k}: {self.lengths[k]}" for k in keys)
 
     def summary(self) -> str:
         s = f"{self.rows} rows, {self.tokens} tokens"
@@ -293,57 +350,68 @@ def tokenize_rows(rows: list[Row], tok: Callable[[Any], Example], spec: DataSpec
                 stats.bad_examples.append(f"{r.where}: {e}")
             continue
         stats.rows += 1
-        if ex.longest > spec.max_length and not spec.packing:
+        if ex.longest > spec.max_length:  # packing places whole examples too: the same cut
             stats.truncated += 1
             ex = ex.truncated(spec.max_length)
         if not ex.has_target:
             stats.dropped_no_target += 1
             continue
-        stats.tokens += ex.n_tokens
+        stats.count(ex.n_tokens)
         out.append(ex)
     return out
 
 
-def pack(examples: list[Example], max_length: int) -> list[Example]:
-    """Concatenate examples (each already ends in EOS) and cut into full blocks of max_length; drop the tail.
+@dataclass
+class PackedExample(OneSequence):
+    """Whole examples in one block, each with positions from 0 (packing.py says why)."""
 
-    The first label of each original example stays trainable only where it was; attention spans documents
-    inside a block (the usual "concat and chunk" packing)."""
-    ids: list[int] = []
-    labels: list[int] = []
-    for ex in examples:
-        ids += ex.input_ids
-        labels += ex.labels
-    n = len(ids) // max_length
-    return [
-        Example(ids[i * max_length:(i + 1) * max_length], labels[i * max_length:(i + 1) * max_length]) for i in range(n)
-    ]
+    input_ids: list[int]
+    labels: list[int]
+    position_ids: list[int]
+
+    @property
+    def has_target(self) -> bool:
+        return has_target(self.labels)
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Splits, order and per-rank shards
+def pack(examples: list[Example], max_length: int) -> list[PackedExample]:
+    """Whole examples (each already cut to max_length) into blocks of at most max_length tokens, best fit
+    decreasing; a document's first token carries no loss (it would be predicted from the previous document)."""
+    out = []
+    for group in best_fit_decreasing([len(e.input_ids) for e in examples], max_length):
+        ids: list[int] = []
+        labels: list[int] = []
+        positions: list[int] = []
+        for i in group:
+            e = examples[i]
+            ids += e.input_ids
+            labels += [IGNORE_INDEX] + e.labels[1:]
+            positions += range(len(e.input_ids))
+        block = PackedExample(ids, labels, positions)
+        if block.has_target:
+            out.append(block)
+    return out
 
 
 @dataclass
 class Splits:
-    train: list[Example]
-    eval: list[Example]
+    train: Sequence
+    """Examples (a list, or a TokenTable of prepared data)."""
+    eval: Sequence
     stats: DataStats
     eval_stats: Optional[DataStats]
 
 
 def build_splits(spec: DataSpec, tokenizer: Any, seed: int,
                  encode: Optional[Callable[[Any], Example]] = None, show: bool = False) -> Splits:
-    """Train and eval examples; `encode` turns a row into an example (the objective's; default: SFT's Tokenize).
-    `show`: progress lines for a long tokenisation (rank 0)."""
+    """Train and eval examples in memory (data.cache: off, tests, the benchmark's baseline; runs use prepared data,
+    train/prepare.py); `encode` turns a row into an example (the objective's; default: SFT's Tokenize)."""
     tok = encode or Tokenize(tokenizer, spec)
     stats = DataStats()
     rows = read_rows(spec.train)
     eval_rows: list[Row] = []
     if spec.eval_fraction > 0:
-        perm = np.random.default_rng(seed).permutation(len(rows))
-        n_eval = max(1, int(round(len(rows) * spec.eval_fraction)))
-        eval_idx = set(perm[:n_eval].tolist())
+        eval_idx = set(eval_draw(len(rows), spec.eval_fraction, seed).tolist())
         eval_rows = [r for i, r in enumerate(rows) if i in eval_idx]
         rows = [r for i, r in enumerate(rows) if i not in eval_idx]
     elif spec.eval:
@@ -357,6 +425,11 @@ def build_splits(spec: DataSpec, tokenizer: Any, seed: int,
     if not train:
         raise SpecError(f"{spec.train}: no usable training examples ({stats.summary()})")
     return Splits(train, ev, stats, eval_stats)
+
+
+def eval_draw(n_rows: int, fraction: float, seed: int) -> np.ndarray:
+    """The rows (indices) that data.eval_fraction holds out: a seeded draw, at least one."""
+    return np.random.default_rng(seed).permutation(n_rows)[:max(1, int(round(n_rows * fraction)))]
 
 
 class ShardedLoader:
@@ -416,6 +489,17 @@ def attention_mask(seqs: list[list[int]]) -> torch.Tensor:
     """[N, longest] 1 on each sequence's tokens, 0 on the padding after them."""
     lengths = torch.tensor([len(s) for s in seqs])
     return (torch.arange(int(lengths.max())) < lengths[:, None]).long()
+
+
+def collate_packed(batch: list[PackedExample], pad_id: int) -> dict[str, torch.Tensor]:
+    """Blocks right-padded to the longest; the padding is one more "document" (positions from 0, no loss) so it
+    never joins a real one. No attention mask: the position ids carry the document boundaries."""
+    ids = right_padded([e.input_ids for e in batch], pad_id)  # [B, T]
+    width = ids.shape[1]
+    positions = torch.stack([torch.tensor(e.position_ids + list(range(width - len(e.position_ids))))
+                             for e in batch])  # [B, T]
+    return {"input_ids": ids, "labels": right_padded([e.labels for e in batch], IGNORE_INDEX, width),
+            "position_ids": positions, "token_count": torch.tensor(sum(len(e.input_ids) for e in batch))}
 
 
 def collate(batch: list[Example], pad_id: int) -> dict:

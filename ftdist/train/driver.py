@@ -22,7 +22,7 @@ from ftdist.spec import JobSpec
 from ftdist.storage import s3
 from ftdist.storage.checkpoints import CheckpointStore
 from ftdist.storage.lease import run_lease
-from ftdist.storage.store import TransferOptions, open_store
+from ftdist.storage.store import TransferOptions, check_local_folder, open_store
 from ftdist.storage.uri import is_remote, without_scheme
 from ftdist.train.contracts import JOB_FILE, STATE_FILE, TrackingTarget, TrainState, WorkerConfig
 from ftdist.train.obs.report import RunReport, load_run_report
@@ -121,35 +121,48 @@ def build_trainer(spec: JobSpec, *, callbacks: Optional[list] = None,
 
 
 def preflight_data(spec: JobSpec) -> Optional["DataStats"]:
-    """Read and tokenize local data on the driver before Ray starts, so a bad row, a missing field or too little
-    data is a one-line error (exit 2) with nothing written; the statistics (rows, tokens, skipped bad rows) come
-    back for the user. The tokenizer comes from its folder or the hub (a hub id that does not exist is an error here;
-    no connection to the hub leaves the check to the workers). s3:// data and tokenizers are checked by the workers
-    (they are downloaded per node, not to the driver)."""
+    """Before Ray starts: the job's data tokenised once into its prepared entry (train/prepare.py), or the entry found
+    and verified, so a bad row, a missing field or too little data is a one-line error (exit 2) with nothing written,
+    and the workers only open what is there. Returns the statistics (rows, tokens, skipped bad rows). The tokenizer
+    comes from its folder or the hub (a hub id that does not exist is an error here; no connection to the hub, or an
+    s3:// tokenizer, leaves the preparation to the workers). data.cache off: the data is tokenised here as a check,
+    and again by every worker."""
     # transformers and the tokenizer stay off the path of `ftdist validate`.
-    from ftdist.train.data import ShardedLoader
+    from ftdist.train.data import ShardedLoader, build_splits
     from ftdist.train.evaluation import load_references
     from ftdist.train.generation import load_metric_function, load_prompts
     from ftdist.train.locations import preflight_tokenizer
     from ftdist.train.model_config import check_from_config
-    from ftdist.train.objectives import splits_for
+    from ftdist.train.objectives import objective_for
+    from ftdist.train.prepare import Runner, check_prepared_root, ensure_prepared, plan_processes
 
     check_from_config(spec.model)
     gen = spec.eval.generate
     if gen is not None:
         load_metric_function(gen)  # an unknown function or module is one line now
-    if any(p and is_remote(p) for p in (spec.data.train, spec.data.eval, spec.model.tokenizer_path)):
+    if is_remote(spec.model.tokenizer_path):
         return None
     tok = preflight_tokenizer(spec.model)
     if tok is None:
         return None
-    splits = splits_for(spec, tok, show=True)
-    ShardedLoader.for_job(spec, splits.train, 0, spec.resources.num_workers)  # raises if < one global batch
+    # The small inputs first: their mistakes are found before the data is prepared (and stored).
     if not any(is_remote(r.path) for r in spec.eval.reference):
         load_references(spec, tok)  # a bad reference row is a file:line error now, not in every worker
     if gen is not None and not is_remote(gen.data or spec.data.eval):
         load_prompts(spec, tok)  # a row without a prompt or reference is a file:line error now
-    return splits.stats
+    objective = objective_for(spec)
+
+    def one_global_batch(n_train: int) -> None:  # raises if fewer examples than one global batch
+        ShardedLoader.for_job(spec, range(n_train), 0, spec.resources.num_workers)
+
+    if spec.prepared_root is None:
+        splits = build_splits(spec.data, tok, spec.optim.seed, objective.encoder(tok), show=True)
+        one_global_batch(len(splits.train))
+        return splits.stats
+    check_prepared_root(spec)
+    manifest, _ = ensure_prepared(spec, tok, objective, Runner(plan_processes(spec)), show=True,
+                                  accept=lambda m: one_global_batch(m.train_rows))
+    return manifest.data_stats()
 
 
 def preflight_storage(spec: JobSpec) -> None:
@@ -160,7 +173,7 @@ def preflight_storage(spec: JobSpec) -> None:
     if is_remote(storage):
         s3.check_access(f"{storage}/{spec.name}", extra_args=spec.checkpoint.encryption.extra_args())
     else:
-        _check_local_storage(storage)
+        check_local_folder(storage, "checkpoint.storage")
     try:
         latest = CheckpointStore(spec.run_dir, TransferOptions.from_spec(spec.checkpoint)).latest_valid()
     except Exception as e:  # noqa: BLE001  (listing errors surface again, with retries, in the workers)
@@ -173,17 +186,6 @@ def preflight_storage(spec: JobSpec) -> None:
         raise SpecError(f"resources.num_workers: {spec.resources.num_workers}, but {latest.uri} (the checkpoint this "
                         f"job would resume from) was written by {had} workers; set num_workers={had}, or use a new "
                         f"job name and start from `ftdist export {latest.uri} --to ...`")
-
-
-def _check_local_storage(storage: str) -> None:
-    """A local checkpoint.storage must be (or be creatable as) a folder this user can write."""
-    existing = storage
-    while not os.path.exists(existing) and os.path.dirname(existing) != existing:
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing):
-        raise SpecError(f"checkpoint.storage: {storage}: {existing} is a file, not a folder")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise SpecError(f"checkpoint.storage: {storage}: {existing} is not writable by this user")
 
 
 def run_training(spec: JobSpec, *, address: Optional[str] = None, dashboard: bool = False,

@@ -35,11 +35,12 @@ from ftdist.train.evaluation import Evaluator, load_references
 from ftdist.train.generation import GenerationEval
 from ftdist.train.locations import load_tokenizer, prefetch_per_node
 from ftdist.train.modeling import apply_kernels, apply_method, count_params, load_model
-from ftdist.train.objectives import objective_for, splits_for
+from ftdist.train.objectives import objective_for
 from ftdist.train.objectives.reference import attach_reference
 from ftdist.progress import eta
 from ftdist.train.obs.sinks import MetricsLog
 from ftdist.train.optim import lr_lambda, param_groups, torch_adamw, total_steps
+from ftdist.train.prepare import worker_splits
 
 
 def print0(rank: int, msg: str) -> None:
@@ -129,7 +130,14 @@ def train_fn_per_worker(config: dict) -> None:
     tokenizer = load_tokenizer(tok_path, spec.model.trust_remote_code)
 
     objective = objective_for(spec)
-    splits = splits_for(spec, tokenizer, objective, show=rank == 0)
+    flag_device = ray.train.torch.get_device() if spec.resources.use_gpu else torch.device("cpu")
+
+    def everyone(ok: bool) -> bool:
+        flag = torch.tensor([float(ok)], device=flag_device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return bool(flag.item())
+
+    splits = worker_splits(spec, tokenizer, objective, rank, everyone, dist.barrier, show=rank == 0)
     references = load_references(spec, tokenizer)
     loader = ShardedLoader.for_job(spec, splits.train, rank, world)
     n_steps = total_steps(spec, loader.steps_per_epoch)

@@ -83,16 +83,21 @@ def test_chat_template_override_on_real_tokenizer(minilm):
     assert trained.replace(" ", "") == "hi[SEP]"
 
 
-def test_packing_fills_blocks_and_keeps_masks(bpe):
+def test_packing_places_whole_examples_with_their_own_positions(bpe):
     tok = Tokenize(bpe, DataSpec(train="x", format="prompt_completion"))
-    exs = [tok({"prompt": f"Write {n} in words:", "completion": f" {n}"}) for n in range(40)]
+    exs = [tok({"prompt": f"Write {n} in words:", "completion": f" {n}" * (n % 7 + 1)}) for n in range(40)]
     blocks = pack(exs, 32)
-    total = sum(len(e.input_ids) for e in exs)
-    assert len(blocks) == total // 32 and all(len(b.input_ids) == 32 for b in blocks)
-    flat_ids = [t for e in exs for t in e.input_ids][: len(blocks) * 32]
-    flat_labels = [t for e in exs for t in e.labels][: len(blocks) * 32]
-    assert [t for b in blocks for t in b.input_ids] == flat_ids
-    assert [t for b in blocks for t in b.labels] == flat_labels
+    assert all(len(b.input_ids) <= 32 for b in blocks)
+    # every example is in exactly one block, whole: split the blocks where the positions restart
+    docs = []
+    for b in blocks:
+        starts = [i for i, p in enumerate(b.position_ids) if p == 0] + [len(b.input_ids)]
+        assert b.position_ids == [p for a, z in zip(starts, starts[1:]) for p in range(z - a)]
+        for a, z in zip(starts, starts[1:]):
+            docs.append((tuple(b.input_ids[a:z]), tuple(b.labels[a:z])))
+    expected = [(tuple(e.input_ids), tuple([IGNORE_INDEX] + e.labels[1:])) for e in exs]
+    assert sorted(docs) == sorted(expected)
+    assert sum(len(b.input_ids) <= 16 for b in blocks) <= 1  # any fit: two half-empty blocks would have been one
 
 
 def test_truncation_is_counted(tmp_path, bpe):

@@ -17,6 +17,8 @@ class Objective(ABC):
     """The metric names each objective reports are listed in train/contracts.py (torch-free, for validation)."""
 
     name: str
+    example_type: type
+    """The dataclass its encoder makes (what a prepared data set stores, train/token_store.py)."""
     precomputes_reference = False
     """Whether the loop runs `reference.attach_reference` before training (DPO with full or freeze)."""
 
@@ -26,6 +28,18 @@ class Objective(ABC):
     @abstractmethod
     def encoder(self, tokenizer: Any) -> Callable[[Any], Any]:
         """row -> example (raises data.RowError naming what is wrong with the row)."""
+
+    def data_key(self) -> dict:
+        """What, beyond the data spec and the tokenizer, decides the examples its encoder makes (part of the
+        prepared data's key)."""
+        return {}
+
+    def adopt(self, meta: dict) -> None:
+        """Take what the prepared data recorded (`prepare_meta`) instead of reading the rows again."""
+
+    def prepare_meta(self) -> dict:
+        """What the workers need from a data preparation besides the examples (stored in its manifest)."""
+        return {}
 
     def score_head(self, tokenizer: Any) -> Optional[ScoreHead]:
         """The new head this objective trains on the backbone; None: the causal LM as loaded (its LM head)."""

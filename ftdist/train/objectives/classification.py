@@ -128,6 +128,7 @@ def macro_f1(tp: list[float], fp: list[float], fn: list[float]) -> float:
 
 class Classification(Objective):
     name = "classification"
+    example_type = LabelledText
 
     @cached_property
     def labels(self) -> tuple[str, ...]:
@@ -135,6 +136,17 @@ class Classification(Objective):
         if c.labels is not None:
             return tuple(c.labels)
         return derive_labels(read_rows(self.spec.data.train), c.label_field, self.spec.data.train)
+
+    def data_key(self) -> dict:
+        c = self.spec.classification
+        # Derived labels are the data's own (the key already covers the data): not read to make the key.
+        return {"label_field": c.label_field, "text_pair_field": c.text_pair_field, "labels": c.labels}
+
+    def prepare_meta(self) -> dict:
+        return {"labels": list(self.labels)}
+
+    def adopt(self, meta: dict) -> None:
+        self.__dict__["labels"] = tuple(meta["labels"])  # the cached_property's slot
 
     def encoder(self, tokenizer: Any) -> Callable[[Any], Any]:
         c = self.spec.classification

@@ -88,6 +88,7 @@ def collate_pairs(batch: list[PairExample], pad_id: int) -> dict[str, torch.Tens
 
 class DPO(Objective):
     name = "dpo"
+    example_type = PairExample
 
     @property
     def precomputes_reference(self) -> bool:

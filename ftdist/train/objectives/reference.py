@@ -13,6 +13,7 @@ import sys
 import time
 from typing import Any, Callable
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -83,7 +84,11 @@ def attach_reference(objective: Any, engine: Any, splits: dict[str, list], store
     return ran
 
 
-def set_references(examples: list, scores: list) -> None:
-    """Give each pair its reference (chosen, rejected) log-probabilities, as `score` lists them."""
+def set_references(examples: Any, scores: list) -> None:
+    """Give each pair its reference (chosen, rejected) log-probabilities, as `score` lists them: a column beside a
+    prepared table's stored ones (its examples are decoded at each access), or set on each in-memory example."""
+    if hasattr(examples, "overlay"):
+        examples.overlay["reference"] = np.asarray(scores, dtype=np.float64).reshape(len(examples), 2)
+        return
     for e, (c, r) in zip(examples, scores):
         e.reference = (c, r)

@@ -82,6 +82,7 @@ def bradley_terry(chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Te
 
 class Reward(Objective):
     name = "reward"
+    example_type = ScoredPair
 
     def encoder(self, tokenizer: Any) -> Callable[[Any], Any]:
         return PairScorer(tokenizer, pair_tokenize(tokenizer, self.spec.data))
