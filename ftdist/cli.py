@@ -167,6 +167,22 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_data_prepare(args: argparse.Namespace) -> int:
+    from ftdist.train.prepare import describe, run_prepare
+
+    spec = _load(args)
+    for flag, value in (("--processes", args.processes), ("--chunk-rows", args.chunk_rows)):
+        if value is not None and value < 1:
+            raise SpecError(f"{flag} {value}: must be at least 1")
+    if args.address:
+        _check_address(args)
+    manifest, built = run_prepare(spec, address=args.address, processes=args.processes or os.cpu_count() or 1,
+                                  chunk_rows=args.chunk_rows, force=args.force)
+    for line in describe(spec, manifest, built):
+        print(f"ftdist: {line}")
+    return 0
+
+
 def _cmd_tune(args: argparse.Namespace) -> int:
     spec = _load(args)
     validate_sweep(spec, args.job or "--job-json")
@@ -516,6 +532,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="embedded Ray: start Ray's dashboard on 127.0.0.1 and print its URL (off by default: its "
                         "processes take CPU from the workers)")
     t.set_defaults(fn=_cmd_train)
+
+    dt = sub.add_parser("data", help="the job's data: tokenise it once ahead of training")
+    dsub = dt.add_subparsers(dest="data_cmd", required=True)
+    dp = dsub.add_parser("prepare", help="tokenise the job's data into its prepared entry in storage (data.cache) "
+                                         "and print its statistics; `train`, `tune` and resumes reuse it")
+    _add_job_args(dp)
+    dp.add_argument("--address", default=None,
+                    help="tokenise as Ray tasks on this cluster (default: RAY_ADDRESS, else local processes)")
+    dp.add_argument("--processes", type=int, default=None,
+                    help="local processes without a cluster (default: one per core)")
+    dp.add_argument("--chunk-rows", type=int, default=None, help="rows per task and per part (default 20000)")
+    dp.add_argument("--force", action="store_true", help="build it again even if it is already prepared")
+    dp.set_defaults(fn=_cmd_data_prepare)
 
     pf = sub.add_parser("preflight", help="check on the cluster that it can run the job: resources, versions, "
                                           "storage from every node, /dev/shm, disk, memory, a collective and one "

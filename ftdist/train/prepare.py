@@ -84,7 +84,8 @@ class PreparedManifest(_Record):
     meta: dict = {}
     """What the objective recorded (a classifier's labels)."""
     seconds: float
-    processes: int
+    ran_on: str
+    """Where the chunks were tokenised: "this process", "2 processes", "Ray tasks on 16 CPUs"."""
     created_at: str
 
     @property
@@ -402,14 +403,18 @@ def prepared_entry(spec: JobSpec, key: str) -> str:
 
 
 def read_manifest(entry: str) -> Optional[PreparedManifest]:
+    """The entry's manifest; None: not prepared. Raises CorruptPrepared for one that does not read (damaged, or
+    another format): such an entry is prepared again."""
     raw = open_store(entry).get_bytes(MANIFEST)
     if raw is None:
         return None
     try:
         m = PreparedManifest.model_validate_json(raw)
     except ValueError:
-        return None  # unreadable: prepared again (a newer format, or a damaged file)
-    return m if m.format == FORMAT else None
+        raise CorruptPrepared(f"{entry}/{MANIFEST}: unreadable") from None
+    if m.format != FORMAT:
+        raise CorruptPrepared(f"{entry}/{MANIFEST}: format {m.format}, not {FORMAT}")
+    return m
 
 
 def _eval_draw(spec: JobSpec, chunks: list[Chunk]) -> dict[int, np.ndarray]:
@@ -442,12 +447,17 @@ class Runner:
             return ray.get([task.remote(*c) for c in calls])
         if self.processes == 1 or len(calls) == 1:
             return [tokenize_chunk(*c, tokenizer=tokenizer) for c in calls]
-        with ProcessPoolExecutor(min(self.processes, len(calls)), mp_context=multiprocessing.get_context("spawn")) as pool:
+        spawn = multiprocessing.get_context("spawn")  # not fork: this process may hold threads (tracking, Ray)
+        with ProcessPoolExecutor(min(self.processes, len(calls)), mp_context=spawn) as pool:
             return list(pool.map(tokenize_chunk, *zip(*calls)))
 
-    @property
-    def width(self) -> str:
-        return "Ray tasks" if self.use_ray else f"{self.processes} process{'es' * (self.processes > 1)}"
+    def describe(self, n_chunks: int) -> str:
+        if self.use_ray:
+            import ray
+
+            return f"Ray tasks on {int(ray.cluster_resources().get('CPU', 0))} CPUs"
+        n = min(self.processes, n_chunks)
+        return "this process" if n == 1 else f"{n} processes"
 
 
 def prepare(spec: JobSpec, tok: Any, objective: Any, runner: Optional[Runner] = None, show: bool = False,
@@ -457,7 +467,12 @@ def prepare(spec: JobSpec, tok: Any, objective: Any, runner: Optional[Runner] = 
     does not raise: e.g. enough examples for one global batch). Returns (manifest, built)."""
     key, inputs = prepared_key(spec, objective, tok)
     entry = prepared_entry(spec, key)
-    found = read_manifest(entry)
+    try:
+        found = read_manifest(entry)
+    except CorruptPrepared as e:
+        print(f"[ftdist] prepared data {e}: preparing it again", file=sys.stderr, flush=True)
+        discard(spec, key)
+        found = None
     if found is not None:
         accept(found)
         return found, False
@@ -472,7 +487,7 @@ def prepare(spec: JobSpec, tok: Any, objective: Any, runner: Optional[Runner] = 
     calls = [(job_json, i, c, draw.get(i), entry, attempt, meta) for i, c in enumerate(chunks)]
     if show and sum(c.rows for c in chunks) > chunk_rows:  # a long one: say what is happening
         print(f"[ftdist] preparing {d.train}: {sum(c.rows for c in chunks)} rows in {len(chunks)} "
-              f"chunk{'s' * (len(chunks) > 1)} on {runner.width} -> {entry}", file=sys.stderr, flush=True)
+              f"chunk{'s' * (len(chunks) > 1)} on {runner.describe(len(chunks))} -> {entry}", file=sys.stderr, flush=True)
     store = open_store(entry)
     new_folders = _missing_folders(entry)
     try:
@@ -480,7 +495,8 @@ def prepare(spec: JobSpec, tok: Any, objective: Any, runner: Optional[Runner] = 
         failed = next((r.error for r in results if r.error), None)
         if failed:
             raise SpecError(failed)
-        manifest = _manifest(key, inputs, objective, results, meta, time.perf_counter() - t0, runner)
+        manifest = _manifest(key, inputs, objective, results, meta, time.perf_counter() - t0,
+                             runner.describe(len(calls)))
         if not manifest.train:
             raise SpecError(f"{d.train}: no usable training examples ({manifest.data_stats().summary()})")
         accept(manifest)
@@ -493,8 +509,7 @@ def prepare(spec: JobSpec, tok: Any, objective: Any, runner: Optional[Runner] = 
         raise
     store.delete_prefix(attempt)  # another preparer committed first: use its parts
     winner = read_manifest(entry)
-    if winner is None:
-        raise SpecError(f"{entry}: a concurrent preparation left an unreadable {MANIFEST}; remove the folder")
+    assert winner is not None  # the conditional create failed: one is there
     return winner, False
 
 
@@ -516,7 +531,7 @@ def _rmdir_if_empty(folder: str) -> None:
 
 
 def _manifest(key: str, inputs: dict, objective: Any, results: list[ChunkResult], meta: dict, seconds: float,
-              runner: Runner) -> PreparedManifest:
+              ran_on: str) -> PreparedManifest:
     stats = {"train": DataStats(), "eval": DataStats()}
     has_eval = False
     parts: dict[str, list[PreparedPart]] = {"train": [], "eval": []}
@@ -529,7 +544,7 @@ def _manifest(key: str, inputs: dict, objective: Any, results: list[ChunkResult]
     return PreparedManifest(key=key, example_type=objective.example_type.__name__, inputs=inputs,
                             train=parts["train"], eval=parts["eval"], stats=asdict(stats["train"]),
                             eval_stats=asdict(stats["eval"]) if has_eval else None, meta=meta,
-                            seconds=round(seconds, 3), processes=runner.processes,
+                            seconds=round(seconds, 3), ran_on=ran_on,
                             created_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
 
 
@@ -586,15 +601,15 @@ def discard(spec: JobSpec, key: str) -> None:
 
 def ensure_prepared(spec: JobSpec, tok: Any, objective: Any, runner: Optional[Runner] = None,
                     show: bool = False, accept: Callable[[PreparedManifest], None] = lambda m: None,
-                    ) -> tuple[PreparedManifest, bool]:
+                    chunk_rows: int = CHUNK_ROWS) -> tuple[PreparedManifest, bool]:
     """prepare(), and this node's parts verified: a corrupt entry is discarded and built again, never used."""
-    manifest, built = prepare(spec, tok, objective, runner, show, accept=accept)
+    manifest, built = prepare(spec, tok, objective, runner, show, chunk_rows, accept)
     try:
         local_parts(spec, manifest)
     except CorruptPrepared as e:
         print(f"[ftdist] prepared data {e}: preparing it again", file=sys.stderr, flush=True)
         discard(spec, manifest.key)
-        manifest, built = prepare(spec, tok, objective, runner, show, accept=accept)
+        manifest, built = prepare(spec, tok, objective, runner, show, chunk_rows, accept)
         local_parts(spec, manifest)
     return manifest, built
 
@@ -615,19 +630,18 @@ def worker_splits(spec: JobSpec, tok: Any, objective: Any, rank: int, agree: Cal
     if spec.prepared_root is None:
         return build_splits(spec.data, tok, spec.optim.seed, objective.encoder(tok), show)
     key, _ = prepared_key(spec, objective, tok)
-    manifest = read_manifest(prepared_entry(spec, key))
     paths: list[str] = []
-    ok = manifest is not None
-    if ok:
-        try:
+    try:
+        manifest = read_manifest(prepared_entry(spec, key))
+        if manifest is not None:
             paths = local_parts(spec, manifest)
-        except CorruptPrepared as e:
-            print(f"[ftdist] rank {rank}: prepared data {e}", file=sys.stderr, flush=True)
-            ok = False
+    except CorruptPrepared as e:
+        print(f"[ftdist] rank {rank}: prepared data {e}", file=sys.stderr, flush=True)
+        manifest = None
+    ok = manifest is not None
     if not agree(ok):
         if rank == 0:
-            if manifest is not None:
-                discard(spec, key)
+            discard(spec, key)  # whatever is there failed on some rank
             ensure_prepared(spec, tok, objective, show=show)
         barrier()
         manifest = read_manifest(prepared_entry(spec, key))
@@ -636,3 +650,53 @@ def worker_splits(spec: JobSpec, tok: Any, objective: Any, rank: int, agree: Cal
         paths = local_parts(spec, manifest)
     return open_splits(spec, manifest, paths, objective)
 
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# `ftdist data prepare`
+
+
+def run_prepare(spec: JobSpec, *, address: Optional[str], processes: int, chunk_rows: Optional[int],
+                force: bool) -> tuple[PreparedManifest, bool]:
+    """Prepare the job's data ahead of training: Ray tasks over the cluster at `address` (or RAY_ADDRESS), else
+    `processes` local processes. `force`: discard a committed entry of the same key and build it again."""
+    from ftdist.train.locations import preflight_tokenizer
+    from ftdist.train.objectives import objective_for
+    from ftdist.train.ray_runtime import connect_ray, disconnect_ray
+
+    if spec.prepared_root is None:
+        raise SpecError("data.cache: off: nothing is prepared for this job (remove data.cache, or give a location)")
+    check_prepared_root(spec)
+    tok = preflight_tokenizer(spec.model)
+    if tok is None:
+        raise SpecError(f"model: {spec.model.tokenizer_path}: the tokenizer is not reachable from here; prepare on a "
+                        f"machine that reaches it (or on the cluster: --address)")
+    objective = objective_for(spec)
+    if force:
+        discard(spec, prepared_key(spec, objective, tok)[0])
+    cluster = address or os.environ.get("RAY_ADDRESS")
+    started = connect_ray(cluster, 1) if cluster else False
+    try:
+        return ensure_prepared(spec, tok, objective, Runner(processes, use_ray=bool(cluster)), show=True,
+                               chunk_rows=chunk_rows or CHUNK_ROWS)
+    finally:
+        if cluster:
+            disconnect_ray(started)
+
+
+def describe(spec: JobSpec, manifest: PreparedManifest, built: bool) -> list[str]:
+    """What `ftdist data prepare` prints: where, how fast, and the statistics users check before training."""
+    st = manifest.data_stats()
+    entry = prepared_entry(spec, manifest.key)
+    if built:
+        rate = st.tokens / manifest.seconds if manifest.seconds else 0.0
+        head = (f"prepared {entry} in {manifest.seconds:.1f} s ({len(manifest.train) + len(manifest.eval)} parts "
+                f"on {manifest.ran_on}; {rate:,.0f} tokens/s)")
+    else:
+        head = f"already prepared: {entry} (built {manifest.created_at}; reused as is)"
+    lines = [head, f"train: {st.summary()}; {manifest.train_rows} examples"]
+    ev = manifest.eval_data_stats()
+    if ev is not None:
+        lines.append(f"eval: {ev.summary()}; {manifest.eval_rows} examples")
+    lines.append(f"lengths (tokens per example): {st.histogram()}")
+    return lines

@@ -48,6 +48,15 @@ def _rows(n: int = 40, bad: Optional[tuple[int, Any]] = None) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _parquet(rows: list) -> bytes:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    out = pa.BufferOutputStream()
+    pq.write_table(pa.Table.from_pylist(rows), out)
+    return out.getvalue().to_pybytes()
+
+
 def _lines(rows: list, bad: Optional[tuple[int, Any]] = None) -> str:
     lines = [json.dumps(r) for r in rows]
     if bad is not None:
@@ -328,6 +337,17 @@ CASES = [
          job=_model(tokenizer="emptytok"), files={"emptytok/readme.txt": "x"}),
     Case("model-folder-no-config", "paths", V, r"model\.name_or_path: .*mymodel: no config\.json here",
          job=_model(from_config=None, tokenizer=None, name_or_path="./mymodel"), files={"mymodel/weights.bin": ""}),
+    Case("cache-is-a-file", "paths", T, r"data\.cache: .*afile/cache: .*afile is a file, not a folder",
+         job=_data(cache="afile/cache"), files={"afile": "x"}),
+    Case("schema-differs", "rows", T, r"pq/b\.parquet: its columns differ from .*pq/a\.parquet's \(missing "
+                                      r"completion; extra answer\); the files of one data set need one schema",
+         job=_data(train="pq"),
+         files={"pq/a.parquet": _parquet([{"prompt": f"q{i}", "completion": " a"} for i in range(40)]),
+                "pq/b.parquet": _parquet([{"prompt": f"q{i}", "answer": " a"} for i in range(40)])}),
+    Case("prepare-processes", "cross", ["data", "prepare", "{job}", "--processes", "0"],
+         r"--processes 0: must be at least 1"),
+    Case("prepare-cache-off", "cross", ["data", "prepare", "{job}"], r"data\.cache: off: nothing is prepared",
+         job=_data(cache="off")),
     Case("storage-is-a-file", "paths", T, r"checkpoint\.storage: .*afile/runs: .*afile is a file, not a folder",
          job=_set("checkpoint", storage="afile/runs"), files={"afile": "x"}),
     Case("train-empty-string", "paths", V, r":19: data\.train: empty \(give a path or URI\)", job=_data(train="")),
