@@ -14,7 +14,7 @@ import torch.multiprocessing as mp
 
 from ftdist.bench.task import TaskFiles, write_task
 from ftdist.spec import JobSpec, spec_from_dict
-from ftdist.train.data import ShardedLoader
+from ftdist.train.sampling import ShardedLoader
 from ftdist.train.ds_config import to_deepspeed
 from ftdist.train.locations import load_tokenizer
 from ftdist.train.modeling import apply_kernels, apply_method, load_model
@@ -117,6 +117,6 @@ def batches(spec: JobSpec, rank: int):
     """A function returning the rank's next collated micro-batch, as ftdist's loader hands them out."""
     tok = load_tokenizer(spec.model.tokenizer_path)
     splits = splits_for(spec, tok)
-    it = ShardedLoader.for_job(spec, splits.train, rank, dist.get_world_size()).micro_batches(0)
+    it = ShardedLoader.for_job(spec, [splits.train], rank, dist.get_world_size()).micro_batches(0)
     collate = objective_for(spec).collate
     return lambda: collate(next(it), tok.pad_token_id)

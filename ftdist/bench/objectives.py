@@ -16,7 +16,7 @@ import time
 from ftdist.bench.common import WORLD, bench_spec, engine_for, spawn, task
 from ftdist.bench.peak import freed_memory_leaves_process, proc_status, reset_peak_rss
 from ftdist.spec import JobSpec, spec_from_dict, with_overrides
-from ftdist.train.data import ShardedLoader
+from ftdist.train.sampling import ShardedLoader
 from ftdist.train.locations import load_tokenizer
 from ftdist.train.objectives import objective_for, splits_for
 from ftdist.train.objectives.reference import score, set_references
@@ -50,7 +50,7 @@ def _run(rank: int, spec_json: dict, warmup: int, steps: int) -> dict:
     def to_device(batch):
         return {k: v.to(engine.device) for k, v in objective.collate(batch, tok.pad_token_id).items()}
 
-    loader = ShardedLoader.for_job(spec, splits.train, rank, WORLD)
+    loader = ShardedLoader.for_job(spec, [splits.train], rank, WORLD)
     reference_s = 0.0
     if objective.precomputes_reference:
         t0 = time.perf_counter()

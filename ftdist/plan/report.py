@@ -73,8 +73,8 @@ def make_plan(spec: JobSpec, *, gpu_name: Optional[str] = None, gpus: Optional[i
     fix = None if memory.fits else next(iter(fixes(spec, shape, card, world, gpus_per_node)), None)
     speed = plan_speed(spec, shape, card, world, memory.setting.micro_batch, memory.setting.gradient_checkpointing,
                        memory.setting.method)
-    if rows is None and not is_remote(spec.data.train):
-        rows = count_rows(spec.data.train)
+    if rows is None and not any(is_remote(p) for p in spec.data.train_paths):
+        rows = sum(count_rows(p) for p in spec.data.train_paths)
     steps = job_steps(spec, rows)
     if steps is None:
         notes.append("steps unknown: optim.epochs over data the planner cannot count; give --rows N")

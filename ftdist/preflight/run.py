@@ -218,8 +218,7 @@ def _read_locations(spec: JobSpec) -> list[tuple[str, str]]:
     """Inputs the workers read on their nodes: data files, and model/tokenizer folders given as paths or s3:// (a
     hub id is fetched from the hub by each node; the step check covers it)."""
     m = spec.model
-    out = [("data.train", spec.data.train), ("data.eval", spec.data.eval),
-           ("model.name_or_path", m.name_or_path), ("model.tokenizer", m.tokenizer)]
+    out = [*spec.data.inputs(), ("model.name_or_path", m.name_or_path), ("model.tokenizer", m.tokenizer)]
     return [(k, v) for k, v in out if v and (is_remote(v) or v.startswith("/"))]
 
 

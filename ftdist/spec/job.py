@@ -185,10 +185,58 @@ class OptimSpec(FrozenSpec):
         return self
 
 
-class DataSpec(FrozenSpec):
-    """Training data: JSONL, Parquet or a `datasets.save_to_disk` folder, local or `s3://`."""
+_SOURCE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,47}$")
+SOURCE_OPTIONS = ("format", "text_field", "prompt_field", "completion_field", "messages_field", "completion_only_loss",
+                  "chat_template")
+"""The data options a mixture's source may set for itself (the rest are the data section's, for every source)."""
 
-    train: str
+
+class DataSource(FrozenSpec):
+    """One source of a mixture (`data.train` as a list): its rows, its share of the samples, how its rows read."""
+
+    path: str
+    name: Optional[str] = None
+    """Names its eval loss (eval_<name>_loss) and its share in the log; default: the file or folder name."""
+    weight: float = Field(1.0, ge=0.0, allow_inf_nan=False)
+    """Relative share of the training samples (normalised over the sources)."""
+    eval: Optional[str] = None
+    """This source's held-out rows (else data.eval_fraction of its rows, if set)."""
+    format: Optional[Literal["text", "prompt_completion", "chat"]] = None
+    text_field: Optional[str] = None
+    prompt_field: Optional[str] = None
+    completion_field: Optional[str] = None
+    messages_field: Optional[str] = None
+    completion_only_loss: Optional[bool] = None
+    chat_template: Optional[str] = None
+
+    @field_validator("path", "eval")
+    @classmethod
+    def _where(cls, v: Optional[str]) -> Optional[str]:
+        return _location(v)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: Optional[str]) -> Optional[str]:
+        if v is not None and not _SOURCE_NAME_RE.match(v):
+            raise ValueError(f"{v[:60]!r}: letters, digits, - and _ (up to 48), starting with a letter or digit")
+        if v is not None and v.startswith("ref_"):
+            raise ValueError(f"{v!r}: names starting with ref_ are the reference sets' (eval_ref_<name>_loss)")
+        return v
+
+    @property
+    def label(self) -> str:
+        if self.name:
+            return self.name
+        stem = os.path.basename(self.path.rstrip("/")).split(".")[0]
+        return re.sub(r"[^A-Za-z0-9_-]", "_", stem)[:48] or "source"
+
+
+class DataSpec(FrozenSpec):
+    """Training data: JSONL, Parquet or a `datasets.save_to_disk` folder, local or `s3://`; or a weighted mixture
+    of such sources."""
+
+    train: Union[str, list[DataSource]]
+    """A path or URI, or a list of sources ({path, name, weight, ...}) sampled by weight."""
     eval: Optional[str] = None
     eval_fraction: float = Field(0.0, ge=0.0, lt=1.0)
     format: Literal["text", "prompt_completion", "chat"] = "text"
@@ -211,8 +259,8 @@ class DataSpec(FrozenSpec):
 
     @field_validator("train", "eval")
     @classmethod
-    def _where(cls, v: Optional[str]) -> Optional[str]:
-        return _location(v)
+    def _where(cls, v: Any) -> Any:
+        return _location(v) if isinstance(v, str) or v is None else v
 
     @field_validator("cache")
     @classmethod
@@ -223,7 +271,62 @@ class DataSpec(FrozenSpec):
     def _checks(self) -> "DataSpec":
         if self.eval is not None and self.eval_fraction > 0:
             raise FieldError("eval_fraction", "set data.eval or data.eval_fraction, not both")
+        if isinstance(self.train, list):
+            self._check_mixture(self.train)
         return self
+
+    def _check_mixture(self, sources: list[DataSource]) -> None:
+        if not sources:
+            raise FieldError("train", "an empty list: give a path, or sources with a path each")
+        seen: dict[str, int] = {}
+        for i, src in enumerate(sources):
+            if src.label in seen:
+                j = seen[src.label]
+                raise FieldError(f"train.{i}", f"sources {j} and {i} are both named {src.label!r}"
+                                 + ("" if src.name else " (after their file names)") + "; give each a distinct name")
+            seen[src.label] = i
+            if src.eval is not None and self.eval_fraction > 0:
+                raise FieldError(f"train.{i}.eval", "set the source's eval or data.eval_fraction, not both")
+        if not any(src.weight > 0 for src in sources):
+            raise FieldError("train", "every source has weight 0: give at least one a positive weight")
+        if self.eval is not None:
+            raise FieldError("eval", "a mixture's held-out rows are per source: set data.train.N.eval (or "
+                                     "data.eval_fraction) instead of data.eval")
+
+    @property
+    def is_mixture(self) -> bool:
+        return isinstance(self.train, list)
+
+    @property
+    def sources(self) -> list[DataSource]:
+        """The training sources: the list as given, or the one path as a source named "train"."""
+        if isinstance(self.train, list):
+            return list(self.train)
+        return [DataSource(path=self.train, name="train", eval=self.eval)]
+
+    def source_metrics(self, has_eval: bool) -> tuple[str, ...]:
+        """What a mixture adds to the reported metrics: each source's realised share of the samples so far, and its
+        own eval loss."""
+        if not self.is_mixture:
+            return ()
+        shares = tuple(f"data_share_{s.label}" for s in self.sources)
+        evals = tuple(f"eval_{s.label}_loss" for s in self.sources if s.eval or self.eval_fraction > 0)
+        return shares + (evals if has_eval else ())
+
+    @property
+    def train_paths(self) -> list[str]:
+        return [s.path for s in self.sources]
+
+    def inputs(self) -> list[tuple[str, Optional[str]]]:
+        """(dotted key, path) of every data input, for the checks that name the key of a missing one."""
+        if isinstance(self.train, list):
+            return [(f"data.train.{i}.{k}", getattr(s, k)) for i, s in enumerate(self.train) for k in ("path", "eval")]
+        return [("data.train", self.train), ("data.eval", self.eval)]
+
+    def for_source(self, src: DataSource) -> "DataSpec":
+        """This data section as one source reads it: its path and held-out rows, its own row options."""
+        own = {k: getattr(src, k) for k in SOURCE_OPTIONS if getattr(src, k) is not None}
+        return self.model_copy(update={"train": src.path, "eval": src.eval, **own})
 
     @property
     def loss_on_completion_only(self) -> bool:
@@ -628,6 +731,9 @@ class JobSpec(FrozenSpec):
             raise FieldError("data.completion_only_loss", f"data.completion_only_loss selects next-token targets; "
                                                           f"objective {self.objective} trains a head on whole rows: "
                                                           "remove it")
+        if self.objective == "classification" and self.data.is_mixture and self.classification.labels is None:
+            raise FieldError("classification.labels", "a mixture of sources needs its labels listed in "
+                                                       "classification.labels (each source is prepared apart)")
         if self.objective == "classification" and self.data.format != "text":
             raise FieldError("data.format", "objective classification reads data.text_field and "
                                             "classification.label_field of each row; remove data.format")
@@ -695,7 +801,7 @@ class JobSpec(FrozenSpec):
 
     @property
     def has_eval(self) -> bool:
-        return self.data.eval is not None or self.data.eval_fraction > 0
+        return self.data.eval is not None or self.data.eval_fraction > 0 or any(s.eval for s in self.data.sources)
 
     @property
     def evaluates(self) -> bool:

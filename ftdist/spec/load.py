@@ -39,9 +39,13 @@ def _read_job_file(path: Union[str, Path]) -> tuple[Any, dict]:
 
 def _format_errors(err: ValidationError, source: str, lines: dict) -> str:
     errors = err.errors()
+    # A value that may be a string or a list (data.train: a path, or a mixture's sources) fails as both; the "not a
+    # string" half says nothing about a list the user wrote: the other half's error is the one to show.
+    errors = [x for x in errors if x["type"] != "string_type" or x["loc"][-1] != "str"] or errors
     # An unknown key explains a missing one beside it (`trian:` for `train:`): say it first.
     e = next((x for x in errors if x["type"] == "extra_forbidden"), errors[0])
-    loc = tuple(x for x in e["loc"] if not (isinstance(x, str) and x.startswith("function-")))
+    loc = tuple(x for x in e["loc"] if not (isinstance(x, str) and (x.startswith("function-") or x == "str"
+                                                                     or x.startswith("list["))))
     cause = (e.get("ctx") or {}).get("error")
     if isinstance(cause, FieldError):  # a cross-field rule: point at the field it names, not at its section
         loc = loc + tuple(int(p) if p.isdigit() else p for p in cause.key.split("."))
@@ -53,6 +57,8 @@ def _format_errors(err: ValidationError, source: str, lines: dict) -> str:
         msg = "unknown key" + did_you_mean(str(loc[-1]), _known_keys(JobSpec, loc[:-1]))
     elif e["type"] == "missing":
         msg = "required key is missing"
+    elif e["type"] == "list_type" and any(isinstance(x, str) and x.startswith("list[") for x in e["loc"]):
+        msg = f"expected a path, or a list of sources ({{path, weight, ...}} each), got {_yaml_type(e.get('input'))}"
     elif e["type"] in ("model_type", "model_attributes_type", "dict_type"):
         msg = f"expected a mapping of keys (a section), got {_yaml_type(e.get('input'))}"
     where = f"{source}:{line}" if line else source
@@ -62,7 +68,7 @@ def _format_errors(err: ValidationError, source: str, lines: dict) -> str:
 
 def _yaml_type(value: Any) -> str:
     return {str: "a string", int: "a number", float: "a number", bool: "a boolean", list: "a list",
-            type(None): "nothing"}.get(type(value), type(value).__name__)
+            dict: "a mapping", type(None): "nothing"}.get(type(value), type(value).__name__)
 
 
 def _known_keys(model: Any, loc: tuple) -> list[str]:
@@ -155,6 +161,10 @@ def _resolve_paths(data: dict, base: Path) -> dict:
         for k in ("train", "eval"):
             if isinstance(d.get(k), str):
                 d[k] = fix(f"data.{k}", d[k])
+        if isinstance(d.get("train"), list):  # a mixture: each source's path and eval
+            d["train"] = [{**src, **{k: fix(f"data.train.{i}.{k}", src[k]) for k in ("path", "eval")
+                                     if isinstance(src.get(k), str)}} if isinstance(src, dict) else src
+                          for i, src in enumerate(d["train"])]
         out["data"] = d
     if isinstance(out.get("eval"), dict) and out["eval"].get("reference") is not None:
         e = dict(out["eval"])
@@ -262,8 +272,16 @@ def local_paths(path: Union[str, Path], spec: JobSpec, overrides: Optional[list[
     for section, key in LOCAL_PATH_KEYS:
         sec = raw.get(section) if isinstance(raw.get(section), dict) else {}
         written, val = sec.get(key), getattr(getattr(spec, section), key, None)
-        if val:
+        if isinstance(val, str) and val:
             yield f"{section}.{key}", (written if isinstance(written, str) else None), val
+    written_sources = (raw.get("data") or {}).get("train") if isinstance(raw.get("data"), dict) else None
+    if isinstance(spec.data.train, list):  # a mixture: each source's path and eval
+        for i, src in enumerate(spec.data.train):
+            w = written_sources[i] if isinstance(written_sources, list) and i < len(written_sources) else {}
+            for k in ("path", "eval"):
+                if getattr(src, k):
+                    written = w.get(k) if isinstance(w, dict) else None
+                    yield f"data.train.{i}.{k}", (written if isinstance(written, str) else None), getattr(src, k)
     written_refs = (raw.get("eval") or {}).get("reference") if isinstance(raw.get("eval"), dict) else None
     written_refs = [written_refs] if isinstance(written_refs, (str, dict)) else (written_refs or [])
     for i, ref in enumerate(spec.eval.reference):
@@ -297,7 +315,7 @@ def missing_local_inputs(spec: JobSpec) -> list[tuple[str, str, str]]:
     """(key, path, problem) for every local input (data, model, tokenizer folder) that is not on this machine."""
     out = []
     gen = spec.eval.generate
-    data_paths = [("data.train", spec.data.train), ("data.eval", spec.data.eval),
+    data_paths = [*spec.data.inputs(),
                   *((f"eval.reference.{i}", r.path) for i, r in enumerate(spec.eval.reference)),
                   ("eval.generate.data", gen.data if gen else None),
                   ("eval.generate.function", metric_file(gen) if gen else None)]

@@ -38,7 +38,8 @@ def reported_metrics(spec: JobSpec) -> tuple[str, ...]:
     evals = OBJECTIVE_EVAL_METRICS[spec.objective] if spec.has_eval else ()
     references = tuple(r.metric for r in spec.eval.reference)
     generated = spec.eval.generate.metric_names if spec.eval.generate else ()
-    return TRAIN_METRICS + OBJECTIVE_TRAIN_METRICS[spec.objective] + evals + references + generated
+    return (TRAIN_METRICS + OBJECTIVE_TRAIN_METRICS[spec.objective] + evals + references + generated
+            + spec.data.source_metrics(spec.has_eval))
 
 
 class _Contract(BaseModel):

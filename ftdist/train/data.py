@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import torch
 
 from ftdist.errors import SpecError, did_you_mean
-from ftdist.spec import DataSpec, JobSpec
+from ftdist.spec import DataSpec
 from ftdist.storage.cache import download
 from ftdist.storage.uri import is_remote
 from ftdist.progress import progress
@@ -430,50 +430,6 @@ def build_splits(spec: DataSpec, tokenizer: Any, seed: int,
 def eval_draw(n_rows: int, fraction: float, seed: int) -> np.ndarray:
     """The rows (indices) that data.eval_fraction holds out: a seeded draw, at least one."""
     return np.random.default_rng(seed).permutation(n_rows)[:max(1, int(round(n_rows * fraction)))]
-
-
-class ShardedLoader:
-    """Deterministic per-epoch order; rank r of w takes every w-th micro-batch slot of each global batch.
-
-    All ranks get exactly `steps_per_epoch * grad_accum` micro-batches per epoch (a remainder smaller than one
-    global batch is dropped), so collectives and `ray.train.report` stay in lockstep."""
-
-    def __init__(self, examples: list[Example], *, micro_batch: int, grad_accum: int, rank: int, world: int,
-                 seed: int, shuffle: bool):
-        self.ex = examples
-        self.micro, self.accum, self.rank, self.world = micro_batch, grad_accum, rank, world
-        self.seed, self.shuffle = seed, shuffle
-        self.global_batch = micro_batch * grad_accum * world
-        self.steps_per_epoch = len(examples) // self.global_batch
-        if self.steps_per_epoch == 0:
-            raise SpecError(
-                f"data.train: {len(examples)} examples are fewer than one global batch ({self.global_batch}); "
-                "lower optim.global_batch_size or add data"
-            )
-
-    @classmethod
-    def for_job(cls, spec: "JobSpec", examples: list[Example], rank: int, world: int) -> "ShardedLoader":
-        """The loader a job's rank uses (batch sizes, seed and shuffling from the spec)."""
-        o = spec.optim
-        return cls(examples, micro_batch=o.micro_batch_size, grad_accum=spec.grad_accum, rank=rank, world=world,
-                   seed=o.seed, shuffle=spec.data.shuffle)
-
-    def order(self, epoch: int) -> np.ndarray:
-        if not self.shuffle:
-            return np.arange(len(self.ex))
-        return np.random.default_rng([self.seed, epoch]).permutation(len(self.ex))
-
-    def micro_batches(self, start_step: int) -> Iterator[list[Example]]:
-        """Yield this rank's micro-batches from optimizer step `start_step` on, forever (epochs wrap)."""
-        epoch, step = divmod(start_step, self.steps_per_epoch)
-        while True:
-            order = self.order(epoch)
-            for s in range(step, self.steps_per_epoch):
-                base = s * self.global_batch
-                for m in range(self.accum):
-                    off = base + (m * self.world + self.rank) * self.micro
-                    yield [self.ex[i] for i in order[off:off + self.micro]]
-            epoch, step = epoch + 1, 0
 
 
 def right_padded(seqs: list[list[int]], fill: int, width: Optional[int] = None) -> torch.Tensor:

@@ -128,13 +128,14 @@ def preflight_data(spec: JobSpec) -> Optional["DataStats"]:
     s3:// tokenizer, leaves the preparation to the workers). data.cache off: the data is tokenised here as a check,
     and again by every worker."""
     # transformers and the tokenizer stay off the path of `ftdist validate`.
-    from ftdist.train.data import ShardedLoader, build_splits
+    from ftdist.train.data import DataStats, build_splits
     from ftdist.train.evaluation import load_references
     from ftdist.train.generation import load_metric_function, load_prompts
     from ftdist.train.locations import preflight_tokenizer
     from ftdist.train.model_config import check_from_config
     from ftdist.train.objectives import objective_for
-    from ftdist.train.prepare import Runner, check_prepared_root, ensure_prepared, plan_processes
+    from ftdist.train.prepare import Runner, check_prepared_root, plan_processes, prepare_sources, source_specs
+    from ftdist.train.sampling import raise_too_few
 
     check_from_config(spec.model)
     gen = spec.eval.generate
@@ -153,16 +154,24 @@ def preflight_data(spec: JobSpec) -> Optional["DataStats"]:
     objective = objective_for(spec)
 
     def one_global_batch(n_train: int) -> None:  # raises if fewer examples than one global batch
-        ShardedLoader.for_job(spec, range(n_train), 0, spec.resources.num_workers)
+        if n_train < spec.optim.global_batch_size:
+            raise_too_few(n_train, spec.optim.global_batch_size)
 
     if spec.prepared_root is None:
-        splits = build_splits(spec.data, tok, spec.optim.seed, objective.encoder(tok), show=True)
-        one_global_batch(len(splits.train))
-        return splits.stats
+        stats, n_train = DataStats(), 0
+        for src, alone in source_specs(spec):
+            splits = build_splits(alone.data, tok, spec.optim.seed, objective_for(alone).encoder(tok), show=True)
+            stats.merge(splits.stats)
+            n_train += len(splits.train) if src.weight > 0 else 0
+        one_global_batch(n_train)
+        return stats
     check_prepared_root(spec)
-    manifest, _ = ensure_prepared(spec, tok, objective, Runner(plan_processes(spec)), show=True,
-                                  accept=lambda m: one_global_batch(m.train_rows))
-    return manifest.data_stats()
+    prepared = prepare_sources(spec, tok, objective, Runner(plan_processes(spec)), show=True,
+                               accept=one_global_batch)
+    stats = DataStats()
+    for _, manifest, _ in prepared:
+        stats.merge(manifest.data_stats())
+    return stats
 
 
 def preflight_storage(spec: JobSpec) -> None:

@@ -5,7 +5,7 @@ measure). Every rank scores its shard; the sums all-reduce, so every rank return
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -42,16 +42,18 @@ class Evaluator:
     """One evaluation = the task's eval set through the objective + every reference set through the LM head + (at
     step 0, the end and eval.generate.every_n_steps) greedy generation on the held-out prompts."""
 
-    def __init__(self, spec: JobSpec, objective: Objective, eval_examples: list, references: list[ReferenceSet],
-                 generation: Optional[GenerationEval], rank: int, world: int, to_device: Callable[[list], dict],
-                 pad_id: int) -> None:
-        self.spec, self.objective, self.eval_examples, self.references = spec, objective, eval_examples, references
+    def __init__(self, spec: JobSpec, objective: Objective, eval_sets: list[tuple[str, Sequence]],
+                 references: list[ReferenceSet], generation: Optional[GenerationEval], rank: int, world: int,
+                 to_device: Callable[[list], dict], pad_id: int) -> None:
+        """`eval_sets`: (source name, held-out examples) of each source with any; one unnamed set without a mixture."""
+        self.spec, self.objective, self.references = spec, objective, references
+        self.eval_sets = [(name, examples) for name, examples in eval_sets if len(examples)]
         self.generation = generation
         self.rank, self.world, self.to_device, self.pad_id = rank, world, to_device, pad_id
 
     @property
     def enabled(self) -> bool:
-        return bool(self.eval_examples or self.references or self.generation)
+        return bool(self.eval_sets or self.references or self.generation)
 
     def _sums(self, examples: list, forward: Callable[[list], torch.Tensor]) -> torch.Tensor:
         total: Optional[torch.Tensor] = None
@@ -75,9 +77,14 @@ class Evaluator:
         engine.eval()
         metrics: dict[str, float] = {}
         with torch.no_grad():
-            if self.eval_examples:
-                sums = self._sums(self.eval_examples, lambda b: self.objective.forward(engine, self.to_device(b))[1])
-                metrics.update(self.objective.eval_metrics_from(sums.tolist()))
+            total = None
+            for name, examples in self.eval_sets:  # a mixture: each source's loss, and all of them together
+                sums = self._sums(examples, lambda b: self.objective.forward(engine, self.to_device(b))[1])
+                if name:
+                    metrics[f"eval_{name}_loss"] = self.objective.eval_metrics_from(sums.tolist())["eval_loss"]
+                total = sums if total is None else total + sums
+            if total is not None:
+                metrics.update(self.objective.eval_metrics_from(total.tolist()))
             for ref in self.references:
                 loss_sum, tokens = self._sums(ref.examples, lambda b: self._lm_sums(engine, b)).tolist()
                 metrics[ref.metric] = loss_sum / max(tokens, 1.0)  # token-weighted over the whole set
@@ -118,6 +125,6 @@ def evaluate_alone(spec: JobSpec, objective: Objective, model: Any, tokenizer: A
     def to_device(batch: list) -> dict:
         return {k: v.to(engine.device) for k, v in objective.collate(batch, tokenizer.pad_token_id).items()}
 
-    evaluator = Evaluator(spec, objective, eval_examples, load_references(spec, tokenizer), generation, 0, 1,
-                          to_device, tokenizer.pad_token_id)
+    evaluator = Evaluator(spec, objective, [("", eval_examples)], load_references(spec, tokenizer), generation, 0,
+                          1, to_device, tokenizer.pad_token_id)
     return evaluator(engine, 0, last=True)

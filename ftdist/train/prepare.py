@@ -393,7 +393,7 @@ def check_prepared_root(spec: JobSpec) -> None:
 def plan_processes(spec: JobSpec, chunk_rows: int = CHUNK_ROWS) -> int:
     """Local processes for a preparation on this machine: one per core, no more than there are chunks (a rough
     count from the data's size: a process costs seconds of imports, worth it from the second chunk on)."""
-    size = sum(f[1] for p in (spec.data.train, spec.data.eval) if p and not is_remote(p) for f in source_identity(p))
+    size = sum(f[1] for _, p in spec.data.inputs() if p and not is_remote(p) for f in source_identity(p))
     rough_chunks = 1 + size // (chunk_rows * 200)  # ~200 bytes a row is short for chat data: errs towards more
     return int(max(1, min(os.cpu_count() or 1, rough_chunks)))
 
@@ -620,6 +620,68 @@ def open_splits(spec: JobSpec, manifest: PreparedManifest, paths: list[str], obj
     cls = objective.example_type
     return Splits(TokenTable(paths[:n_train], cls), TokenTable(paths[n_train:], cls), manifest.data_stats(),
                   manifest.eval_data_stats())
+
+
+@dataclass
+class SourceData:
+    """One training source's examples as the loop reads them (a job without a mixture has one, named "train")."""
+
+    name: str
+    weight: float
+    splits: Splits
+
+
+def source_specs(spec: JobSpec) -> list[tuple[Any, JobSpec]]:
+    """(source, the job as that source alone): each source is prepared, keyed and verified by itself, so a mixture's
+    weights can change without tokenising anything again."""
+    return [(src, spec.model_copy(update={"data": spec.data.for_source(src)})) for src in spec.data.sources]
+
+
+def _source_objective(spec: JobSpec, objective: Any, alone: JobSpec) -> Any:
+    """The job's objective, or (a mixture) one that reads this source's rows with the source's own options."""
+    from ftdist.train.objectives import objective_for
+
+    return objective_for(alone) if spec.data.is_mixture else objective
+
+
+def worker_data(spec: JobSpec, tok: Any, objective: Any, rank: int, agree: Callable[[bool], bool],
+                barrier: Callable[[], None], show: bool) -> list[SourceData]:
+    """Every source's prepared examples for a training worker (see worker_splits)."""
+    return [SourceData(src.label, src.weight,
+                       worker_splits(alone, tok, _source_objective(spec, objective, alone), rank, agree, barrier,
+                                     show))
+            for src, alone in source_specs(spec)]
+
+
+def prepare_sources(spec: JobSpec, tok: Any, objective: Any, runner: Optional[Runner] = None, show: bool = False,
+                    chunk_rows: int = CHUNK_ROWS, accept: Callable[[int], None] = lambda n: None,
+                    ) -> list[tuple[str, PreparedManifest, bool]]:
+    """ensure_prepared() for every source. `accept(training examples of the sources with weight)` may refuse the
+    whole before anything is verified on this node; then the entries this call built are removed again, with the
+    folders it created: nothing stays of a refused job."""
+    sources = source_specs(spec)
+    objectives = [_source_objective(spec, objective, alone) for _, alone in sources]
+    if len(sources) == 1:
+        (src, alone), = sources
+        m, built = ensure_prepared(alone, tok, objectives[0], runner, show, chunk_rows=chunk_rows,
+                                   accept=lambda m: accept(m.train_rows))
+        return [(src.label, m, built)]
+    new_folders = _missing_folders(spec.prepared_root)
+    built_here = []
+    for (src, alone), obj in zip(sources, objectives):
+        m, built = prepare(alone, tok, obj, runner, show, chunk_rows)
+        built_here.append((alone, m.key, built, m.train_rows if src.weight > 0 else 0))
+    try:
+        accept(sum(n for *_, n in built_here))
+    except BaseException:
+        for alone, key, built, _ in built_here:
+            if built:
+                discard(alone, key)
+        for folder in new_folders:
+            _rmdir_if_empty(folder)
+        raise
+    return [(src.label, ensure_prepared(alone, tok, obj, runner, show, chunk_rows=chunk_rows)[0], built)
+            for (src, alone), obj, (_, _, built, _) in zip(sources, objectives, built_here)]
 
 
 def worker_splits(spec: JobSpec, tok: Any, objective: Any, rank: int, agree: Callable[[bool], bool],

@@ -29,7 +29,6 @@ from transformers.utils import logging as hf_logging
 from ftdist.storage.checkpoints import checkpoint_name
 from ftdist.train.checkpointing import RankCheckpointer, restore_per_worker
 from ftdist.train.contracts import STARTUP_KEY, TrainState, WorkerConfig
-from ftdist.train.data import ShardedLoader
 from ftdist.train.ds_config import to_deepspeed
 from ftdist.train.evaluation import Evaluator, load_references
 from ftdist.train.generation import GenerationEval
@@ -40,7 +39,8 @@ from ftdist.train.objectives.reference import attach_reference
 from ftdist.progress import eta
 from ftdist.train.obs.sinks import MetricsLog
 from ftdist.train.optim import lr_lambda, param_groups, torch_adamw, total_steps
-from ftdist.train.prepare import worker_splits
+from ftdist.train.prepare import worker_data
+from ftdist.train.sampling import ShardedLoader
 
 
 def print0(rank: int, msg: str) -> None:
@@ -137,14 +137,16 @@ def train_fn_per_worker(config: dict) -> None:
         dist.all_reduce(flag, op=dist.ReduceOp.MIN)
         return bool(flag.item())
 
-    splits = worker_splits(spec, tokenizer, objective, rank, everyone, dist.barrier, show=rank == 0)
+    sources = worker_data(spec, tokenizer, objective, rank, everyone, dist.barrier, show=rank == 0)
+    mixture = spec.data.is_mixture
     references = load_references(spec, tokenizer)
-    loader = ShardedLoader.for_job(spec, splits.train, rank, world)
+    loader = ShardedLoader.for_job(spec, [s.splits.train for s in sources], rank, world)
     n_steps = total_steps(spec, loader.steps_per_epoch)
-    print0(rank, f"[ftdist] data: train {splits.stats.summary()}"
-                 + (f"; eval {len(splits.eval)} examples" if splits.eval else "")
-                 + "".join(f"; reference {r.name} {len(r.examples)} examples" for r in references)
-                 + f"; {loader.steps_per_epoch} steps/epoch, {n_steps} steps")
+    print0(rank, "[ftdist] data: " + "; ".join(
+        (f"{s.name} (weight {s.weight:g}): " if mixture else "train ") + s.splits.stats.summary()
+        + (f"; eval {len(s.splits.eval)} examples" if len(s.splits.eval) else "") for s in sources)
+        + "".join(f"; reference {r.name} {len(r.examples)} examples" for r in references)
+        + f"; {loader.steps_per_epoch} steps/epoch, {n_steps} steps")
     clock.mark("data")
 
     head = objective.score_head(tokenizer)
@@ -186,8 +188,9 @@ def train_fn_per_worker(config: dict) -> None:
     ckpt_io = RankCheckpointer(spec, rank, world)
     if objective.precomputes_reference:  # before restore: the engine still holds the initial weights
         model_key = json.dumps(spec.model.model_dump(mode="json"), sort_keys=True)
-        attach_reference(objective, engine, {"train": splits.train, "eval": splits.eval}, ckpt_io.store.store,
-                         model_key, rank, world, o.micro_batch_size, to_device, lambda m: print0(rank, m))
+        scored = {f"{s.name}:{k}" if mixture else k: getattr(s.splits, k) for s in sources for k in ("train", "eval")}
+        attach_reference(objective, engine, scored, ckpt_io.store.store, model_key, rank, world, o.micro_batch_size,
+                         to_device, lambda m: print0(rank, m))
         clock.mark("reference")
 
     start_step = 0
@@ -218,8 +221,8 @@ def train_fn_per_worker(config: dict) -> None:
             tracker.log(metrics)
 
     generation = GenerationEval(spec, tokenizer, rank, world) if spec.eval.generate else None
-    evaluate = Evaluator(spec, objective, splits.eval, references, generation, rank, world, to_device,
-                         tokenizer.pad_token_id)
+    evaluate = Evaluator(spec, objective, [(s.name if mixture else "", s.splits.eval) for s in sources], references,
+                         generation, rank, world, to_device, tokenizer.pad_token_id)
 
     log_every = spec.logging.every_n_steps
     ck_every = spec.checkpoint.every_n_steps
@@ -278,6 +281,7 @@ def train_fn_per_worker(config: dict) -> None:
             "epoch": done / loader.steps_per_epoch,
             "train_time_s": time.perf_counter() - loop_t0,
             **objective.train_metrics_from(totals[3:]),
+            **({f"data_share_{n}": v for n, v in loader.shares(done).items()} if mixture else {}),
         }
         if startup is not None:
             metrics[STARTUP_KEY], startup = startup, None

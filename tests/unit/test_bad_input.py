@@ -337,6 +337,20 @@ CASES = [
          job=_model(tokenizer="emptytok"), files={"emptytok/readme.txt": "x"}),
     Case("model-folder-no-config", "paths", V, r"model\.name_or_path: .*mymodel: no config\.json here",
          job=_model(from_config=None, tokenizer=None, name_or_path="./mymodel"), files={"mymodel/weights.bin": ""}),
+    Case("mix-negative-weight", "schema", V, r":\d+: data\.train\.0\.weight: Input should be greater than or equal "
+                                             r"to 0", job=_data(eval=None, train=[{"path": "t.jsonl", "weight": -1}]),
+         files={"t.jsonl": _rows()}),
+    Case("mix-all-zero", "cross", V, r":\d+: data\.train: every source has weight 0",
+         job=_data(eval=None, train=[{"path": "a.jsonl", "weight": 0}, {"path": "b.jsonl", "weight": 0}]),
+         files={"a.jsonl": _rows(), "b.jsonl": _rows()}),
+    Case("mix-same-name", "cross", V, r":\d+: data\.train\.1: sources 0 and 1 are both named 't' \(after their file "
+                                      r"names\); give each a distinct name",
+         job=_data(eval=None, train=[{"path": "a/t.jsonl"}, {"path": "b/t.jsonl"}]),
+         files={"a/t.jsonl": _rows(), "b/t.jsonl": _rows()}),
+    Case("mix-with-data-eval", "cross", V, r"data\.eval: a mixture's held-out rows are per source",
+         job=_data(eval="t.jsonl", train=[{"path": "t.jsonl"}]), files={"t.jsonl": _rows()}),
+    Case("train-a-number", "schema", V, r"data\.train: expected a path, or a list of sources .*got a number",
+         job=_data(train=5)),
     Case("cache-is-a-file", "paths", T, r"data\.cache: .*afile/cache: .*afile is a file, not a folder",
          job=_data(cache="afile/cache"), files={"afile": "x"}),
     Case("schema-differs", "rows", T, r"pq/b\.parquet: its columns differ from .*pq/a\.parquet's \(missing "

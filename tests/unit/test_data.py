@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from ftdist.spec import DataSpec
-from ftdist.train.data import (IGNORE_INDEX, Example, ShardedLoader, Tokenize, build_splits, eval_batches, pack,
-                         read_rows)
+from ftdist.train.data import IGNORE_INDEX, Example, Tokenize, build_splits, eval_batches, pack, read_rows
+from ftdist.train.sampling import ShardedLoader
 from ftdist.errors import SpecError
 from ftdist.train.locations import load_tokenizer
 from tests.conftest import QS
@@ -151,7 +151,7 @@ def test_eval_fraction_is_deterministic_and_disjoint(bpe):
 def test_shards_are_disjoint_and_equal():
     exs = [Example([i], [i]) for i in range(103)]
     world, micro, accum = 3, 2, 2
-    loaders = [ShardedLoader(exs, micro_batch=micro, grad_accum=accum, rank=r, world=world, seed=5, shuffle=True)
+    loaders = [ShardedLoader([exs], micro_batch=micro, grad_accum=accum, rank=r, world=world, seed=5, shuffle=True)
                for r in range(world)]
     steps = loaders[0].steps_per_epoch
     assert steps == 103 // 12
@@ -173,7 +173,7 @@ def test_shards_are_disjoint_and_equal():
 
 def test_too_few_examples_for_one_batch():
     with pytest.raises(SpecError, match="fewer than one global batch"):
-        ShardedLoader([Example([1], [1])] * 3, micro_batch=2, grad_accum=1, rank=0, world=2, seed=0, shuffle=False)
+        ShardedLoader([[Example([1], [1])] * 3], micro_batch=2, grad_accum=1, rank=0, world=2, seed=0, shuffle=False)
 
 
 def test_eval_batches_equal_count_per_rank():

@@ -24,6 +24,8 @@ REPORT_DIR = "report"
 REFERENCE_PREFIX = "eval_ref_"
 """Reference sets (eval.reference) report `eval_ref_<name>_loss`: the forgetting measure."""
 FILES = ("metrics.csv", "curves.png", "report.md")
+SHARE_PREFIX = "data_share_"
+"""A mixture's metrics: data_share_<source>, the realised share of the samples up to that step."""
 
 
 def reference_names(rows: list[dict]) -> list[str]:
@@ -92,6 +94,13 @@ class RunReport:
                 a, b = self.first_last(k)
                 out.append(f"| {k} | {_fmt(a)} | {_fmt(b)} | {_change(a, b)} |")
             out.append("")
+        shares = {k.removeprefix(SHARE_PREFIX): v for k, v in (self.rows[-1] if self.rows else {}).items()
+                  if k.startswith(SHARE_PREFIX)}
+        if shares:
+            out += ["## Data mixture", "", f"The share of the training samples each source gave over the "
+                    f"{self.state.step} steps (data.train weights, normalised; the sample order realises them within "
+                    f"1/1024 over every 1024 samples).", "", "| source | realised share |", "|---|---|"]
+            out += [f"| {name} | {share:.4f} |" for name, share in shares.items()] + [""]
         refs = reference_names(self.rows)
         if refs:
             task_a, task_b = self.first_last("eval_loss")
