@@ -80,9 +80,9 @@ def _preflight(args: argparse.Namespace, spec) -> None:
         tracking_checked = pool.submit(check_tracking, spec)  # MLflow's imports and a round trip, beside these
         preflight_storage(spec)
         tracking_checked.result()
-    stats = preflight_data(spec)  # last: a preparation writes its entry into the storage
-    if stats is not None:  # after every check passed: an error stays the only line
-        print(f"ftdist: data: {stats.summary()}", file=sys.stderr)
+    checked = preflight_data(spec)  # last: a preparation writes its entry into the storage
+    if checked is not None:  # after every check passed: an error stays the only line
+        print(f"ftdist: data: {checked.line()}", file=sys.stderr)
 
 
 def _check_address(args: argparse.Namespace) -> Optional[str]:
@@ -656,7 +656,7 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="benchmark ftdist against a bare DeepSpeed loop; prints a table")
     b.add_argument("--steps", type=int, default=30, help="timed optimizer steps per run")
     b.add_argument("--only", choices=["throughput", "memory", "load", "checkpoint", "tune", "gpu", "peak", "dpo",
-                                      "tracking", "generate"],
+                                      "tracking", "generate", "data"],
                    action="append", help="run only these parts (repeatable)")
     b.add_argument("--rounds", type=int, default=2,
                    help="throughput: how many times ftdist and the bare loop take turns (the ratio is of the means)")
@@ -667,6 +667,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--ckpt-mb", type=int, default=256, help="checkpoint: MiB per rank of the benchmark checkpoint")
     b.add_argument("--s3-bucket", default=None,
                    help="checkpoint: use this existing bucket at AWS_ENDPOINT_URL (default: start a local SeaweedFS)")
+    b.add_argument("--data-rows", type=int, default=200_000, help="data: rows of the generated data set")
     b.add_argument("--json", default=None, help="also write the table rows to this file")
     b.set_defaults(fn=_cmd_bench)
     return p

@@ -112,6 +112,27 @@ def main(args: argparse.Namespace) -> int:
                 lines.append(f"| diagnostic: no auth, 1 worker, a core left for the tracking thread and Ray's own "
                              f"processes (rounds: {each}) | {t1['on']:.1f} s | {t1['off']:.1f} s | "
                              f"{t1['ratio']:.3f} | |")
+        if "data" in parts:
+            from ftdist.bench.data import bench_data
+
+            d = bench_data(tmp, args.data_rows)
+            today, cold, warm = d["today"], d["cold"], d["warm"]
+            what = f"{d['rows']:,} prompt/completion rows, 2 workers"
+            lines.append(f"| `ftdist train` to the first step, {what}: cold cache (prepared now) / today's path "
+                         f"(data.cache off: the driver and every rank tokenise) | {cold['first_step']:.1f} s | "
+                         f"{today['first_step']:.1f} s | {cold['first_step'] / today['first_step']:.3f} | report |")
+            lines.append(f"| the same, warm cache (prepared data reused) / today's path | {warm['first_step']:.1f} s | "
+                         f"{today['first_step']:.1f} s | {warm['first_step'] / today['first_step']:.3f} | <= 0.2 |")
+            data_s = {k: r["driver"] + r["worker_data"] for k, r in (("today", today), ("cold", cold), ("warm", warm))}
+            lines.append(f"| diagnostic: the data's own seconds on that path (driver check + the workers' data "
+                         f"phase), warm / today (cold: {data_s['cold']:.1f} s) | {data_s['warm']:.1f} s | "
+                         f"{data_s['today']:.1f} s | {data_s['warm'] / data_s['today']:.3f} | |")
+            mp, mt = d["mem_prepared"], d["mem_today"]
+            lines.append(f"| per-rank peak memory of the data ({what}; resident set growth, touched mapped pages "
+                         f"included; anonymous: {_mb(mp['anon'])} vs {_mb(mt['anon'])}) | {_mb(mp['peak'])} | "
+                         f"{_mb(mt['peak'])} | {mp['peak'] / mt['peak']:.3f} | <= 0.25 |")
+            lines.append(f"| `ftdist data prepare` tokens/s, {d['par_on']} / one process | {d['rate_par']:,.0f} | "
+                         f"{d['rate_one']:,.0f} | {d['rate_par'] / d['rate_one']:.2f} | report |")
         if "generate" in parts:
             from ftdist.bench.observe import bench_generation
 

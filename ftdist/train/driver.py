@@ -120,7 +120,17 @@ def build_trainer(spec: JobSpec, *, callbacks: Optional[list] = None,
     )
 
 
-def preflight_data(spec: JobSpec) -> Optional["DataStats"]:
+@dataclass
+class DataCheck:
+    stats: "DataStats"
+    how: str
+    """What the check did: "prepared in 12.3 s", "prepared data reused", "tokenised in 3.1 s (data.cache off)"."""
+
+    def line(self) -> str:
+        return f"{self.stats.summary()} ({self.how})"
+
+
+def preflight_data(spec: JobSpec) -> Optional[DataCheck]:
     """Before Ray starts: the job's data tokenised once into its prepared entry (train/prepare.py), or the entry found
     and verified, so a bad row, a missing field or too little data is a one-line error (exit 2) with nothing written,
     and the workers only open what is there. Returns the statistics (rows, tokens, skipped bad rows). The tokenizer
@@ -157,21 +167,27 @@ def preflight_data(spec: JobSpec) -> Optional["DataStats"]:
         if n_train < spec.optim.global_batch_size:
             raise_too_few(n_train, spec.optim.global_batch_size)
 
+    t0 = time.perf_counter()
+    stats = DataStats()
     if spec.prepared_root is None:
-        stats, n_train = DataStats(), 0
+        n_train = 0
         for src, alone in source_specs(spec):
             splits = build_splits(alone.data, tok, spec.optim.seed, objective_for(alone).encoder(tok), show=True)
             stats.merge(splits.stats)
             n_train += len(splits.train) if src.weight > 0 else 0
         one_global_batch(n_train)
-        return stats
+        return DataCheck(stats, f"tokenised in {time.perf_counter() - t0:.1f} s; data.cache off: every worker "
+                                f"tokenises it again")
     check_prepared_root(spec)
     prepared = prepare_sources(spec, tok, objective, Runner(plan_processes(spec)), show=True,
                                accept=one_global_batch)
-    stats = DataStats()
     for _, manifest, _ in prepared:
         stats.merge(manifest.data_stats())
-    return stats
+    built = sum(b for *_, b in prepared)
+    how = (f"prepared in {time.perf_counter() - t0:.1f} s" + (f", {built} of {len(prepared)} sources" if
+                                                               len(prepared) > 1 and built < len(prepared) else "")
+           if built else f"prepared data reused, checked in {time.perf_counter() - t0:.1f} s")
+    return DataCheck(stats, how)
 
 
 def preflight_storage(spec: JobSpec) -> None:

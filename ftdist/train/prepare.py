@@ -49,8 +49,8 @@ from ftdist.storage import s3
 from ftdist.storage.cache import cache_root, download
 from ftdist.storage.store import check_local_folder, file_digest, open_store
 from ftdist.storage.uri import is_remote, split_s3
-from ftdist.train.data import (DataStats, Row, RowError, Splits, build_splits, data_files, eval_draw, hf_rows,
-                               jsonl_rows, load_hf_disk, open_parquet, parquet_rows, pack)
+from ftdist.train.data import (DataStats, Row, Splits, build_splits, data_files, encode_row, encoded_rows, eval_draw,
+                               hf_rows, jsonl_rows, load_hf_disk, open_parquet, parquet_rows, pack)
 from ftdist.train.token_store import PartWriter, TokenTable
 
 FORMAT = "ftdist-prepared/1"
@@ -326,27 +326,11 @@ def tokenize_chunk(job_json: str, index: int, chunk: Chunk, eval_rows: Optional[
     os.makedirs(local, exist_ok=True)
     writers = {s: PartWriter(os.path.join(local, f"{s}-{index:05d}.arrow"), objective.example_type) for s in splits}
     try:
-        for i, row in enumerate(chunk.read()):
+        for i, row in enumerate(encoded_rows(chunk.read(), encode)):
             split = "eval" if chunk.split == "eval" or to_eval[i] else "train"
-            st = stats[split]
-            try:
-                ex = encode(row.data)
-            except RowError as e:
-                if d.on_bad_row == "fail":
-                    return ChunkResult(index, {}, {}, error=f"{row.where}: bad row: {e} (set data.on_bad_row: skip "
-                                                            f"to skip and count)")
-                st.skipped_bad += 1
-                if len(st.bad_examples) < 3:
-                    st.bad_examples.append(f"{row.where}: {e}")
+            ex = encode_row(row, encode, d, stats[split])
+            if ex is None:
                 continue
-            st.rows += 1
-            if ex.longest > d.max_length:
-                st.truncated += 1
-                ex = ex.truncated(d.max_length)
-            if not ex.has_target:
-                st.dropped_no_target += 1
-                continue
-            st.count(ex.n_tokens)
             if d.packing:
                 kept[split].append(ex)
             else:

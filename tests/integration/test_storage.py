@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -228,3 +229,40 @@ def test_check_access_messages(s3_server):
         s3.check_access("s3://ftdist-missing-bucket/x")
 
 
+
+
+def test_prepared_data_on_s3_is_reused_verified_per_node_and_rebuilt_when_corrupt(s3_server, tmp_path, monkeypatch):
+    """The prepared-data entry on the S3 server: built once, found by the next preparation, downloaded once into this
+    node's cache and verified; an object replaced by one of the same size but other bytes is detected (BLAKE3), the
+    entry discarded and built again, the bad bytes never read as tokens."""
+    import boto3
+
+    from ftdist.spec import spec_from_dict
+    from ftdist.storage.uri import split_s3
+    from ftdist.train import prepare as prep
+    from ftdist.train.locations import load_tokenizer
+    from ftdist.train.objectives import objective_for
+    from tests.conftest import QS
+
+    monkeypatch.setenv("FTDIST_CACHE", str(tmp_path / "node-cache"))
+    bucket = s3_server.make_bucket("prep-" + os.urandom(4).hex())
+    spec = spec_from_dict(tiny_job_dict(f"s3://{bucket}/runs"))
+    tok, objective = load_tokenizer(str(QS / "tokenizer")), objective_for(spec)
+    first, built = prep.ensure_prepared(spec, tok, objective)
+    again, built_again = prep.ensure_prepared(spec, tok, objective)
+    assert built and not built_again and again == first
+    splits = prep.open_splits(spec, first, prep.local_parts(spec, first), objective)
+    good = splits.train[:50]
+    assert len(splits.train) == first.train_rows == 2600 and len(splits.eval) == 400
+
+    client = boto3.client("s3", endpoint_url=s3.endpoint_url())
+    part = first.train[0]
+    b, key = split_s3(f"{prep.prepared_entry(spec, first.key)}/{part.path}")
+    raw = bytearray(client.get_object(Bucket=b, Key=key)["Body"].read())
+    raw[len(raw) // 2] ^= 0xFF
+    client.put_object(Bucket=b, Key=key, Body=bytes(raw))
+    shutil.rmtree(tmp_path / "node-cache")  # a node that has not seen the entry yet downloads the damaged object
+    rebuilt, built = prep.ensure_prepared(spec, tok, objective)
+    assert built and rebuilt.train[0].path != part.path  # a new attempt's parts
+    again = prep.open_splits(spec, rebuilt, prep.local_parts(spec, rebuilt), objective)
+    assert again.train[:50] == good

@@ -69,6 +69,10 @@ def test_sweep_asha_report_retention_export(ray_cluster, mlflow_server, tmp_path
     sweep = tmp_path / "store" / "sweep"
     tune_rows = _results(sweep)
     assert len(tune_rows) == 4
+    # The sweep's driver tokenised the data once (one entry, one attempt); every trial's workers opened it as is.
+    (entry,) = (tmp_path / "store" / "_prepared").iterdir()
+    assert len([d for d in entry.iterdir() if d.is_dir()]) == 1 and (entry / "manifest.json").is_file()
+    assert not list(sweep.glob("*/_prepared"))
     steps = {t: max(row["step"] for row in rows) for t, rows in tune_rows.items()}
     assert sorted(steps.values())[-1] == 12
     early = [t for t, s in steps.items() if s < 12]
@@ -209,6 +213,9 @@ def test_optuna_sweep_on_s3_storage(ray_cluster, bucket, s3_server, tmp_path):
             for o in page.get("Contents", [])]
     trials = sorted({k.split("/")[2][len("train-"):] for k in keys if k.split("/")[2].startswith("train-")})
     assert len(trials) == 2
+    prepared = [o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix="sweeps/_prepared/")["Contents"]]
+    assert len({k.split("/")[2] for k in prepared}) == 1  # one entry on the S3 server, read by both trials
+    assert len({k.split("/")[3] for k in prepared if k.endswith(".arrow")}) == 1  # built once
     report = s3.get_object(Bucket=bucket, Key="sweeps/opt/report/results.csv")["Body"].read().decode()
     table = list(csv.DictReader(report.splitlines()))
     assert sorted(row["trial"] for row in table) == trials and all(row["status"] == "TERMINATED" for row in table)

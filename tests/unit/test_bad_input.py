@@ -796,7 +796,7 @@ def test_valid_edge_cases_pass(name, change, files, text, tmp_path, monkeypatch,
 
     spec = load_spec("job.yaml")
     if spec.model.from_config is not None:
-        stats = preflight_data(spec)  # the rows tokenize on the driver, as `ftdist train` checks them
+        stats = preflight_data(spec).stats  # the rows tokenize on the driver, as `ftdist train` checks them
         assert stats is not None and stats.rows >= 39
         if name == "skip-bad-rows":
             assert stats.skipped_bad == 1 and "t.jsonl:2" in stats.summary()

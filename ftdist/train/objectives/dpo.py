@@ -44,6 +44,7 @@ class PairEncoder:
 
     def __init__(self, tokenizer: Any, tokenize: Tokenize) -> None:
         self.tok, self.t = tokenizer, tokenize
+        self.warm = tokenize.warm
 
     def __call__(self, row: Any) -> PairExample:
         prompt, chosen, rejected = read_pair(row, prompt_required=True)
