@@ -43,10 +43,27 @@ def _status_kb(field: str) -> int:
     return 0
 
 
+def mapped_kb(suffix: str) -> int:
+    """Resident KiB of this process's mappings of files ending in `suffix` (/proc/self/smaps)."""
+    total, ours = 0, False
+    with open("/proc/self/smaps") as fh:
+        for line in fh:
+            first = line.split(maxsplit=1)[0]
+            if "-" in first and not first.endswith(":"):  # a mapping's header line: address range ... path
+                ours = line.rstrip().endswith(suffix)
+            elif ours and first == "Rss:":
+                total += int(line.split()[1])
+    return total
+
+
 def measure_rank_memory(job_json: str, batches: int = 200) -> None:
-    """In a fresh process: what one rank's data costs in memory, from after the imports and the tokenizer to after it
-    has its examples and has drawn `batches` micro batches. Prints JSON: the peak resident set growth (mapped file
-    pages it touched included) and the anonymous (private, unshareable) memory growth, in bytes."""
+    """In a fresh process: what one rank's data costs in memory, from after the imports and the tokenizer (and one
+    warm-up batch, so the library code paged in by a first collate is not counted) to after it has its examples and
+    has drawn `batches` micro batches. Prints JSON (bytes): `peak`, the growth of the resident set's peak; `anon`, the
+    growth of private memory (today's path keeps the tokenised set there); `mapped`, the resident pages of the
+    prepared parts it maps: page cache shared with the node's other ranks and evictable, which the kernel maps 64 KiB
+    around each page a sample touches (fault-around), so it reaches the parts' size at small sets."""
+    from ftdist.train.data import Example, collate
     from ftdist.train.locations import load_tokenizer
     from ftdist.train.objectives import objective_for
     from ftdist.train.prepare import worker_data
@@ -55,6 +72,7 @@ def measure_rank_memory(job_json: str, batches: int = 200) -> None:
     spec = JobSpec.model_validate_json(job_json)
     tok = load_tokenizer(spec.model.tokenizer_path)
     objective = objective_for(spec)
+    collate([Example([1, 2, 3], [1, 2, 3])] * 4, tok.pad_token_id)
     base_rss, base_anon = _status_kb("VmRSS"), _status_kb("RssAnon")
     with open("/proc/self/clear_refs", "w") as fh:
         fh.write("5")  # the peak (VmHWM) starts again from here
@@ -64,12 +82,14 @@ def measure_rank_memory(job_json: str, batches: int = 200) -> None:
     for _ in range(batches):
         objective.collate(next(it), tok.pad_token_id)
     print(json.dumps({"peak": (_status_kb("VmHWM") - base_rss) * 1024,
-                      "anon": (_status_kb("RssAnon") - base_anon) * 1024, "examples": len(sources[0].splits.train)}))
+                      "anon": (_status_kb("RssAnon") - base_anon) * 1024, "mapped": mapped_kb(".arrow") * 1024,
+                      "examples": len(sources[0].splits.train)}))
 
 
-def rank_memory(spec: JobSpec) -> dict:
+def rank_memory(spec: JobSpec, batches: int = 200) -> dict:
     """measure_rank_memory in a child process (its own peak, nothing of this process's)."""
-    code = "import sys; from ftdist.bench.data import measure_rank_memory; measure_rank_memory(sys.stdin.read())"
+    code = ("import sys; from ftdist.bench.data import measure_rank_memory; "
+            f"measure_rank_memory(sys.stdin.read(), {int(batches)})")
     r = subprocess.run([sys.executable, "-c", code], input=spec.model_dump_json(), capture_output=True, text=True,
                        timeout=1800)
     if r.returncode != 0:
@@ -79,7 +99,8 @@ def rank_memory(spec: JobSpec) -> dict:
 
 def first_step(spec: JobSpec, tmp: str) -> dict:
     """`ftdist train` on the job as a user runs it: seconds from the command's start to its first optimizer step (the
-    "step 1/" line), with the driver's data check and the workers' data phase from their own lines."""
+    "step 1/" line), with the seconds of the driver's data check and of the workers' data phase from their own
+    lines."""
     path = os.path.join(tmp, f"{spec.name}.yaml")
     with open(path, "w") as fh:
         yaml.safe_dump(spec.model_dump(mode="json"), fh, sort_keys=False)
@@ -91,8 +112,8 @@ def first_step(spec: JobSpec, tmp: str) -> dict:
     lines = []
     for line in proc.stdout:  # type: ignore[union-attr]
         lines.append(line)
-        if "ftdist: data:" in line and "driver" not in out:
-            out["driver"] = time.perf_counter() - t0  # the driver's data check done (before Ray starts)
+        if "ftdist: data:" in line and (m := re.search(r"(?:prepared|tokenised|checked) in ([\d.]+) s", line)):
+            out["driver"] = float(m.group(1))  # the driver's data check (before Ray starts), as it reports it
         if (m := re.search(r"first step [\d.]+ s after start: .*\bdata ([\d.]+)", line)):
             out["worker_data"] = float(m.group(1))
         if "[ftdist] step 1/" in line and "first_step" not in out:

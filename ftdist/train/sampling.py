@@ -8,7 +8,8 @@ shares the remaining few by systematic sampling on the fractional parts (one see
 order within the block. So the realised share of a source differs from its weight by less than 1 / BLOCK over any
 whole number of blocks, with no drift (the rounding is unbiased), and the counts before any g are cheap to compute.
 Within a source, samples go through a seeded permutation of its examples (one per pass over it, "source epoch"),
-then the next; a small source is repeated that way as often as its weight asks.
+then the next; a small source is repeated that way as often as its weight asks. The permutation is computed per
+index (Shuffle), not stored: a rank's memory does not grow with the number of examples.
 """
 
 from __future__ import annotations
@@ -21,6 +22,32 @@ from ftdist.errors import SpecError
 from ftdist.spec import JobSpec
 
 BLOCK = 1024
+_MASK64 = (1 << 64) - 1
+
+
+class Shuffle:
+    """A seeded permutation of [0, n) evaluated one index at a time, with no table: a 4-round Feistel network on the
+    smallest even power of two >= n, cycle-walked back into [0, n) (a bijection; under two rounds of walking on
+    average). A table of 8 bytes an example would be 800 MB per rank for 100M examples."""
+
+    def __init__(self, n: int, seed: list[int]) -> None:
+        bits = max(2, (n - 1).bit_length())
+        bits += bits % 2
+        self.n, self.half, self.mask = n, bits // 2, (1 << (bits // 2)) - 1
+        self.keys = [int(k) for k in np.random.default_rng(seed).integers(0, 1 << 62, size=4)]
+
+    def __call__(self, i: int) -> int:
+        x = i
+        while True:
+            left, right = x >> self.half, x & self.mask
+            for k in self.keys:  # round function: SplitMix64's finaliser of (right + key)
+                z = (right + k) & _MASK64
+                z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+                z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+                left, right = right, left ^ ((z ^ (z >> 31)) & self.mask)
+            x = (left << self.half) | right
+            if x < self.n:
+                return x
 
 
 class SampleOrder:
@@ -34,7 +61,7 @@ class SampleOrder:
         self.extra = int(BLOCK - self.base.sum())
         self._block: tuple[int, np.ndarray, np.ndarray] | None = None  # (b, source of each slot, its rank in source)
         self._prefix = (0, np.zeros(len(sizes), dtype=np.int64))  # (b, samples per source before block b)
-        self._perm: dict[int, tuple[int, np.ndarray]] = {}  # source -> (epoch, permutation)
+        self._perm: dict[int, tuple[int, Shuffle]] = {}  # source -> (epoch, its permutation)
 
     def block_counts(self, b: int) -> np.ndarray:
         """Samples per source in block b."""
@@ -83,8 +110,8 @@ class SampleOrder:
         if not self.shuffle:
             return i
         if s not in self._perm or self._perm[s][0] != epoch:
-            self._perm[s] = (epoch, np.random.default_rng([self.seed, epoch, s]).permutation(self.sizes[s]))
-        return int(self._perm[s][1][i])
+            self._perm[s] = (epoch, Shuffle(self.sizes[s], [self.seed, epoch, s]))
+        return self._perm[s][1](i)
 
     def samples(self, g: int, n: int) -> list[tuple[int, int]]:
         """(source, example index) of global samples g .. g + n - 1."""

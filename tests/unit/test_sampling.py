@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from ftdist.errors import SpecError
-from ftdist.train.sampling import BLOCK, SampleOrder, ShardedLoader
+from ftdist.train.sampling import BLOCK, SampleOrder, ShardedLoader, Shuffle
 
 
 def _sources(*sizes: int) -> list[list[tuple[int, int]]]:
@@ -89,3 +89,13 @@ def test_too_few_examples_and_an_empty_source():
         _loader(_sources(3, 4), [1, 1])
     with pytest.raises(SpecError, match="source s1 has no usable examples"):
         _loader(_sources(100, 0), [1, 1])
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 7, 64, 1000, 4097])
+def test_shuffle_is_a_permutation_computed_per_index(n):
+    out = [Shuffle(n, [5, 0, 1])(i) for i in range(n)]
+    assert sorted(out) == list(range(n))
+    if n >= 64:
+        assert out != list(range(n)) and out != [Shuffle(n, [6, 0, 1])(i) for i in range(n)]
+        # a shuffle, not a shift: neighbours land far apart on average
+        assert np.mean(np.abs(np.diff(out))) > n / 5
