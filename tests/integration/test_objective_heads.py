@@ -22,10 +22,11 @@ pytestmark = [pytest.mark.ray, pytest.mark.deepspeed]
 
 UPSTREAM = str(QS.parent / "upstream" / "model")
 LORA = {"method": "lora", "lora": {"rank": 8, "alpha": 16, "dropout": 0.0, "merge_on_export": True}}
+# One resume per objective, each method once, both under ZeRO-3 (the head built inside zero.Init, its shards
+# restored): ZeRO-2 resume is the SFT and DPO tests', and every objective x method x stage trains in the grid below.
+# (The ZeRO-2 settings of these two were dropped for CI time, 2026-12-03: ~100 s.)
 SETTINGS = {
     "reward-full-zero3": ("reward", {"method": "full", "zero": {"stage": 3}}),
-    "reward-lora-zero2": ("reward", {**LORA, "zero": {"stage": 2}}),
-    "classification-full-zero2": ("classification", {"method": "full", "zero": {"stage": 2}}),
     "classification-lora-zero3": ("classification", {**LORA, "zero": {"stage": 3}}),
 }
 
