@@ -350,6 +350,8 @@ def _check_step(spec: JobSpec, needs: Needs, cl: Checklist) -> None:
                                     "checkpoint.keep_last": 1, "checkpoint.keep_best_by": None,
                                     "eval.every_n_steps": None, "eval.max_batches": 1, "export.enabled": False,
                                     "sweep": None})
+    if scratch.prepared_root is not None:  # the step's prepared data goes with the scratch run: nothing stays
+        scratch = with_overrides(scratch, {"data.cache": f"{scratch.run_dir}/_prepared"})
     start = time.monotonic()
     try:
         with leaves_no_folders(scratch.run_dir):
