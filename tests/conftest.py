@@ -78,6 +78,27 @@ def tiny_job_dict(storage: str, **sections) -> dict:
     return job
 
 
+@pytest.fixture(scope="session")
+def base_model_dir(tmp_path_factory):
+    """A real HF checkpoint folder (safetensors, the quickstart tokenizer) of the tiny Llama to fine-tune from: the
+    base that interpolation and checkpoints without frozen parameters take weights from."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    cfg = dict(TINY_LLAMA)
+    torch.manual_seed(11)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(cfg.pop("model_type"), **cfg), dtype=torch.float32)
+    out = tmp_path_factory.mktemp("base")
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(QS / "tokenizer").save_pretrained(out)
+    return str(out)
+
+
+def base_model_section(base_dir: str) -> dict:
+    """tiny_job_dict's model section for fine-tuning the saved base model."""
+    return {"name_or_path": base_dir, "from_config": None, "tokenizer": None, "dtype": "fp32"}
+
+
 def sweep_job_dict(storage: str, name: str = "sweep", sweep: dict | None = None, **sections) -> dict:
     """A LoRA sweep on the tiny job: lr x LoRA-rank grid, ASHA on eval_loss, alpha = 2 x rank."""
     defaults = {"method": "lora", "lora": {"rank": 8, "alpha": 16, "dropout": 0.0},

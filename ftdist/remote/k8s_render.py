@@ -24,6 +24,7 @@ import yaml
 
 from ftdist.errors import SpecError
 from ftdist.spec import JobSpec, KubernetesSpec
+from ftdist.storage.lease import TTL_ENV, TTL_S, WAIT_ENV
 from ftdist.train.contracts import BASE_ENV
 
 MAX_RAYJOB_NAME = 47  # KubeRay: RayJob names are at most 47 characters (derived object names must fit in 63)
@@ -173,6 +174,13 @@ def _submitter(k: KubernetesSpec) -> dict:
     return {"metadata": {"labels": _labels(k)}, "spec": spec}
 
 
+def retry_waits_for_lease(env: dict) -> dict:
+    """A retried RayJob (backoffLimit) starts on a fresh cluster seconds after the failed attempt's driver died,
+    while that driver's run lease still looks live: the retry waits for it to expire (its TTL and 30 s of clock
+    skew) instead of being refused and burning a retry."""
+    return {WAIT_ENV: f"{float(env.get(TTL_ENV, TTL_S)) + 30:g}"}
+
+
 def entrypoint(spec: JobSpec, kind: str) -> str:
     body = spec.model_dump(mode="json", exclude={"kubernetes"}, exclude_none=True)
     return shlex.join(["ftdist", kind, "--job-json", json.dumps(body, separators=(",", ":"), sort_keys=True)])
@@ -184,7 +192,7 @@ def render(spec: JobSpec, *, cluster: str = "ephemeral", kind: str = "train") ->
         raise SpecError("kubernetes.image: not set; build cluster/Dockerfile, push it, and set it (or "
                         "--set kubernetes.image=registry.example.com/ml/ftdist:0.1.0)")
     name = rayjob_name(spec)
-    env_yaml = {"env_vars": {**BASE_ENV, **k.env}}
+    env_yaml = {"env_vars": {**BASE_ENV, **retry_waits_for_lease(k.env), **k.env}}
     rj: dict[str, Any] = {
         "apiVersion": "ray.io/v1",
         "kind": "RayJob",

@@ -37,6 +37,10 @@ class CheckpointError(RuntimeError):
     """A checkpoint is missing, incomplete or corrupt, or cannot be committed."""
 
 
+class FencedError(CheckpointError):
+    """This attempt lost the run lease: it may not commit or delete checkpoints any more."""
+
+
 def checkpoint_name(step: int) -> str:
     return f"step_{step:08d}"
 
@@ -84,7 +88,13 @@ class CheckpointStore:
 
     def __init__(self, job_uri: str, opts: TransferOptions = TransferOptions(), store: Optional[Store] = None):
         self.job_uri = job_uri.rstrip("/")
+        self.opts = opts
         self.store = store or open_store(self.job_uri, opts)
+
+    def inside(self, name: str) -> "CheckpointStore":
+        """The store rooted in checkpoint `name`'s folder: a form derived from it (its universal conversion) is a
+        checkpoint there, committed and verified the same way, and deleted with it."""
+        return CheckpointStore(self.store.child(name), self.opts)
 
     # --- writing ------------------------------------------------------------------------------------------------
 
@@ -103,8 +113,10 @@ class CheckpointStore:
         self.store.put_bytes(f"{name}/{PARTS}/rank-{rank:05d}.json", json.dumps(listing).encode())
         return files
 
-    def commit(self, name: str, world_size: int, meta: CheckpointMeta, timeout_s: float = 1800.0) -> Manifest:
-        """Rank 0: wait until every rank's file list is there, then write the manifest (create-if-absent)."""
+    def commit(self, name: str, world_size: int, meta: CheckpointMeta, timeout_s: float = 1800.0,
+               fence: Optional[Callable[[], bool]] = None) -> Manifest:
+        """Rank 0: wait until every rank's file list is there, then write the manifest (create-if-absent).
+        `fence`: asked right before the write; False (a newer attempt holds the run lease) refuses the commit."""
         deadline = time.monotonic() + timeout_s
         delay = 0.05
         while True:
@@ -134,6 +146,9 @@ class CheckpointStore:
             committed_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         )
         body = json.dumps(manifest.model_dump(exclude_none=True), indent=1).encode()
+        if fence is not None and not fence():
+            raise FencedError(f"{self.store.child(name)}: not committed: a newer attempt of this job holds the run "
+                              "lease (this one stalled past it and was taken over)")
         if not self.store.put_bytes(f"{name}/{MANIFEST}", body, if_absent=True):
             existing = self.read_manifest(name)
             if existing and existing.files == manifest.files:
@@ -225,6 +240,11 @@ class CheckpointStore:
 
     # --- housekeeping -------------------------------------------------------------------------------------------
 
+    def remove_if_uncommitted(self, name: str) -> None:
+        """Delete folder `name` unless it is committed (a crashed upload's leftovers, before a new upload)."""
+        if self.read_manifest(name) is None:
+            self.store.delete_prefix(name)
+
     def remove_uncommitted(self) -> list[str]:
         """Delete checkpoint folders without a manifest (a crash mid-upload) and abort their multipart uploads.
         Only call when no upload of this job is in flight (at start)."""
@@ -236,10 +256,12 @@ class CheckpointStore:
         self.store.abort_uploads("")
         return removed
 
-    def apply_retention(self, keep: int, best_by: Optional[str] = None, mode: str = "min") -> list[str]:
+    def apply_retention(self, keep: int, best_by: Optional[str] = None, mode: str = "min",
+                        fence: Optional[Callable[[], bool]] = None) -> list[str]:
         """Keep the newest committed checkpoint plus the `keep` newest (or, with best_by, the `keep` best by that
         metric); delete the rest, manifest first. The same policy as Ray's CheckpointConfig, applied to storage
-        so it also covers a checkpoint committed just before a crash that Ray never registered."""
+        so it also covers a checkpoint committed just before a crash that Ray never registered. `fence`: asked
+        before each delete; False stops (a newer attempt owns the folder now)."""
         done = self.checkpoints()
         if len(done) <= keep:
             return []
@@ -252,9 +274,13 @@ class CheckpointStore:
         else:
             ranked = sorted(done, key=lambda c: c.step, reverse=True)
         keep_names = {c.name for c in ranked[:keep]} | {done[-1].name}
-        gone = [c.name for c in done if c.name not in keep_names]
-        for name in gone:
+        gone = []
+        for name in [c.name for c in done if c.name not in keep_names]:
+            if fence is not None and not fence():
+                raise FencedError(f"{self.job_uri}: retention stopped: a newer attempt of this job holds the run "
+                                  "lease")
             self.delete(name)
+            gone.append(name)
         return gone
 
     def delete(self, name: str) -> None:

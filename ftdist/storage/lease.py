@@ -24,10 +24,15 @@ from dataclasses import dataclass
 from typing import Optional
 
 from ftdist.errors import SpecError
-from ftdist.storage.store import open_store
 
 LEASE_DIR = "_ftdist_lease"
-DEFAULT_TTL_S = float(os.environ.get("FTDIST_LEASE_TTL_S", "120"))
+TTL_ENV = "FTDIST_LEASE_TTL_S"
+TTL_S = 120.0
+DEFAULT_TTL_S = float(os.environ.get(TTL_ENV, TTL_S))
+WAIT_ENV = "FTDIST_LEASE_WAIT_S"
+"""Seconds a new attempt waits for a live-looking lease to expire before refusing (default 0: refuse at once). A
+rendered RayJob sets it: its retry starts on a fresh cluster seconds after the failed attempt's driver died, while
+that driver's lease still looks live; refusing would burn the retry."""
 KEEP_GENERATIONS = 5
 
 
@@ -58,6 +63,7 @@ class Lease:
     store: object  # ftdist.storage.store.Store of the run folder
     what: str  # the run folder's URI, for messages
     ttl_s: float = DEFAULT_TTL_S
+    wait_s: float = 0.0
     generation: int = 0
     token: str = ""
     lost: bool = False
@@ -86,20 +92,40 @@ class Lease:
         return json.dumps({"token": self.token, "generation": self.generation, "holder": _holder(),
                            "heartbeat": time.time(), "ttl_s": self.ttl_s, "released": released}).encode()
 
+    def _live(self, gens: list[int]) -> Optional[tuple[dict, float]]:
+        """(the newest generation's record, its heartbeat's age) when a live attempt holds the lease."""
+        if not gens:
+            return None
+        cur = self._read(gens[-1]) or {}
+        age = time.time() - float(cur.get("heartbeat", 0))
+        if cur.get("released") or age >= float(cur.get("ttl_s", self.ttl_s)) or _dead_here(cur):
+            return None
+        return cur, age
+
     def refuse_if_held(self) -> list[int]:
-        """Read only: SpecError when a live attempt holds the lease (the driver's preflight asks before Ray starts);
-        returns the generations found."""
-        gens = self._generations()
-        if gens:
-            cur = self._read(gens[-1]) or {}
-            age = time.time() - float(cur.get("heartbeat", 0))
-            if not cur.get("released") and age < float(cur.get("ttl_s", self.ttl_s)) and not _dead_here(cur):
-                h = cur.get("holder", {})
-                who = ", ".join(f"{k} {v}" for k, v in h.items())
+        """Read only: SpecError when a live attempt holds the lease (the driver's preflight asks before Ray starts),
+        after waiting up to `wait_s` for it to be released or expire; returns the generations found."""
+        deadline = time.monotonic() + self.wait_s
+        said = False
+        while True:
+            gens = self._generations()
+            live = self._live(gens)
+            if live is None:
+                return gens
+            cur, age = live
+            ttl = float(cur.get("ttl_s", self.ttl_s))
+            who = ", ".join(f"{k} {v}" for k, v in cur.get("holder", {}).items())
+            left = deadline - time.monotonic()
+            if left <= 0:
                 raise SpecError(f"{self.what}: another attempt of this job is running ({who}; heartbeat {age:.0f} s "
                                 f"ago); two would write over each other's checkpoints. Stop it, or wait "
-                                f"{float(cur.get('ttl_s', self.ttl_s)):.0f} s after it died")
-        return gens
+                                f"{ttl:.0f} s after it died")
+            if not said:
+                print(f"[ftdist] {self.what}: the run lease is held ({who}; heartbeat {age:.0f} s ago); waiting up "
+                      f"to {left:.0f} s for it to expire (a previous attempt that died) or be released",
+                      file=sys.stderr, flush=True)
+                said = True
+            time.sleep(min(5.0, max(0.05, ttl / 8), left))
 
     def acquire(self) -> "Lease":
         gens = self.refuse_if_held()
@@ -113,7 +139,10 @@ class Lease:
         return self
 
     def check(self) -> bool:
-        """Still ours? False once a newer generation exists (we were taken over after stalling past the TTL)."""
+        """Still ours? False once a newer generation exists (we were taken over after stalling past the TTL). Also
+        the fence of this attempt's processes without the heartbeat: a worker checks right before it commits or
+        deletes a checkpoint, so an attempt that stalled and was taken over finds out before it writes, not one
+        heartbeat later."""
         gens = self._generations()
         return not gens or gens[-1] == self.generation
 
@@ -158,5 +187,9 @@ class Lease:
         self.release()
 
 
-def run_lease(uri: str, ttl_s: Optional[float] = None) -> Lease:
-    return Lease(open_store(uri), uri, ttl_s if ttl_s is not None else DEFAULT_TTL_S)
+def run_lease(uri: str, ttl_s: Optional[float] = None, wait_s: Optional[float] = None) -> Lease:
+    from ftdist.storage.store import open_store  # (boto3: not on the path of `ftdist k8s render`, which reads the
+    # constants above)
+
+    return Lease(open_store(uri), uri, ttl_s if ttl_s is not None else DEFAULT_TTL_S,
+                 wait_s if wait_s is not None else float(os.environ.get(WAIT_ENV, "0") or 0))

@@ -51,7 +51,14 @@ class CheckpointMeta(_Record):
     spec_sha256: str
     base_model: Optional[str] = None
     """Where the base weights live (hub id, path or s3:// prefix; None for a from_config model), for
-    `ftdist export --interpolate`. An identifier, never a credential."""
+    `ftdist export --interpolate` and for the frozen weights a checkpoint leaves out. An identifier, never a
+    credential."""
+    base_revision: Optional[str] = None
+    """The hub revision of `base_model` the job trained from."""
+    frozen_excluded: bool = False
+    """LoRA and freeze checkpoints of a model loaded from `base_model` leave its frozen parameters out (they are the
+    base's, unchanged): the checkpoint carries the trained tensors and their optimizer state only. `hf/frozen.json`
+    lists the left-out names and shapes; resume and export take them from the base."""
     merge_on_export: bool = False
     export_max_shard_size: str = "5GB"
     """The job's export.max_shard_size: `ftdist export` of this checkpoint uses it unless told otherwise."""

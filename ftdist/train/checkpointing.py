@@ -8,9 +8,12 @@ import hashlib
 import json
 import os
 import random
+import shutil
 import sys
 import tempfile
 import threading
+import time
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import numpy as np
@@ -20,15 +23,26 @@ import torch.distributed as dist
 from pyarrow import fs as pafs
 from ray.train import CheckpointUploadMode
 
+from ftdist.errors import last_line
 from ftdist.spec import JobSpec
 from ftdist.storage.checkpoints import CheckpointError, CheckpointStore, checkpoint_name
-from ftdist.storage.manifest import CheckpointMeta
+from ftdist.storage.lease import Lease
+from ftdist.storage.manifest import CheckpointMeta, Manifest
 from ftdist.storage.store import TransferOptions
 from ftdist.storage.uri import S3_SCHEME
-from ftdist.train.contracts import STATE_FILE, TrainState
+from ftdist.train.contracts import FROZEN_FILE, STATE_FILE, TrainState
+from ftdist.train.universal import UniversalCheckpoints, needs_conversion, node_dir
 
 HF_DIR = "hf"
 """Inside each checkpoint: the base config, tokenizer and (LoRA) adapter config, so it exports on its own."""
+
+
+def excludes_frozen(spec: JobSpec) -> bool:
+    """LoRA and freeze checkpoints leave out the frozen parameters when the base is loadable again (a hub id, path
+    or s3:// prefix): they are the base's own weights, unchanged. (A quickstart's from_config model has no base to
+    reload its random frozen weights from, so its checkpoints keep them.) For an 8B LoRA job this is ~16 GB less per
+    checkpoint, uploaded and downloaded by every rank again."""
+    return spec.method in ("lora", "freeze") and spec.model.name_or_path is not None
 
 
 def spec_hash(spec: JobSpec) -> str:
@@ -41,7 +55,7 @@ def checkpoint_meta(spec: JobSpec, step: int, metrics: dict, worker_seconds: flo
     """The trainer's part of a checkpoint's manifest. The job spec is hashed, not copied."""
     return CheckpointMeta(
         step=step, zero_stage=spec.zero.stage, method=spec.method, job_name=spec.name, spec_sha256=spec_hash(spec),
-        base_model=spec.model.name_or_path,
+        base_model=spec.model.name_or_path, base_revision=spec.model.revision, frozen_excluded=excludes_frozen(spec),
         merge_on_export=spec.method == "lora" and spec.lora.merge_on_export,
         export_max_shard_size=spec.export.max_shard_size,
         metrics={k: v for k, v in metrics.items() if isinstance(v, (int, float))},
@@ -49,9 +63,9 @@ def checkpoint_meta(spec: JobSpec, step: int, metrics: dict, worker_seconds: flo
     )
 
 
-def save_per_worker(engine: Any, local_dir: str, state: TrainState, rank: int) -> None:
+def save_per_worker(engine: Any, local_dir: str, state: TrainState, rank: int, exclude_frozen: bool = False) -> None:
     """Each rank writes its own DeepSpeed shard files (and RNG state) under local_dir/<tag>/; rank 0 the state."""
-    engine.save_checkpoint(local_dir, tag=state.tag, save_latest=True)
+    engine.save_checkpoint(local_dir, tag=state.tag, save_latest=True, exclude_frozen_parameters=exclude_frozen)
     rng = {
         "python": random.getstate(),
         "numpy": np.random.get_state(),
@@ -69,11 +83,12 @@ def read_state(ckpt_dir: str) -> TrainState:
         return TrainState.model_validate_json(fh.read())
 
 
-def restore_per_worker(engine: Any, ckpt_dir: str, rank: int) -> TrainState:
-    """Load this rank's DeepSpeed shard + RNG; return the trainer state (step, data position, metrics)."""
+def restore_per_worker(engine: Any, ckpt_dir: str, rank: int, frozen_excluded: bool = False) -> TrainState:
+    """Load this rank's DeepSpeed shard + RNG; return the trainer state (step, data position, metrics).
+    `frozen_excluded`: the checkpoint has only the trained parameters; the frozen ones stay as loaded from the base."""
     state = read_state(ckpt_dir)
     load_path, _ = engine.load_checkpoint(ckpt_dir, tag=state.tag, load_optimizer_states=True,
-                                          load_lr_scheduler_states=True)
+                                          load_lr_scheduler_states=True, load_module_strict=not frozen_excluded)
     if load_path is None:
         raise RuntimeError(f"DeepSpeed found no checkpoint {state.tag} in {ckpt_dir}")
     rng_file = os.path.join(ckpt_dir, state.tag, f"rng_state_rank{rank}.pt")
@@ -87,10 +102,19 @@ def restore_per_worker(engine: Any, ckpt_dir: str, rank: int) -> TrainState:
     return state
 
 
-def save_hf_metadata(module: Any, tokenizer: Any, out_dir: str) -> None:
+def frozen_shapes(module: Any) -> dict[str, list[int]]:
+    """{name: shape} of the module's frozen parameters (whole shapes, also when ZeRO-3 partitioned them)."""
+    return {n: list(getattr(p, "ds_shape", p.shape)) for n, p in module.named_parameters() if not p.requires_grad}
+
+
+def save_hf_metadata(module: Any, tokenizer: Any, out_dir: str, exclude_frozen: bool = False) -> None:
     """config.json (of the base model), tokenizer files and, for LoRA, adapter_config.json into out_dir, so a
-    checkpoint can be exported on its own later (`ftdist export`)."""
+    checkpoint can be exported on its own later (`ftdist export`); with `exclude_frozen`, the frozen parameters'
+    names and shapes (FROZEN_FILE) that the export takes from the base."""
     os.makedirs(out_dir, exist_ok=True)
+    if exclude_frozen:
+        with open(os.path.join(out_dir, FROZEN_FILE), "w") as fh:
+            json.dump(frozen_shapes(module), fh)
     base = module.get_base_model() if hasattr(module, "peft_config") else module
     base.config.save_pretrained(out_dir)
     if getattr(base, "generation_config", None) is not None:
@@ -99,6 +123,14 @@ def save_hf_metadata(module: Any, tokenizer: Any, out_dir: str) -> None:
         tokenizer.save_pretrained(out_dir)
     if hasattr(module, "peft_config"):
         module.peft_config["default"].save_pretrained(out_dir)
+
+
+@dataclass(frozen=True)
+class Resume:
+    """The committed checkpoint a (re)start continues from."""
+
+    name: str
+    manifest: Manifest
 
 
 def _log0(msg: str) -> None:
@@ -111,60 +143,101 @@ class RankCheckpointer:
     `ray.train.report` with ftdist's uploader as `checkpoint_upload_fn` (async by default), commit with a manifest
     from rank 0, and on (re)start pick and fetch the latest committed checkpoint (only this rank's files)."""
 
-    def __init__(self, spec: JobSpec, rank: int, world: int):
-        self.spec, self.rank, self.world = spec, rank, world
+    def __init__(self, spec: JobSpec, rank: int, world: int, local_rank: int = 0, lease_generation: int = 0):
+        self.spec, self.rank, self.world, self.local_rank = spec, rank, world, local_rank
+        self.resized: Optional[str] = None
+        """After fetch(): how a checkpoint of another world size was made loadable (for the resume line)."""
         storage = ray.train.get_context().get_storage()
         self.fs = storage.storage_filesystem
         self.exp_path = storage.experiment_fs_path.rstrip("/")
         on_s3 = isinstance(self.fs, pafs.S3FileSystem)
         self.job_uri = f"{S3_SCHEME}{self.exp_path}" if on_s3 else self.exp_path
         self.store = CheckpointStore(self.job_uri, TransferOptions.from_spec(spec.checkpoint))
+        # Commits and deletions are fenced by the driver's lease generation (a stalled, taken-over attempt's workers
+        # cannot write over the new attempt's checkpoints).
+        self.fence = (Lease(self.store.store, self.job_uri, generation=lease_generation).check
+                      if lease_generation else None)
         self._idle = threading.Event()
         self._idle.set()
         self._meta: Optional[CheckpointMeta] = None
 
     # --- restart ------------------------------------------------------------------------------------------------
 
-    def resume_point(self, ray_checkpoint: Any) -> Optional[str]:
+    def resume_point(self, ray_checkpoint: Any) -> Optional[Resume]:
         """Rank 0 chooses (Ray's latest checkpoint if it is committed and complete, else the newest committed one
         in storage) and removes uncommitted leftovers of a crashed attempt; every rank gets the same answer."""
-        choice: list = [None, None]
+        choice: list = [None]
         if self.rank == 0:
             removed = self.store.remove_uncommitted()
             if removed:
                 _log0(f"[ftdist] removed uncommitted checkpoint folders (crash during upload): {', '.join(removed)}")
             name = os.path.basename(ray_checkpoint.path.rstrip("/")) if ray_checkpoint is not None else None
             if name and not self.store.problems(name):
-                choice[0] = name
+                chosen = name
             else:
                 latest = self.store.latest_valid()
-                choice[0] = latest.name if latest else None
+                chosen = latest.name if latest else None
                 if name and latest and latest.name != name:
                     _log0(f"[ftdist] Ray's latest checkpoint {name} is incomplete; using {latest.name}")
-            if choice[0]:
-                m = self.store.read_manifest(choice[0])
-                if m.world_size != self.world:
-                    choice[1] = (f"{self.store.store.child(choice[0])} was written by {m.world_size} workers and "
-                                 f"this run has {self.world}: set resources.num_workers={m.world_size} to resume, "
-                                 "or export it (ftdist export) and start a new job from the exported model")
+            if chosen:
+                choice[0] = Resume(chosen, self.store.read_manifest(chosen))
         dist.broadcast_object_list(choice, src=0)
-        if choice[1]:
-            raise CheckpointError(choice[1])
         return choice[0]
 
-    def fetch(self, name: str) -> str:
-        dest = tempfile.mkdtemp(prefix=f"ftdist-restore-r{self.rank}-")
-        self.store.fetch_for_rank(name, self.rank, dest)
-        return dest
+    def fetch(self, resume: Resume) -> str:
+        """A local folder with what this rank loads: its own shard files (each hash-verified) when the world size is
+        the checkpoint's; otherwise the checkpoint's universal form, shared by the ranks of a node."""
+        if not needs_conversion(resume.manifest, self.world):
+            dest = tempfile.mkdtemp(prefix=f"ftdist-restore-r{self.rank}-")
+            self.store.fetch_for_rank(resume.name, self.rank, dest)
+            return dest
+        universal = UniversalCheckpoints(self.store)
+        local = node_dir(self.job_uri, resume.name)
+        outcome: list = [None]
+        if self.rank == 0:
+            t0 = time.perf_counter()
+            try:
+                if universal.stored(resume.name) is None:
+                    _log0(f"[ftdist] {resume.name} was written by {resume.manifest.world_size} workers and this run "
+                          f"has {self.world}: converting it to DeepSpeed's universal checkpoint format")
+                    shutil.rmtree(local, ignore_errors=True)
+                    size = universal.create(resume.name, max(1, int(self.spec.resources.cpus_per_worker)), local)
+                    outcome[0] = ("converted", f"converted to the universal format in {time.perf_counter() - t0:.1f} "
+                                               f"s ({size / 1e6:.1f} MB, stored beside it for later resizes)")
+                else:
+                    outcome[0] = ("stored", "its stored universal form reused")
+            except Exception as e:  # noqa: BLE001  (every rank raises the same one-line error)
+                outcome[0] = ("failed", last_line(e, 400))
+        dist.broadcast_object_list(outcome, src=0)
+        how, what = outcome[0]
+        if how == "failed":
+            raise CheckpointError(f"cannot resume {resume.name} on {self.world} workers: {what}")
+        self.resized = what
+        # One download per node (rank 0's node already has the folder it converted into).
+        if self.local_rank == 0 and not (self.rank == 0 and how == "converted"):
+            shutil.rmtree(local, ignore_errors=True)
+            universal.fetch(resume.name, local)
+        dist.barrier()
+        return local
+
+    def release(self, local: str, resume: Resume) -> None:
+        """Remove a restored checkpoint's local folder once every rank that reads it has loaded."""
+        if needs_conversion(resume.manifest, self.world):
+            dist.barrier()
+            if self.local_rank == 0:
+                shutil.rmtree(local, ignore_errors=True)
+        else:
+            shutil.rmtree(local, ignore_errors=True)
 
     # --- saving -------------------------------------------------------------------------------------------------
 
     def save(self, engine: Any, state: TrainState, tokenizer: Any) -> None:
         self._idle.wait()  # at most one upload in flight per rank: bounded local disk, no piling up
         tmp = tempfile.mkdtemp(prefix=f"ftdist-ckpt-r{self.rank}-")
-        save_per_worker(engine, tmp, state, self.rank)
+        exclude = excludes_frozen(self.spec)
+        save_per_worker(engine, tmp, state, self.rank, exclude)
         if self.rank == 0:
-            save_hf_metadata(engine.module, tokenizer, os.path.join(tmp, HF_DIR))
+            save_hf_metadata(engine.module, tokenizer, os.path.join(tmp, HF_DIR), exclude)
         self.publish(tmp, state.step, state.metrics, state.worker_seconds, state.gpu_seconds)
 
     def publish(self, local_dir: str, step: int, metrics: dict, worker_seconds: float = 0.0,
@@ -185,9 +258,9 @@ class RankCheckpointer:
             self.store.upload_rank(checkpoint.path, dir_name, self.rank)
             if self.rank == 0:
                 c = self.spec.checkpoint
-                self.store.commit(dir_name, self.world, self._meta, c.upload.commit_timeout_s)
+                self.store.commit(dir_name, self.world, self._meta, c.upload.commit_timeout_s, fence=self.fence)
                 if c.keep_last:
-                    self.store.apply_retention(c.keep_last, c.keep_best_by, c.best_mode)
+                    self.store.apply_retention(c.keep_last, c.keep_best_by, c.best_mode, fence=self.fence)
             return ray.train.Checkpoint(path=f"{self.exp_path}/{dir_name}", filesystem=self.fs)
         finally:
             self._idle.set()

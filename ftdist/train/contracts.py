@@ -85,11 +85,17 @@ class WorkerConfig(_Contract):
     started_at: float
     """Wall-clock time the driver called fit(): the start of the startup breakdown."""
     tracking: TrackingTarget = TrackingTarget()
+    lease_generation: int = 0
+    """The driver's run-lease generation: rank 0 commits and deletes checkpoints only while it is the newest (0: no
+    fencing)."""
 
 
 JOB_FILE = "ftdist_job.json"
 """In the run folder: the resolved job spec of the latest attempt (what `ftdist export --eval` evaluates with)."""
 STATE_FILE = "ftdist_state.json"
+FROZEN_FILE = "frozen.json"
+"""In a checkpoint's hf/ folder when it leaves its frozen parameters out: {name: shape} of each, which the export
+takes from the base model."""
 
 
 class TrainState(_Contract):

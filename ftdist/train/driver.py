@@ -83,7 +83,7 @@ def run_export_task(ckpt: str, dest: str, max_shard_size: Optional[str] = None) 
 
 
 def build_trainer(spec: JobSpec, *, callbacks: Optional[list] = None,
-                  tracking: TrackingTarget = TrackingTarget()) -> TorchTrainer:
+                  tracking: TrackingTarget = TrackingTarget(), lease_generation: int = 0) -> TorchTrainer:
     r, c = spec.resources, spec.checkpoint
     resources: dict = {"CPU": r.cpus_per_worker}
     if r.use_gpu:
@@ -91,7 +91,7 @@ def build_trainer(spec: JobSpec, *, callbacks: Optional[list] = None,
     storage = spec.checkpoint.resolved_storage()
     # Ray's own files (run state) go to the same endpoint as ftdist's checkpoints.
     storage_fs = s3.pyarrow_fs() if is_remote(storage) else None
-    config = WorkerConfig(spec=spec, started_at=time.time(), tracking=tracking)
+    config = WorkerConfig(spec=spec, started_at=time.time(), tracking=tracking, lease_generation=lease_generation)
     return TorchTrainer(
         _train_fn_per_worker,
         train_loop_config=config.model_dump(mode="json"),
@@ -193,7 +193,8 @@ def preflight_data(spec: JobSpec) -> Optional[DataCheck]:
 def preflight_storage(spec: JobSpec) -> None:
     """Before Ray starts: an s3:// checkpoint storage must be reachable with working credentials, an existing bucket
     and write access (one-line error, exit 2, nothing left behind). Also refuses a second live attempt of the job
-    (the run lease, read only) and a resume from a checkpoint written by a different number of workers."""
+    (the run lease, read only), and says when the checkpoint it resumes from was written by another number of
+    workers."""
     storage = spec.checkpoint.resolved_storage()
     if is_remote(storage):
         s3.check_access(f"{storage}/{spec.name}", extra_args=spec.checkpoint.encryption.extra_args())
@@ -207,10 +208,10 @@ def preflight_storage(spec: JobSpec) -> None:
         return
     run_lease(spec.run_dir).refuse_if_held()  # read only: a live attempt is refused before Ray starts
     if latest is not None and latest.manifest.world_size != spec.resources.num_workers:
-        had = latest.manifest.world_size
-        raise SpecError(f"resources.num_workers: {spec.resources.num_workers}, but {latest.uri} (the checkpoint this "
-                        f"job would resume from) was written by {had} workers; set num_workers={had}, or use a new "
-                        f"job name and start from `ftdist export {latest.uri} --to ...`")
+        # Resumable at any world size (train/universal.py); the global batch must still divide (validated already).
+        print(f"[ftdist] {latest.uri} was written by {latest.manifest.world_size} workers; this run has "
+              f"{spec.resources.num_workers}: it resumes from the checkpoint's universal form (converted once, then "
+              "stored beside it)", flush=True)
 
 
 def run_training(spec: JobSpec, *, address: Optional[str] = None, dashboard: bool = False,
@@ -230,7 +231,8 @@ def run_training(spec: JobSpec, *, address: Optional[str] = None, dashboard: boo
             tracking = plan_tracking(spec, attempt=lease.generation, parent_run_id=tracking_parent,
                                      group=tracking_group)
             try:
-                result = build_trainer(spec, callbacks=callbacks, tracking=tracking).fit()
+                result = build_trainer(spec, callbacks=callbacks, tracking=tracking,
+                                       lease_generation=lease.generation).fit()
             except KeyboardInterrupt:
                 if not lease.lost:
                     raise

@@ -10,7 +10,9 @@ from typing import Any
 from ftdist.spec import JobSpec
 
 
-def to_deepspeed(spec: JobSpec, world_size: int) -> dict[str, Any]:
+def to_deepspeed(spec: JobSpec, world_size: int, load_universal: bool = False) -> dict[str, Any]:
+    """`load_universal`: this run resumes a checkpoint of another world size from its universal form
+    (train/universal.py)."""
     o, z = spec.optim, spec.zero
     micro = o.micro_batch_size
     if o.global_batch_size % (micro * world_size):
@@ -54,6 +56,8 @@ def to_deepspeed(spec: JobSpec, world_size: int) -> dict[str, Any]:
         "steps_per_print": 1_000_000_000,  # ftdist logs; keep DeepSpeed's own step print quiet
         "wall_clock_breakdown": False,
     }
+    if load_universal:
+        cfg["checkpoint"] = {"load_universal": True}
     if spec.model.dtype == "fp16":
         cfg["fp16"].update(loss_scale=0, initial_scale_power=16, loss_scale_window=1000, hysteresis=2, min_loss_scale=1)
     if spec.model.dtype == "bf16":

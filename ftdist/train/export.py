@@ -27,7 +27,7 @@ from safetensors.torch import save_file
 from ftdist.spec import parse_size
 from ftdist.storage.cache import publish_dir
 from ftdist.storage.checkpoints import STEP_DIR, CheckpointStore
-from ftdist.train.contracts import STATE_FILE, TrainState
+from ftdist.train.contracts import FROZEN_FILE, STATE_FILE, TrainState
 from ftdist.train.heads import HeadLayout, stored_name
 from ftdist.train.locations import resolve_location
 
@@ -274,6 +274,7 @@ class FetchedCheckpoint:
     def __init__(self, ckpt_uri: str) -> None:
         job_uri, name = split_checkpoint_uri(ckpt_uri)
         self.job_uri = job_uri
+        self._frozen_base = None
         cs = CheckpointStore(job_uri)
         manifest = cs.read_manifest(name)
         if manifest is None:
@@ -292,6 +293,7 @@ class FetchedCheckpoint:
             self.close()
             raise
         self.dtype = _dtype_of(self.config)
+        self._frozen_base: Optional[BaseWeights] = None
 
     def __enter__(self) -> "FetchedCheckpoint":
         return self
@@ -303,10 +305,33 @@ class FetchedCheckpoint:
         shutil.rmtree(self.work, ignore_errors=True)
 
     def read(self, want: Callable[[str], bool] = lambda _: True) -> Tensors:
-        return iter_checkpoint_tensors(self.local, self.state.tag, self.manifest.zero_stage, want)
+        """The trained module's tensors whose names pass `want`; in a checkpoint that left its frozen parameters
+        out, those come from the base model it was trained from (unchanged by training, by definition)."""
+        yield from iter_checkpoint_tensors(self.local, self.state.tag, self.manifest.zero_stage, want)
+        if not self.manifest.frozen_excluded:
+            return
+        with open(os.path.join(self.hf_dir, FROZEN_FILE)) as fh:
+            frozen = [n for n in json.load(fh) if want(n)]
+        if not frozen:
+            return
+        base, backbone = self.frozen_base(), HeadLayout.of(self.hf_dir, self.config).backbone
+        for name in frozen:
+            t = base.get(_plain(name), backbone)
+            if t is None:
+                raise ValueError(f"the base model {self.manifest.base_model} has no tensor {_plain(name)}, which "
+                                 f"this checkpoint left out as frozen; is it the model the job fine-tuned?")
+            yield name, t
+
+    def frozen_base(self) -> BaseWeights:
+        """The weights of the base the job trained from (its hub revision), fetched once."""
+        if self._frozen_base is None:
+            self._frozen_base = BaseWeights(resolve_location(self.manifest.base_model, self.manifest.base_revision))
+        return self._frozen_base
 
     def base(self, base_model: Optional[str]) -> BaseWeights:
         """The base model's weights, for WiSE-FT (default: the model the job fine-tuned)."""
+        if base_model is None and self.manifest.base_model:
+            return self.frozen_base()
         src = base_model or self.manifest.base_model
         if not src:
             raise ValueError("--interpolate needs the base model's weights: this job built its model from a "

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import random
-import shutil
 import sys
 import time
 import warnings
@@ -28,6 +27,7 @@ from transformers.utils import logging as hf_logging
 
 from ftdist.storage.checkpoints import checkpoint_name
 from ftdist.train.checkpointing import RankCheckpointer, restore_per_worker
+from ftdist.train.universal import needs_conversion
 from ftdist.train.contracts import STARTUP_KEY, TrainState, WorkerConfig
 from ftdist.train.ds_config import to_deepspeed
 from ftdist.train.evaluation import Evaluator, load_references
@@ -125,7 +125,12 @@ def train_fn_per_worker(config: dict) -> None:
         torch.set_num_threads(max(1, int(spec.resources.cpus_per_worker)))
 
     o = spec.optim
-    ds_cfg = to_deepspeed(spec, world)
+    # Where this run continues from decides the DeepSpeed config: a checkpoint of another world size loads from its
+    # universal form.
+    ckpt_io = RankCheckpointer(spec, rank, world, local_rank, cfg.lease_generation)
+    resume = ckpt_io.resume_point(ray.train.get_checkpoint())
+    ds_cfg = to_deepspeed(spec, world, load_universal=resume is not None and needs_conversion(resume.manifest, world))
+    grad_accum = ds_cfg["gradient_accumulation_steps"]  # the global batch is the job's at any world size
     model_path, tok_path = prefetch_per_node(spec.model, local_rank, dist.barrier)
     tokenizer = load_tokenizer(tok_path, spec.model.trust_remote_code)
 
@@ -155,7 +160,7 @@ def train_fn_per_worker(config: dict) -> None:
     clock.mark("model")
     trainable, total = count_params(model)
     print0(rank, f"[ftdist] model: {total / 1e6:.2f}M params, {trainable / 1e6:.3f}M trainable "
-                 f"({spec.method}, ZeRO-{spec.zero.stage}, {world} workers, grad accum {spec.grad_accum})"
+                 f"({spec.method}, ZeRO-{spec.zero.stage}, {world} workers, grad accum {grad_accum})"
                  + ("" if head is None else "; new head: "
                     + (f"labels {', '.join(head.labels)}" if head.labels else "one reward score")))
 
@@ -185,7 +190,6 @@ def train_fn_per_worker(config: dict) -> None:
     def to_device(batch: list) -> dict:
         return {k: v.to(device) for k, v in objective.collate(batch, tokenizer.pad_token_id).items()}
 
-    ckpt_io = RankCheckpointer(spec, rank, world)
     if objective.precomputes_reference:  # before restore: the engine still holds the initial weights
         model_key = json.dumps(spec.model.model_dump(mode="json"), sort_keys=True)
         scored = {f"{s.name}:{k}" if mixture else k: getattr(s.splits, k) for s in sources for k in ("train", "eval")}
@@ -197,16 +201,17 @@ def train_fn_per_worker(config: dict) -> None:
     history: list[dict] = []  # every logged metrics row; travels in each checkpoint's state file
     resumes: list[int] = []  # steps this run resumed at (a restart after a crash, or a re-run of the job)
     spent_before = (0.0, 0.0, 0.0)  # (worker-, GPU-, wall seconds) of earlier attempts, from the checkpoint
-    resume = ckpt_io.resume_point(ray.train.get_checkpoint())
     if resume is not None:
-        d = ckpt_io.fetch(resume)  # only this rank's shard files, each hash-verified
-        state = restore_per_worker(engine, d, rank)
-        shutil.rmtree(d, ignore_errors=True)
+        d = ckpt_io.fetch(resume)
+        state = restore_per_worker(engine, d, rank, resume.manifest.frozen_excluded)
+        ckpt_io.release(d, resume)
         start_step = state.step
         history = [h for h in state.history if h["step"] <= start_step]
         resumes = [*state.resumes, start_step]
         spent_before = (state.worker_seconds, state.gpu_seconds, state.wall_seconds)
-        print0(rank, f"[ftdist] resumed from {ckpt_io.store.store.child(resume)} at step {start_step}")
+        print0(rank, f"[ftdist] resumed from {ckpt_io.store.store.child(resume.name)} at step {start_step}"
+                     + (f" (written by {resume.manifest.world_size} workers, {world} now: {ckpt_io.resized}; global "
+                        f"batch {o.global_batch_size} kept, grad accum {grad_accum})" if ckpt_io.resized else ""))
     clock.mark("restore")
     # Rank 0 logs to the tracking runs the driver opened; every rank's rows are the same (all-reduced).
     tracker = (MetricsLog(cfg.tracking, spec.run_dir, start_step, lambda m: print0(rank, m))
@@ -245,7 +250,7 @@ def train_fn_per_worker(config: dict) -> None:
     startup: dict | None = None  # the startup breakdown, sent once with the first report after the first step
 
     for step in range(start_step, n_steps):
-        for _ in range(spec.grad_accum):
+        for _ in range(grad_accum):
             b = to_device(next(batches))
             loss, sums = objective.forward(engine, b)
             engine.backward(loss)

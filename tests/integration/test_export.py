@@ -13,23 +13,9 @@ import torch
 
 from ftdist.spec import spec_from_dict
 from ftdist.train.driver import run_training
-from tests.conftest import QS, REPO, TINY_LLAMA, tiny_job_dict
+from tests.conftest import REPO, base_model_section, tiny_job_dict
 
 pytestmark = [pytest.mark.ray, pytest.mark.deepspeed, pytest.mark.s3]
-
-
-@pytest.fixture(scope="module")
-def base_model_dir(tmp_path_factory):
-    """A real HF checkpoint folder (safetensors) to fine-tune from, so interpolation has base weights."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    cfg = dict(TINY_LLAMA)
-    torch.manual_seed(11)
-    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(cfg.pop("model_type"), **cfg), dtype=torch.float32)
-    out = tmp_path_factory.mktemp("base")
-    model.save_pretrained(out)
-    AutoTokenizer.from_pretrained(QS / "tokenizer").save_pretrained(out)
-    return str(out)
 
 
 def _cli(*args):
@@ -58,7 +44,7 @@ def test_export_full_zero3_checkpoint_and_interpolate(ray_cluster, bucket, s3_se
 
     storage = f"s3://{bucket}/runs"
     spec = spec_from_dict(tiny_job_dict(storage, name="fullz3", zero={"stage": 3},
-                                        model={"name_or_path": base_model_dir, "from_config": None, "tokenizer": None, "dtype": "fp32"},
+                                        model=base_model_section(base_model_dir),
                                         checkpoint={"every_n_steps": 4}, export={"max_shard_size": "200KiB"}))
     s = run_training(spec)
     assert s.error is None, s.error
@@ -119,7 +105,7 @@ def test_export_lora_checkpoint_adapter_and_merged(ray_cluster, bucket, s3_serve
     storage = f"s3://{bucket}/runs"
     spec = spec_from_dict(tiny_job_dict(storage, name="lora2", method="lora",
                                         lora={"rank": 4, "alpha": 8, "dropout": 0.0, "merge_on_export": True},
-                                        model={"name_or_path": base_model_dir, "from_config": None, "tokenizer": None, "dtype": "fp32"},
+                                        model=base_model_section(base_model_dir),
                                         optim={**tiny_job_dict("x")["optim"], "lr": 1e-2}))
     s = run_training(spec)
     assert s.error is None, s.error

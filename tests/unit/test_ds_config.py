@@ -91,3 +91,12 @@ def test_deepspeed_accepts_every_config():
         cfg = {**cfg, "train_batch_size": cfg["train_micro_batch_size_per_gpu"] * cfg["gradient_accumulation_steps"]}
         ds = DeepSpeedConfig(cfg)
         assert ds.zero_optimization_stage == c[0]
+
+
+def test_universal_load_only_when_resuming_at_another_world_size():
+    spec = _case_spec(2, "none", "none", "full", 2, "fp32")
+    assert "checkpoint" not in to_deepspeed(spec, 2)
+    cfg = to_deepspeed(spec, 1, load_universal=True)
+    assert cfg["checkpoint"] == {"load_universal": True}
+    assert cfg["train_batch_size"] == to_deepspeed(spec, 2)["train_batch_size"]  # the global batch is the job's
+    assert cfg["gradient_accumulation_steps"] == 2 * to_deepspeed(spec, 2)["gradient_accumulation_steps"]

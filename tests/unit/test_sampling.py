@@ -99,3 +99,22 @@ def test_shuffle_is_a_permutation_computed_per_index(n):
         assert out != list(range(n)) and out != [Shuffle(n, [6, 0, 1])(i) for i in range(n)]
         # a shuffle, not a shift: neighbours land far apart on average
         assert np.mean(np.abs(np.diff(out))) > n / 5
+
+
+@pytest.mark.parametrize("before, after", [(2, 3), (2, 1), (3, 2)])
+def test_a_resize_continues_the_global_sample_sequence(before, after):
+    """N workers to step s, then M workers from s: the samples of each step (all ranks together, in rank-slot order)
+    are those one uninterrupted run takes at that step, at any world size; the global batch is held (24), so
+    gradient accumulation is re-derived (N=2: 3, N=3: 2, N=1: 6)."""
+    sources = _sources(3000, 900)  # (no pass over a source ends within these 12 steps)
+    weights = [2.0, 1.0]
+
+    def global_steps(world: int, start: int, steps: int) -> list[set]:
+        accum = 24 // (4 * world)
+        its = [_loader(sources, weights, rank=r, world=world, accum=accum).micro_batches(start) for r in range(world)]
+        return [{x for it in its for _ in range(accum) for x in next(it)} for _ in range(steps)]
+
+    reference = global_steps(2, 0, 12)
+    resized = global_steps(before, 0, 5) + global_steps(after, 5, 7)
+    assert resized == reference
+    assert all(len(s) == 24 for s in resized)  # no sample twice within a step
