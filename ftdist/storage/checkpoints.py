@@ -45,13 +45,22 @@ def checkpoint_name(step: int) -> str:
     return f"step_{step:08d}"
 
 
+def rank_of(path: str) -> Optional[int]:
+    """The rank whose own file this is (its optimizer/parameter shard, its RNG state); None for a shared file."""
+    m = _RANK_FILE.search(os.path.basename(path))
+    return None if m is None else int(m.group(1))
+
+
+def is_shared(path: str) -> bool:
+    """A file every rank reads to resume (trainer state, the replicated model states under ZeRO 0-2, config):
+    downloaded once per node."""
+    return not (path.startswith(PARTS + "/") or path == MANIFEST) and rank_of(path) is None
+
+
 def needed_by(path: str, rank: int) -> bool:
     """Files a rank must download to resume: its own optimizer/parameter shard and RNG state, plus the shared
-    files (trainer state, the replicated model states under ZeRO 0-2, config). Other ranks' shards are skipped."""
-    if path.startswith(PARTS + "/") or path == MANIFEST:
-        return False
-    m = _RANK_FILE.search(os.path.basename(path))
-    return m is None or int(m.group(1)) == rank
+    files. Other ranks' shards are skipped."""
+    return is_shared(path) or rank_of(path) == rank
 
 
 @dataclass

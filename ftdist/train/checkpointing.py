@@ -14,7 +14,7 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import ray.train
@@ -25,7 +25,7 @@ from ray.train import CheckpointUploadMode
 
 from ftdist.errors import last_line
 from ftdist.spec import JobSpec
-from ftdist.storage.checkpoints import CheckpointError, CheckpointStore, checkpoint_name
+from ftdist.storage.checkpoints import CheckpointError, CheckpointStore, checkpoint_name, is_shared, rank_of
 from ftdist.storage.lease import Lease
 from ftdist.storage.manifest import CheckpointMeta, Manifest
 from ftdist.storage.store import TransferOptions
@@ -83,6 +83,18 @@ def read_state(ckpt_dir: str) -> TrainState:
         return TrainState.model_validate_json(fh.read())
 
 
+def unshare_step_counters(optimizer: Any) -> None:
+    """DeepSpeed's universal-checkpoint load gives every parameter group the same `step` tensor object. torch's Adam
+    increments its step in place, once per group: ZeRO-3 steps each group apart, so a shared counter advanced twice a
+    step and the second group's bias correction ran one step ahead (measured: 2.6e-5 relative loss difference after
+    one step of a 2 -> 3 worker resize, 0 after this). One counter per group, as a same-size load has."""
+    inner = getattr(optimizer, "optimizer", optimizer)
+    for st in getattr(inner, "state", {}).values():
+        step = st.get("step") if isinstance(st, dict) else None
+        if isinstance(step, torch.Tensor):
+            st["step"] = step.clone()
+
+
 def restore_per_worker(engine: Any, ckpt_dir: str, rank: int, frozen_excluded: bool = False) -> TrainState:
     """Load this rank's DeepSpeed shard + RNG; return the trainer state (step, data position, metrics).
     `frozen_excluded`: the checkpoint has only the trained parameters; the frozen ones stay as loaded from the base."""
@@ -91,6 +103,7 @@ def restore_per_worker(engine: Any, ckpt_dir: str, rank: int, frozen_excluded: b
                                           load_lr_scheduler_states=True, load_module_strict=not frozen_excluded)
     if load_path is None:
         raise RuntimeError(f"DeepSpeed found no checkpoint {state.tag} in {ckpt_dir}")
+    unshare_step_counters(engine.optimizer)
     rng_file = os.path.join(ckpt_dir, state.tag, f"rng_state_rank{rank}.pt")
     if os.path.exists(rng_file):
         rng = torch.load(rng_file, weights_only=False)
@@ -123,6 +136,16 @@ def save_hf_metadata(module: Any, tokenizer: Any, out_dir: str, exclude_frozen: 
         tokenizer.save_pretrained(out_dir)
     if hasattr(module, "peft_config"):
         module.peft_config["default"].save_pretrained(out_dir)
+
+
+def link_tree(src: str, dest: str) -> None:
+    """Symbolic links in dest to every file under src, at the same relative paths (the node's shared files beside a
+    rank's own)."""
+    for d, _, files in os.walk(src):
+        rel = os.path.relpath(d, src)
+        os.makedirs(os.path.join(dest, rel), exist_ok=True)
+        for f in files:
+            os.symlink(os.path.join(d, f), os.path.join(dest, rel, f))
 
 
 @dataclass(frozen=True)
@@ -185,14 +208,23 @@ class RankCheckpointer:
         return choice[0]
 
     def fetch(self, resume: Resume) -> str:
-        """A local folder with what this rank loads: its own shard files (each hash-verified) when the world size is
-        the checkpoint's; otherwise the checkpoint's universal form, shared by the ranks of a node."""
-        if not needs_conversion(resume.manifest, self.world):
-            dest = tempfile.mkdtemp(prefix=f"ftdist-restore-r{self.rank}-")
-            self.store.fetch_for_rank(resume.name, self.rank, dest)
-            return dest
+        """A local folder with what this rank loads, each file hash-verified. At the checkpoint's world size: its own
+        shard files, beside the shared files (trainer state, ZeRO 0-2 model weights, config) that one rank per node
+        downloads for the node. At another world size: the checkpoint's universal form (converted by rank 0 if it
+        is not stored yet), one download per node."""
+        node = node_dir(self.job_uri, resume.name)
+        if needs_conversion(resume.manifest, self.world):
+            self._universal(resume, node)
+            return node
+        self._per_node(lambda: self.store.fetch(resume.name, node, is_shared, show=self.rank == 0),
+                       f"downloading {resume.name}")
+        dest = tempfile.mkdtemp(prefix=f"ftdist-restore-r{self.rank}-")
+        self.store.fetch(resume.name, dest, lambda path: rank_of(path) == self.rank)
+        link_tree(node, dest)
+        return dest
+
+    def _universal(self, resume: Resume, node: str) -> None:
         universal = UniversalCheckpoints(self.store)
-        local = node_dir(self.job_uri, resume.name)
         outcome: list = [None]
         if self.rank == 0:
             t0 = time.perf_counter()
@@ -200,8 +232,8 @@ class RankCheckpointer:
                 if universal.stored(resume.name) is None:
                     _log0(f"[ftdist] {resume.name} was written by {resume.manifest.world_size} workers and this run "
                           f"has {self.world}: converting it to DeepSpeed's universal checkpoint format")
-                    shutil.rmtree(local, ignore_errors=True)
-                    size = universal.create(resume.name, max(1, int(self.spec.resources.cpus_per_worker)), local)
+                    shutil.rmtree(node, ignore_errors=True)
+                    size = universal.create(resume.name, max(1, int(self.spec.resources.cpus_per_worker)), node)
                     outcome[0] = ("converted", f"converted to the universal format in {time.perf_counter() - t0:.1f} "
                                                f"s ({size / 1e6:.1f} MB, stored beside it for later resizes)")
                 else:
@@ -213,21 +245,35 @@ class RankCheckpointer:
         if how == "failed":
             raise CheckpointError(f"cannot resume {resume.name} on {self.world} workers: {what}")
         self.resized = what
-        # One download per node (rank 0's node already has the folder it converted into).
-        if self.local_rank == 0 and not (self.rank == 0 and how == "converted"):
-            shutil.rmtree(local, ignore_errors=True)
-            universal.fetch(resume.name, local)
-        dist.barrier()
-        return local
+        converted_here = self.rank == 0 and how == "converted"  # rank 0's node has the folder it converted into
+        self._per_node(None if converted_here else lambda: universal.fetch(resume.name, node),
+                       f"downloading the universal form of {resume.name}")
+
+    def _per_node(self, download: Optional[Callable[[], Any]], what: str) -> None:
+        """Local rank 0 of each node runs `download` into the node's shared folder; every rank learns whether all
+        of them succeeded (an all-reduce, not a bare barrier: a failed download must not leave the others waiting)."""
+        error = ""
+        if self.local_rank == 0 and download is not None:
+            try:
+                download()
+            except Exception as e:  # noqa: BLE001
+                error = last_line(e, 400)
+        flag = torch.tensor([0.0 if error else 1.0],
+                            device="cuda" if dist.get_backend() == "nccl" else "cpu")
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        if error:
+            raise CheckpointError(f"{what}: {error}")
+        if flag.item() < 1:
+            raise CheckpointError(f"{what} failed on another node (see its rank's error)")
 
     def release(self, local: str, resume: Resume) -> None:
-        """Remove a restored checkpoint's local folder once every rank that reads it has loaded."""
-        if needs_conversion(resume.manifest, self.world):
-            dist.barrier()
-            if self.local_rank == 0:
-                shutil.rmtree(local, ignore_errors=True)
-        else:
+        """Remove the restored folders once every rank of the node has loaded from them."""
+        dist.barrier()
+        node = node_dir(self.job_uri, resume.name)
+        if local != node:
             shutil.rmtree(local, ignore_errors=True)
+        if self.local_rank == 0:
+            shutil.rmtree(node, ignore_errors=True)
 
     # --- saving -------------------------------------------------------------------------------------------------
 

@@ -267,6 +267,10 @@ def apply_method(model: Any, spec: JobSpec) -> Any:
         modules_to_save=head_modules(model) if spec.has_score_head else None,
         bias="none",
     )
+    # peft draws the adapters' starting values (lora_A) from torch's global generator, whose state depends on what
+    # ran before in this process: seeded, they are the same on every rank and in every run of the job (a run and its
+    # re-run from scratch, or a resumed run and its uninterrupted twin, then compare).
+    torch.manual_seed(spec.optim.seed)
     try:
         model = get_peft_model(model, cfg)
     except ValueError as e:

@@ -22,9 +22,10 @@ pytestmark = [pytest.mark.ray, pytest.mark.deepspeed, pytest.mark.slow]
 # Global batch 24 = micro 4 x 2 workers x 3 = 4 x 3 x 2 = 4 x 1 x 6: every world size here keeps it.
 OPTIM = {**tiny_job_dict("x")["optim"], "micro_batch_size": 4, "global_batch_size": 24, "max_steps": 6}
 # Why not equal: the same gradients are summed in another order (over 3 or 1 ranks and 2 or 6 micro batches instead
-# of 2 and 3), which moves fp32 sums by a few ulps; Adam divides by sqrt(v), so a parameter with a tiny second
-# moment turns that into a larger relative step. Measured: at most 3e-7 relative over 4 steps; a lost optimizer
-# state or a wrong data position moves the loss by 1e-2 or more.
+# of 2 and 3), which moves fp32 sums by a few ulps. Measured: at most 6e-8 relative over the 4 steps after a resize
+# (two uninterrupted runs on 2 and on 3 workers differ by 3e-8). A lost or misloaded optimizer state or a wrong data
+# position moves the loss by 1e-3 or more; a step counter advanced twice (DeepSpeed's universal load shares one
+# between parameter groups) moved it by 2.6e-5, which this tolerance catches.
 RESIZE_REL = 1e-5
 
 CASES = {
@@ -40,13 +41,18 @@ def _job(tmp_path, name, method, stage, model, base_model_dir, workers, max_step
                     checkpoint={"every_n_steps": 2, "keep_last": 5}, resources={"num_workers": workers},
                     export={"enabled": False}, eval={"max_batches": 2})
     if method == "lora":
-        sections.update(lora={"rank": 16, "alpha": 32, "dropout": 0.0}, optim={**sections["optim"], "lr": 1e-2})
+        sections.update(lora={"rank": 32, "alpha": 64, "dropout": 0.0}, optim={**sections["optim"], "lr": 1e-2})
     if model == "base":
         sections["model"] = base_model_section(base_model_dir)
     spec = spec_from_dict(tiny_job_dict(str(tmp_path / "store"), name=name, **sections))
     s = run_training(spec)
     assert s.error is None, s.error
     return s
+
+
+def _tensor(saved):
+    """A universal-format file's tensor (DeepSpeed stores it bare or as {"param": tensor})."""
+    return saved["param"] if isinstance(saved, dict) else saved
 
 
 def _losses(history):
@@ -67,8 +73,7 @@ def test_a_checkpoint_resumes_on_another_number_of_workers(ray_cluster, tmp_path
             # Back to step 2 again (its step-4 checkpoint uncommitted): the universal form made for the 1-worker
             # attempt is reused, not converted again.
             converted = (job / "step_00000002" / UNIVERSAL / MANIFEST).read_bytes()
-            for name in ("step_00000004",):
-                store.delete(name)
+            os.remove(job / "step_00000004" / MANIFEST)
         last = run("resized", workers, steps)
         if case == "lora-zero2" and steps == 6:
             assert (job / "step_00000002" / UNIVERSAL / MANIFEST).read_bytes() == converted
@@ -76,18 +81,19 @@ def test_a_checkpoint_resumes_on_another_number_of_workers(ray_cluster, tmp_path
     assert sorted(resized) == list(range(1, 7))
     for step in range(3, 7):
         assert resized[step] == pytest.approx(reference[step], rel=RESIZE_REL), (step, reference, resized)
-    assert last.state.resumes == ([2, 4] if case == "full-zero3" else [2, 2])
+    # (the LoRA run's resume at step 2 on 1 worker went with the step-4 checkpoint it wrote)
+    assert last.state.resumes == ([2, 4] if case == "full-zero3" else [2])
 
     # The converted weights are DeepSpeed's own consolidation (zero_to_fp32) of the original 2-worker checkpoint.
     original = job / "step_00000002"
     tag = "step_00000002"
     consolidated = get_fp32_state_dict_from_zero_checkpoint(str(original), tag)
-    universal = {os.path.basename(os.path.dirname(p)): torch.load(p, weights_only=False)["param"]
+    universal = {os.path.basename(os.path.dirname(p)): _tensor(torch.load(p, weights_only=False))
                  for p in glob.glob(str(original / UNIVERSAL / tag / "zero" / "*" / "fp32.pt"))}
     trained = {k for k in consolidated if method == "full" or ".lora_" in k}
     assert trained and trained <= set(universal)
     for k in trained:
-        torch.testing.assert_close(universal[k], consolidated[k].float(), rtol=0, atol=0)
+        torch.testing.assert_close(universal[k].reshape(-1), consolidated[k].float().reshape(-1), rtol=0, atol=0)
     manifest = store.inside("step_00000002").read_manifest(UNIVERSAL)
     assert manifest is not None and not store.inside("step_00000002").problems(UNIVERSAL, deep=True)
 

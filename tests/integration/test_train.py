@@ -89,6 +89,12 @@ MIXTURE = {"train": [{"name": "task", "path": str(QS / "train.jsonl"), "weight":
            "eval": None, "eval_fraction": 0.05, "format": "prompt_completion", "max_length": 48}
 
 
+# Random ops in the resume test: LoRA dropout on the adapters' inputs, dropout on the attention weights.
+DROPOUT = {"method": "lora", "lora": {"rank": 8, "alpha": 16, "dropout": 0.1},
+           "model": {**tiny_job_dict("x")["model"],
+                     "from_config": {**tiny_job_dict("x")["model"]["from_config"], "attention_dropout": 0.1}}}
+
+
 def test_resume_continues_with_identical_loss_and_one_tracking_run(ray_cluster, mlflow_server, s3_credentials,
                                                                    tmp_path, capsys):
     """An uninterrupted 8-step run vs. a run whose first attempt reaches step 6 (checkpoints at 4 and 6) and loses
@@ -96,17 +102,18 @@ def test_resume_continues_with_identical_loss_and_one_tracking_run(ray_cluster, 
     under the same name resumes at 4 and runs to 8, on the same samples in the same order. The data is a weighted
     mixture of two sources. Gradient accumulation 2 (micro batch 8 x 2 workers x 2 = global batch 32); the first
     run's losses are pinned. The resumed run is tracked (MLflow with basic auth, TensorBoard, a reference set): the
-    re-run continues the first attempt's tracking run with every step once."""
-    accum2 = {**tiny_job_dict("x")["optim"], "global_batch_size": 32}
-    _, full = _run(tmp_path, "uninterrupted", optim=accum2, export={"enabled": False}, data=MIXTURE)
+    re-run continues the first attempt's tracking run with every step once. Random ops are on (LoRA dropout and
+    attention dropout): the losses match only if every rank's RNG state is restored exactly."""
+    accum2 = {**tiny_job_dict("x")["optim"], "global_batch_size": 32, "lr": 1e-2}
+    _, full = _run(tmp_path, "uninterrupted", **DROPOUT, optim=accum2, export={"enabled": False}, data=MIXTURE)
     for step, want in PINNED_LOSSES.items():
         assert _losses(full.history)[step] == pytest.approx(want, rel=PINNED_REL), (step, _losses(full.history))
     tracked = dict(export={"enabled": False}, eval={"every_n_steps": 2, "reference": [REFERENCE]}, data=MIXTURE,
                    tracking={"mlflow": {"tracking_uri": mlflow_server.uri, "experiment": "ftdist-tests"}})
-    first, part = _run(tmp_path, "resumed", optim={**accum2, "max_steps": 6}, **tracked)
+    first, part = _run(tmp_path, "resumed", optim={**accum2, "max_steps": 6}, **DROPOUT, **tracked)
     assert part.metrics["step"] == 6
     os.remove(tmp_path / "store" / "resumed" / "step_00000006" / MANIFEST)
-    _, rest = _run(tmp_path, "resumed", optim=accum2, **tracked)  # same name: resumes at step 4
+    _, rest = _run(tmp_path, "resumed", optim=accum2, **DROPOUT, **tracked)  # same name: resumes at step 4
     a, b = _losses(full.history), _losses(rest.history)
     assert sorted(b) == list(range(1, 9))
     for step in range(1, 9):
