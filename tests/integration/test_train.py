@@ -75,10 +75,10 @@ def test_method_trains_with_falling_loss(ray_cluster, tmp_path, method, stage, e
 
 
 # The losses of the uninterrupted run below, as this code computed them (2026-12-03, torch 2.13 CPU, DeepSpeed 0.19,
-# gloo; re-pinned when the sample order became one seeded sequence over a mixture): a silent numeric change (data
-# order, masking, loss normalisation, LR schedule, gradient accumulation) moves them by far more than the tolerance,
-# which only absorbs CPU kernel differences between machines.
-PINNED_LOSSES = {1: 5.78856, 4: 5.22095, 8: 4.54804}
+# gloo; re-pinned when the run became LoRA with dropout on, adapters seeded from optim.seed): a silent numeric change
+# (data order, masking, loss normalisation, LR schedule, gradient accumulation, adapter init) moves them by far more
+# than the tolerance, which only absorbs CPU kernel differences between machines.
+PINNED_LOSSES = {1: 5.78761, 4: 5.61670, 8: 5.53041}
 PINNED_REL = 2e-3
 
 
