@@ -135,6 +135,27 @@ def main(args: argparse.Namespace) -> int:
                          f"{_mb(mp['anon'])} | {_mb(mt['anon'])} | {mp['anon'] / mt['anon']:.4f} | |")
             lines.append(f"| `ftdist data prepare` tokens/s, {d['par_on']} / one process | {d['rate_par']:,.0f} | "
                          f"{d['rate_one']:,.0f} | {d['rate_par'] / d['rate_one']:.2f} | report |")
+        if "resize" in parts:
+            from ftdist.bench.resize import bench_resize
+
+            r = bench_resize(tmp)
+            same, resized, c, lo = r["same"], r["resized"], r["convert"], r["lora"]
+            lines.append(f"| re-run to its first step, resuming a 2-worker checkpoint on 1 worker (converted now) / on "
+                         f"2 workers; split: restore {resized['restore']:.1f} s vs {same['restore']:.1f} s (conversion "
+                         f"+ download + load), workers {resized['workers']:.1f} s vs {same['workers']:.1f} s, "
+                         f"detection 0 (a re-run) | {resized['s']:.1f} s | {same['s']:.1f} s | "
+                         f"{resized['s'] / same['s']:.3f} | <= 1.5 |")
+            mbs = lambda s: f"{c['bytes'] / 2**20 / s:.1f} MiB/s"  # noqa: E731
+            lines.append(f"| conversion throughput, {_mb(c['bytes'])} 2-worker ZeRO-2 checkpoint: ftdist (download, "
+                         f"verify, convert, upload + manifest) / DeepSpeed's ds_to_universal alone | {mbs(c['ft_s'])} "
+                         f"| {mbs(c['ds_s'])} | {c['ds_s'] / c['ft_s']:.3f} | >= 1.0 |")
+            lines.append(f"| peak memory of the conversion (process tree) | {_mb(c['ft_peak'])} | {_mb(c['ds_peak'])} "
+                         f"| {c['ft_peak'] / c['ds_peak']:.3f} | |")
+            b, a = lo["before"], lo["after"]
+            lines.append(f"| LoRA checkpoint bytes, frozen base kept / left out (rank 8, 2 workers) | {b['bytes']:,} | "
+                         f"{a['bytes']:,} | {b['bytes'] / a['bytes']:.1f} | report |")
+            lines.append(f"| LoRA checkpoint upload to a local SeaweedFS, kept / left out (median of 3) | "
+                         f"{b['upload_s']:.3f} s | {a['upload_s']:.3f} s | {b['upload_s'] / a['upload_s']:.1f} | report |")
         if "generate" in parts:
             from ftdist.bench.observe import bench_generation
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import csv
 import json
 import os
@@ -41,21 +42,29 @@ GENERATE = {"max_batches": 4, "generate": {
 GEN_METRICS = ("eval_gen_exact_match", "eval_gen_contains", "eval_gen_first_word", "eval_gen_length_ratio")
 
 
+# Two of these train with offload, as users of few GPUs run: ZeRO-3 with parameters and optimizer on the CPU and
+# DeepSpeed's CPUAdam (a C++ op built on first use; TORCH_EXTENSIONS_DIR caches it), and ZeRO-2 with the optimizer
+# on the CPU and torch's AdamW.
+OFFLOAD_ALL = {"zero": {"offload_optimizer": "cpu", "offload_params": "cpu"}, "optim": {"optimizer": "deepspeed_adamw"}}
+OFFLOAD_OPTIMIZER = {"zero": {"offload_optimizer": "cpu"}}
+
+
 @pytest.mark.parametrize(
     "method, stage, extra",
     [
         ("full", 2, {}),
-        ("full", 3, {}),
-        ("freeze", 2, {"freeze": {"train_top_layers": 1}}),
+        ("full", 3, OFFLOAD_ALL),
+        ("freeze", 2, {"freeze": {"train_top_layers": 1}, **OFFLOAD_OPTIMIZER}),
         ("lora", 2, {"lora": {"rank": 8, "alpha": 16, "dropout": 0.0}, "optim": {"lr": 1e-2}}),
         ("lora", 3, {"lora": {"rank": 4, "alpha": 8}, "optim": {"lr": 1e-2}, "eval": GENERATE}),
     ],
-    ids=["full-zero2", "full-zero3", "freeze-zero2", "lora-zero2", "lora-zero3"],
+    ids=["full-zero2", "full-zero3-offload-cpuadam", "freeze-zero2-offload", "lora-zero2", "lora-zero3"],
 )
 def test_method_trains_with_falling_loss(ray_cluster, tmp_path, method, stage, extra):
+    extra = copy.deepcopy(extra)
     optim = {**tiny_job_dict("x")["optim"], "max_steps": 12, **extra.pop("optim", {})}
-    spec, s = _run(tmp_path, f"m-{method}-{stage}", method=method, zero={"stage": stage}, optim=optim,
-                   checkpoint={"every_n_steps": 12}, export={"enabled": False}, **extra)
+    spec, s = _run(tmp_path, f"m-{method}-{stage}", method=method, zero={"stage": stage, **extra.pop("zero", {})},
+                   optim=optim, checkpoint={"every_n_steps": 12}, export={"enabled": False}, **extra)
     losses = _losses(s.history)
     assert sorted(losses) == list(range(1, 13))
     first, last = sum(losses[k] for k in (1, 2)) / 2, sum(losses[k] for k in (11, 12)) / 2

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from ftdist.errors import SpecError
-from ftdist.storage.checkpoints import MANIFEST, CheckpointStore, needed_by
+from ftdist.storage.checkpoints import MANIFEST, CheckpointStore, is_shared, needed_by, rank_of
 from tests.conftest import tiny_job_dict
 from tests.support.checkpoints import meta as _meta
 
@@ -18,6 +18,31 @@ def test_needed_by():
     assert not needed_by("step_1/rng_state_rank12.pt", 1)
     assert needed_by("step_1/mp_rank_00_model_states.pt", 5)
     assert not needed_by(".ftdist/rank-00000.json", 0) and not needed_by(MANIFEST, 0)
+
+
+def test_shared_files_are_downloaded_once_per_node_and_own_files_per_rank():
+    """What one rank per node downloads for the node (shared) and what each rank downloads for itself."""
+    assert is_shared("step_1/mp_rank_00_model_states.pt") and is_shared("ftdist_state.json")
+    assert is_shared("hf/config.json") and is_shared("latest")
+    assert not is_shared("step_1/zero_pp_rank_0_mp_rank_00_optim_states.pt")
+    assert not is_shared(".ftdist/rank-00000.json") and not is_shared(MANIFEST)
+    assert rank_of("step_1/zero_pp_rank_12_mp_rank_00_model_states.pt") == 12
+    assert rank_of("step_1/rng_state_rank3.pt") == 3 and rank_of("step_1/mp_rank_00_model_states.pt") is None
+
+
+def test_universal_form_rules():
+    from ftdist.train.universal import needs_conversion, node_dir, wanted_for_conversion
+
+    manifest = type("M", (), {"world_size": 2, "zero_stage": 2})()
+    assert not needs_conversion(manifest, 2) and needs_conversion(manifest, 3) and needs_conversion(manifest, 1)
+    manifest.zero_stage = 0  # replicated optimizer state: any world size loads it as it is
+    assert not needs_conversion(manifest, 3)
+    assert wanted_for_conversion("step_2/zero_pp_rank_0_mp_rank_00_optim_states.pt")
+    assert not wanted_for_conversion("hf/tokenizer.json")
+    # every rank of a node agrees on the folder; two checkpoints (or jobs) never share one
+    assert node_dir("s3://b/job", "step_00000002") == node_dir("s3://b/job", "step_00000002")
+    assert node_dir("s3://b/job", "step_00000002") != node_dir("s3://b/job", "step_00000004")
+    assert node_dir("s3://b/job", "step_00000002") != node_dir("s3://b/other", "step_00000002")
 
 
 def test_job_file_rejects_credentials_in_storage_uri(write_job, tmp_path):
