@@ -78,10 +78,13 @@ def _preflight(args: argparse.Namespace, spec) -> None:
         check_local_gpus(spec.resources)
     with ThreadPoolExecutor(max_workers=1) as pool:
         tracking_checked = pool.submit(check_tracking, spec)  # MLflow's imports and a round trip, beside these
-        preflight_storage(spec)
+        resize = preflight_storage(spec)
         tracking_checked.result()
     checked = preflight_data(spec)  # last: a preparation writes its entry into the storage
-    if checked is not None:  # after every check passed: an error stays the only line
+    # After every check passed: an error stays the only line.
+    if resize is not None:
+        print(f"ftdist: resume: {resize}", file=sys.stderr)
+    if checked is not None:
         print(f"ftdist: data: {checked.line()}", file=sys.stderr)
 
 

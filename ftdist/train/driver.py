@@ -190,10 +190,10 @@ def preflight_data(spec: JobSpec) -> Optional[DataCheck]:
     return DataCheck(stats, how)
 
 
-def preflight_storage(spec: JobSpec) -> None:
+def preflight_storage(spec: JobSpec) -> Optional[str]:
     """Before Ray starts: an s3:// checkpoint storage must be reachable with working credentials, an existing bucket
     and write access (one-line error, exit 2, nothing left behind). Also refuses a second live attempt of the job
-    (the run lease, read only), and says when the checkpoint it resumes from was written by another number of
+    (the run lease, read only). Returns a note when the checkpoint it resumes from was written by another number of
     workers."""
     storage = spec.checkpoint.resolved_storage()
     if is_remote(storage):
@@ -205,13 +205,14 @@ def preflight_storage(spec: JobSpec) -> None:
     except Exception as e:  # noqa: BLE001  (listing errors surface again, with retries, in the workers)
         if is_remote(storage):
             raise SpecError(s3.describe_error(e, spec.run_dir)) from None
-        return
+        return None
     run_lease(spec.run_dir).refuse_if_held()  # read only: a live attempt is refused before Ray starts
     if latest is not None and latest.manifest.world_size != spec.resources.num_workers:
-        # Resumable at any world size (train/universal.py); the global batch must still divide (validated already).
-        print(f"[ftdist] {latest.uri} was written by {latest.manifest.world_size} workers; this run has "
-              f"{spec.resources.num_workers}: it resumes from the checkpoint's universal form (converted once, then "
-              "stored beside it)", flush=True)
+        # Resumable at any world size (train/universal.py); the global batch still divides (validated already).
+        return (f"{latest.uri} was written by {latest.manifest.world_size} workers and this run has "
+                f"{spec.resources.num_workers}: it resumes from the checkpoint's universal form (converted once, "
+                "then stored beside it)")
+    return None
 
 
 def run_training(spec: JobSpec, *, address: Optional[str] = None, dashboard: bool = False,

@@ -78,11 +78,28 @@ def test_a_taken_over_attempt_can_neither_commit_nor_delete_checkpoints(tmp_path
     assert [c.step for c in store.checkpoints()] == [2, 4, 6]
 
 
-def write_checkpoint(store: CheckpointStore, step: int, meta: CheckpointMeta) -> None:
+def write_checkpoint(store: CheckpointStore, step: int, meta: CheckpointMeta, rank: int = 0) -> None:
     """One rank's files of a checkpoint, uploaded (not yet committed)."""
     import tempfile
 
     with tempfile.TemporaryDirectory() as d:
-        with open(os.path.join(d, "mp_rank_00_model_states.pt"), "wb") as fh:
+        with open(os.path.join(d, f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"), "wb") as fh:
             fh.write(os.urandom(64))
-        store.upload_rank(d, checkpoint_name(step), 0)
+        store.upload_rank(d, checkpoint_name(step), rank)
+
+
+def test_preflight_notes_a_resume_on_another_number_of_workers(tmp_path):
+    """A checkpoint of 2 workers and a job of 1: no refusal any more (it resumes from the universal form), one note."""
+    from ftdist.spec import spec_from_dict
+    from ftdist.train.driver import preflight_storage
+    from tests.conftest import tiny_job_dict
+
+    spec = spec_from_dict(tiny_job_dict(str(tmp_path / "store"), resources={"num_workers": 1}))
+    store = CheckpointStore(spec.run_dir)
+    meta = CheckpointMeta(step=4, zero_stage=2, method="full", job_name="tiny", spec_sha256="0" * 64)
+    write_checkpoint(store, 4, meta)
+    assert preflight_storage(spec) is None  # nothing committed yet
+    write_checkpoint(store, 4, meta, rank=1)
+    store.commit(checkpoint_name(4), 2, meta)
+    note = preflight_storage(spec)
+    assert note is not None and "written by 2 workers and this run has 1" in note and "universal" in note
