@@ -38,7 +38,8 @@ def _spec(storage: str, name: str, workers: int, steps: int, **over: Any) -> Job
 
 
 def _startup(summary: Any) -> dict:
-    for row in summary.history:
+    """This attempt's startup breakdown (the history also holds the rows of the attempt it resumed)."""
+    for row in reversed(summary.history):
         if STARTUP_KEY in row:
             return row[STARTUP_KEY]
     raise RuntimeError(f"{summary.name}: no startup breakdown reported")
