@@ -19,7 +19,7 @@ import threading
 import time
 from typing import Any
 
-import psutil
+import psutil  # Ray's dependency, not ftdist's (this module loads only for `ftdist bench --only resize`)
 
 from ftdist.bench.common import BENCH_LLAMA, bench_spec, task
 from ftdist.spec import JobSpec, spec_from_dict
