@@ -810,5 +810,10 @@ class JobSpec(FrozenSpec):
 
     @property
     def grad_accum(self) -> int:
+        return self.grad_accum_at(self.resources.num_workers)
+
+    def grad_accum_at(self, world: int) -> int:
+        """Micro batches per rank and step on `world` workers: the global batch is the job's at any world size (a
+        checkpoint resumed on another number of workers keeps it)."""
         o = self.optim
-        return o.global_batch_size // (o.micro_batch_size * self.resources.num_workers)
+        return o.global_batch_size // (o.micro_batch_size * world)

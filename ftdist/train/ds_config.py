@@ -19,7 +19,7 @@ def to_deepspeed(spec: JobSpec, world_size: int, load_universal: bool = False) -
         raise ValueError(
             f"global batch {o.global_batch_size} is not a multiple of micro batch {micro} x world size {world_size}"
         )
-    grad_accum = o.global_batch_size // (micro * world_size)
+    grad_accum = spec.grad_accum_at(world_size)
 
     zero: dict[str, Any] = {"stage": z.stage}
     if z.stage >= 1:

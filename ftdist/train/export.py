@@ -274,7 +274,7 @@ class FetchedCheckpoint:
     def __init__(self, ckpt_uri: str) -> None:
         job_uri, name = split_checkpoint_uri(ckpt_uri)
         self.job_uri = job_uri
-        self._frozen_base = None
+        self._frozen_base: Optional[BaseWeights] = None
         cs = CheckpointStore(job_uri)
         manifest = cs.read_manifest(name)
         if manifest is None:
@@ -293,7 +293,6 @@ class FetchedCheckpoint:
             self.close()
             raise
         self.dtype = _dtype_of(self.config)
-        self._frozen_base: Optional[BaseWeights] = None
 
     def __enter__(self) -> "FetchedCheckpoint":
         return self

@@ -151,9 +151,8 @@ class ShardedLoader:
     def for_job(cls, spec: JobSpec, sources: list[Sequence], rank: int, world: int) -> "ShardedLoader":
         """The loader a job's rank uses (batch sizes, seed, shuffling and source weights from the spec)."""
         o, d = spec.optim, spec.data
-        grad_accum = o.global_batch_size // (o.micro_batch_size * world)  # the job's global batch at any world size
-        return cls(sources, micro_batch=o.micro_batch_size, grad_accum=grad_accum, rank=rank, world=world,
-                   seed=o.seed, shuffle=d.shuffle, weights=[s.weight for s in d.sources],
+        return cls(sources, micro_batch=o.micro_batch_size, grad_accum=spec.grad_accum_at(world), rank=rank,
+                   world=world, seed=o.seed, shuffle=d.shuffle, weights=[s.weight for s in d.sources],
                    names=[s.label for s in d.sources])
 
     def micro_batches(self, start_step: int):

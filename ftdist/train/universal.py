@@ -106,7 +106,7 @@ def _tag_of(ckpt_dir: str) -> str:
 
 
 def node_dir(job_uri: str, name: str) -> str:
-    """The folder one node's ranks share for a checkpoint's universal form (same path on every rank of a node)."""
+    """The folder one node's ranks share for a checkpoint's files (its shared files, or its universal form): the
+    same path on every rank of a node."""
     key = hashlib.sha256(f"{job_uri}/{name}".encode()).hexdigest()[:16]
     return os.path.join(tempfile.gettempdir(), f"ftdist-universal-{key}")
-
