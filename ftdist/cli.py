@@ -38,20 +38,34 @@ def _load(args: argparse.Namespace):
     return spec
 
 
+def _spec_file(path: str, overrides: list[str]):
+    return _deepspeed_checked(load_spec(path, overrides))
+
+
+def _deepspeed_checked(spec):
+    """Keys passed through to DeepSpeed (deepspeed_extra) read by DeepSpeed's own config parser now, not in the
+    workers after Ray started (only jobs that pass keys load DeepSpeed here)."""
+    if spec.deepspeed_extra:
+        from ftdist.train.ds_config import to_deepspeed
+
+        to_deepspeed(spec, spec.resources.num_workers)
+    return spec
+
+
 def _load_unchecked(args: argparse.Namespace):
     if getattr(args, "job_json", None) is not None:
         if args.job:
             raise SpecError("give a job file or --job-json, not both")
-        spec = spec_from_json(args.job_json, args.overrides)
+        spec = _deepspeed_checked(spec_from_json(args.job_json, args.overrides))
     elif args.job:
-        spec = load_spec(args.job, args.overrides)
+        spec = _spec_file(args.job, args.overrides)
     else:
         raise SpecError("give a job file (or --job-json)")
     return spec
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
-    spec = load_spec(args.job, args.overrides)
+    spec = _spec_file(args.job, args.overrides)
     if args.no_local_check:  # a cluster job names paths on its nodes (/mnt/data/...): say which, don't fail
         for key, path, problem in missing_local_inputs(spec):
             print(f"ftdist: note: {key}: {path}: {problem} here (not checked: --no-local-check)", file=sys.stderr)
@@ -104,7 +118,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
     from ftdist.plan.report import make_plan, render, to_json
 
-    spec = load_spec(args.job, args.overrides)
+    spec = _spec_file(args.job, args.overrides)
     check_local_inputs(spec)
     if spec.sweep is not None:
         validate_sweep(spec, args.job)
@@ -471,7 +485,7 @@ def _cmd_k8s_render(args: argparse.Namespace) -> int:
     from ftdist.remote import k8s_render as k8s
     from ftdist.remote.portability import check_portable
 
-    spec = load_spec(args.job, args.overrides)
+    spec = _spec_file(args.job, args.overrides)
     kind = "tune" if args.tune else "train"
     if kind == "tune":
         validate_sweep(spec, args.job)

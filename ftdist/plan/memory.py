@@ -95,6 +95,13 @@ def cpu_process_bytes(plan: MemoryPlan) -> int:
     return device + gloo_staging + plan.bucket_pages_written + sum(b for what, b in plan.host if what in OFFLOADED)
 
 
+def four_bit_bytes(double_quant: bool) -> float:
+    """Bytes per parameter of a bitsandbytes 4-bit weight: half a byte, plus one scale per block of 64 (fp32; with
+    double quantisation 8-bit, with an fp32 scale per 256 of those). The weights that stay unquantised are fp32
+    after peft's k-bit preparation."""
+    return 0.5 + (1 / 64 + 4 / (64 * 256) if double_quant else 4 / 64)
+
+
 def model_state_bytes(spec: JobSpec, shape: ModelShape, world: int, setting: Optional[Setting] = None) -> dict:
     """Per-rank bytes of parameters, gradients and optimizer states wherever they live (device or host): the ZeRO
     paper's formulas with the job's dtype, method and stage. `ftdist bench --only memory` and
@@ -108,7 +115,13 @@ def model_state_bytes(spec: JobSpec, shape: ModelShape, world: int, setting: Opt
     grads = trainable * d / (world if s.stage >= 2 else 1)
     if s.offload_optimizer and s.stage in (1, 2):  # the host's fp32 gradient partition the CPU step reads
         grads += trainable * 4 / world  # (measured: `ftdist bench --only peak`; ZeRO-3 keeps no second copy)
-    return {"parameters": total * d / (world if s.stage == 3 else 1),
+    # ZeRO++'s hpZ keeps a second copy of the weights partitioned within groups of hpz_partition_size workers.
+    hpz = spec.zero.hpz_partition_size if s.stage == 3 and spec.zero.hpz_partition_size > 1 else 0
+    params = total * d / (world if s.stage == 3 else 1) + (total * d / hpz if hpz else 0)
+    if s.method == "lora" and spec.lora and spec.lora.quantize:  # QLoRA (ZeRO 0-2): layer matmuls in 4-bit
+        quantized = shape.layers * shape.layer_matmul_params()
+        params = quantized * four_bit_bytes(spec.lora.double_quant) + (total - quantized) * 4
+    return {"parameters": params,
             "gradients": grads,
             "optimizer states": trainable * k / (world if s.stage >= 1 else 1)}
 
@@ -204,7 +217,7 @@ def trainable_params(spec: JobSpec, shape: ModelShape, method: str) -> int:
         lora = spec.lora
         rank = lora.rank if lora else 8
         targets = None if (lora is None or lora.target_modules == "all-linear") else list(lora.target_modules)
-        return shape.trainable_params("lora", lora_rank=rank, lora_targets=targets)
+        return shape.trainable_params("lora", lora_rank=rank, lora_targets=targets, dora=bool(lora and lora.use_dora))
     if method == "freeze" and spec.freeze is not None:
         f = spec.freeze
         return shape.trainable_params("freeze", top_layers=f.train_top_layers, train_head=f.train_head,

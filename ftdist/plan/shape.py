@@ -89,16 +89,18 @@ class ModelShape:
         """Every parameter (what `sum(p.numel() for p in model.parameters())` counts)."""
         return self.layers * self.layer_params() + self.embedding_params() + self.head_params() + self.hidden
 
-    def lora_params(self, rank: int, targets: Optional[list[str]] = None) -> int:
-        """LoRA adapter weights: rank x (in + out) per targeted linear per layer ("all-linear": every layer linear)."""
+    def lora_params(self, rank: int, targets: Optional[list[str]] = None, dora: bool = False) -> int:
+        """LoRA adapter weights: rank x (in + out) per targeted linear per layer ("all-linear": every layer linear);
+        DoRA adds a magnitude per output."""
         shapes = self.linear_shapes()
         names = LINEARS if targets is None else [t for t in targets if t in shapes]
-        return self.layers * sum(rank * (shapes[n][0] + shapes[n][1]) for n in names)
+        return self.layers * sum(rank * (shapes[n][0] + shapes[n][1]) + (shapes[n][1] if dora else 0) for n in names)
 
     def trainable_params(self, method: str, *, lora_rank: int = 8, lora_targets: Optional[list[str]] = None,
-                         top_layers: int = 2, train_head: bool = True, train_final_norm: bool = True) -> int:
+                         dora: bool = False, top_layers: int = 2, train_head: bool = True,
+                         train_final_norm: bool = True) -> int:
         if method == "lora":  # a new score head trains whole beside the adapters (peft's modules_to_save)
-            return self.lora_params(lora_rank, lora_targets) + (self.head_params() if self.score_outputs else 0)
+            return self.lora_params(lora_rank, lora_targets, dora) + (self.head_params() if self.score_outputs else 0)
         if method == "freeze":
             n = min(top_layers, self.layers) * self.layer_params()
             n += (self.head_params() or self.embedding_params()) if train_head else 0  # a tied head trains the table

@@ -112,6 +112,17 @@ class LoraSpec(FrozenSpec):
     target_modules: Union[Literal["all-linear"], list[str]] = "all-linear"
     merge_on_export: bool = False
     """Also export the base model with the adapter merged in (a plain HF model folder)."""
+    use_dora: bool = False
+    """DoRA (Liu et al., 2024; peft's use_dora): each adapted weight split into a trained magnitude per output and a
+    direction that LoRA updates."""
+    use_rslora: bool = False
+    """rsLoRA (Kalajdzievski, 2023): adapters scaled by alpha / sqrt(rank) instead of alpha / rank."""
+    quantize: Optional[Literal["nf4", "fp4"]] = None
+    """QLoRA (Dettmers et al., 2023): the frozen base's linear layers loaded in 4-bit by bitsandbytes (NF4 or FP4),
+    computing in model.dtype; the adapters, norms, embeddings and head stay in model.dtype. Needs
+    model.name_or_path (the weights are quantised as they load) and bitsandbytes (pip install 'ftdist[qlora]')."""
+    double_quant: bool = True
+    """QLoRA's double quantisation: the 4-bit blocks' scales quantised too (about 0.4 bits per parameter less)."""
 
 
 class FreezeSpec(FrozenSpec):
@@ -141,9 +152,20 @@ class ZeroSpec(FrozenSpec):
     stage3_prefetch_bucket_size: int = Field(50_000_000, gt=0)
     stage3_param_persistence_threshold: int = Field(100_000, ge=0)
     stage3_max_live_parameters: int = Field(1_000_000_000, gt=0)
+    # ZeRO++ (Wang et al., 2023), ZeRO-3 only:
+    hpz_partition_size: int = Field(1, ge=1)
+    """hpZ: a secondary copy of the weights partitioned within groups of this many workers (the GPUs of a node), so
+    the backward's all-gathers stay inside the node; 1: off. Costs the extra partition's memory."""
+    quantized_weights: bool = False
+    """qwZ: weights all-gathered in int8 (half the forward's gather traffic; GPUs only)."""
+    quantized_gradients: bool = False
+    """qgZ: gradients reduce-scattered in int4 with all-to-all (GPUs only)."""
 
     @model_validator(mode="after")
     def _combos(self) -> "ZeroSpec":
+        for key in ("hpz_partition_size", "quantized_weights", "quantized_gradients"):
+            if getattr(self, key) != ZeroSpec.model_fields[key].default and self.stage != 3:
+                raise FieldError(key, f"zero.{key} is ZeRO++, which extends ZeRO-3: it needs zero.stage 3")
         if self.offload_params != "none" and self.stage != 3:
             raise FieldError("offload_params", "zero.offload_params needs zero.stage 3")
         if self.offload_optimizer != "none" and self.stage == 0:
@@ -670,6 +692,31 @@ OBJECTIVE_SECTIONS = ("dpo", "reward", "classification")
 """Objectives with a settings section of the same name."""
 
 
+DERIVED = {
+    "train_batch_size": "optim.global_batch_size", "train_micro_batch_size_per_gpu": "optim.micro_batch_size",
+    "gradient_accumulation_steps": "optim.global_batch_size", "gradient_clipping": "optim.grad_clip",
+    "optimizer": "optim", "scheduler": "optim.schedule", "bf16": "model.dtype", "fp16": "model.dtype",
+    "checkpoint": "checkpoint", "zero_optimization.stage": "zero.stage",
+    "zero_optimization.offload_optimizer": "zero.offload_optimizer", "zero_optimization.offload_param":
+    "zero.offload_params", "zero_optimization.zero_hpz_partition_size": "zero.hpz_partition_size",
+    "zero_optimization.zero_quantized_weights": "zero.quantized_weights",
+    "zero_optimization.zero_quantized_gradients": "zero.quantized_gradients",
+    **{f"zero_optimization.{k}": f"zero.{k}" for k in (
+        "overlap_comm", "contiguous_gradients", "reduce_bucket_size", "allgather_bucket_size",
+        "stage3_prefetch_bucket_size", "stage3_param_persistence_threshold", "stage3_max_live_parameters")},
+}
+"""DeepSpeed keys ftdist sets from the job: the job key that says it."""
+
+
+def derived_by_ftdist(extra: dict) -> None:
+    """A deepspeed_extra key that would override what ftdist derives: one line naming the job key to set."""
+    for key, value in extra.items():
+        for dotted in [key] + ([f"{key}.{sub}" for sub in value] if isinstance(value, dict) else []):
+            if dotted in DERIVED:
+                raise FieldError(f"deepspeed_extra.{dotted}", f"ftdist derives this DeepSpeed key from "
+                                                              f"{DERIVED[dotted]}; set that instead")
+
+
 class JobSpec(FrozenSpec):
     """One fine-tuning job."""
 
@@ -696,6 +743,10 @@ class JobSpec(FrozenSpec):
     sweep: Optional[SweepSpec] = None
     """Only read by `ftdist tune`; `ftdist train` ignores it."""
     kubernetes: Optional[KubernetesSpec] = None
+    deepspeed_extra: dict[str, Any] = {}
+    """Further DeepSpeed config keys, merged into the config ftdist derives (nested sections merge key by key);
+    checked against DeepSpeed's own config model before anything runs. What ftdist derives from the job (batch
+    sizes, ZeRO stage, dtype, optimizer, clipping, the settings `zero:` has) cannot be set here."""
     """Only read by `ftdist k8s render`."""
 
     @field_validator("name")
@@ -743,6 +794,27 @@ class JobSpec(FrozenSpec):
         if self.data.format == "text" and self.data.completion_only_loss:
             raise FieldError("data.completion_only_loss", "data.completion_only_loss needs format prompt_completion "
                                                           "or chat")
+        if self.method == "lora" and self.lora.use_dora and self.zero.stage == 3:
+            raise FieldError("lora.use_dora", "lora.use_dora runs under zero.stage 0, 1 or 2: peft's DoRA reads each "
+                                              "base weight outside the layer's forward, where ZeRO-3 holds only this "
+                                              "rank's partition of it")
+        if self.method == "lora" and self.lora.quantize:
+            if self.model.name_or_path is None:
+                raise FieldError("lora.quantize", "lora.quantize loads the base's weights in 4-bit as they are read: "
+                                                  "it needs model.name_or_path (a model built from_config has none)")
+            if self.zero.stage == 3:
+                raise FieldError("lora.quantize", "lora.quantize (QLoRA) runs under zero.stage 0, 1 or 2: the 4-bit "
+                                                  "base is frozen and replicated, ZeRO shards the adapters' gradients "
+                                                  "and optimizer states")
+        if (self.zero.quantized_weights or self.zero.quantized_gradients) and not self.resources.use_gpu:
+            key = "quantized_weights" if self.zero.quantized_weights else "quantized_gradients"
+            raise FieldError(f"zero.{key}", f"zero.{key} needs GPUs (resources.gpus_per_worker > 0): DeepSpeed "
+                                            "quantises with CUDA kernels")
+        if self.resources.num_workers % self.zero.hpz_partition_size:
+            raise FieldError("zero.hpz_partition_size",
+                             f"zero.hpz_partition_size {self.zero.hpz_partition_size} must divide "
+                             f"resources.num_workers {self.resources.num_workers} (it is usually the GPUs per node)")
+        derived_by_ftdist(self.deepspeed_extra)
         o, n = self.optim, self.resources.num_workers
         if o.global_batch_size % (o.micro_batch_size * n):
             raise FieldError("optim.global_batch_size",

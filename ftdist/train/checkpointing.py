@@ -117,7 +117,14 @@ def restore_per_worker(engine: Any, ckpt_dir: str, rank: int, frozen_excluded: b
 
 def frozen_shapes(module: Any) -> dict[str, list[int]]:
     """{name: shape} of the module's frozen parameters (whole shapes, also when ZeRO-3 partitioned them)."""
-    return {n: list(getattr(p, "ds_shape", p.shape)) for n, p in module.named_parameters() if not p.requires_grad}
+    return {n: list(full_shape(p)) for n, p in module.named_parameters() if not p.requires_grad}
+
+
+def full_shape(p: Any) -> torch.Size:
+    """The shape of the tensor a parameter stands for: whole under ZeRO-3, unpacked for a 4-bit weight (two values
+    a byte)."""
+    quant_state = getattr(p, "quant_state", None)
+    return quant_state.shape if quant_state is not None else getattr(p, "ds_shape", p.shape)
 
 
 def save_hf_metadata(module: Any, tokenizer: Any, out_dir: str, exclude_frozen: bool = False) -> None:
@@ -130,12 +137,23 @@ def save_hf_metadata(module: Any, tokenizer: Any, out_dir: str, exclude_frozen: 
             json.dump(frozen_shapes(module), fh)
     base = module.get_base_model() if hasattr(module, "peft_config") else module
     base.config.save_pretrained(out_dir)
+    _drop_quantization(os.path.join(out_dir, "config.json"))
     if getattr(base, "generation_config", None) is not None:
         base.generation_config.save_pretrained(out_dir)
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)
     if hasattr(module, "peft_config"):
         module.peft_config["default"].save_pretrained(out_dir)
+
+
+def _drop_quantization(config_file: str) -> None:
+    """A QLoRA base was loaded in 4-bit (its config says so); the checkpoint's config describes the model the export
+    writes: the full-precision base with the adapter merged in, which loads without bitsandbytes."""
+    with open(config_file) as fh:
+        config = json.load(fh)
+    if config.pop("quantization_config", None) is not None:
+        with open(config_file, "w") as fh:
+            json.dump(config, fh, indent=2, sort_keys=True)
 
 
 def link_tree(src: str, dest: str) -> None:

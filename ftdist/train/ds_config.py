@@ -7,6 +7,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from pydantic import ValidationError
+
+from ftdist.errors import SpecError, did_you_mean, last_line
 from ftdist.spec import JobSpec
 
 
@@ -40,6 +43,12 @@ def to_deepspeed(spec: JobSpec, world_size: int, load_universal: bool = False) -
             # No stage3_gather_16bit_weights_on_model_save: nothing gathers the model; the export streams the fp32
             # partitions of the final checkpoint (train/export.py).
         )
+        if z.hpz_partition_size > 1:
+            zero["zero_hpz_partition_size"] = z.hpz_partition_size
+        if z.quantized_weights:
+            zero["zero_quantized_weights"] = True
+        if z.quantized_gradients:
+            zero["zero_quantized_gradients"] = True
     if z.offload_optimizer != "none":
         zero["offload_optimizer"] = {"device": z.offload_optimizer, "pin_memory": spec.resources.use_gpu}
     if z.offload_params != "none":
@@ -74,4 +83,84 @@ def to_deepspeed(spec: JobSpec, world_size: int, load_universal: bool = False) -
         cfg["zero_allow_untested_optimizer"] = True
         if z.offload_optimizer != "none":
             cfg["zero_force_ds_cpu_optimizer"] = False
+    if spec.deepspeed_extra:
+        cfg = merged(cfg, spec.deepspeed_extra)
+        check_with_deepspeed(cfg, spec.deepspeed_extra)
     return cfg
+
+
+def merged(base: dict, extra: dict) -> dict:
+    """`extra` over `base`, nested sections key by key."""
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = merged(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+class _ReadKeys(dict):
+    """A config dict that notes every key DeepSpeed looks up in it."""
+
+    def __init__(self, *args: Any, read: set) -> None:
+        super().__init__(*args)
+        self.read = read
+
+    def __getitem__(self, key: Any) -> Any:
+        self.read.add(key)
+        return super().__getitem__(key)
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        self.read.add(key)
+        return super().get(key, default)
+
+    def __contains__(self, key: Any) -> bool:
+        self.read.add(key)
+        return super().__contains__(key)
+
+    def __copy__(self) -> "_ReadKeys":
+        return _ReadKeys(self, read=self.read)
+
+
+def check_with_deepspeed(cfg: dict, extra: dict) -> None:
+    """The config as DeepSpeed's own parser reads it (`DeepSpeedConfig`: its pydantic section models refuse unknown
+    or ill-typed keys, its sanity checks run), one line on failure. DeepSpeed ignores top-level keys it does not
+    know, so a top-level key of `extra` that its parser never looked up is a typo and refused the same way."""
+    from deepspeed.runtime.config import DeepSpeedConfig  # torch and DeepSpeed load only for jobs that pass keys
+
+    read: set = set()
+    # Checked as one process would read it: without the world size, DeepSpeed derives the total batch itself.
+    probe = _ReadKeys({k: v for k, v in cfg.items() if k != "train_batch_size"}, read=read)
+    try:
+        DeepSpeedConfig(probe)
+    except ValidationError as e:  # a section's pydantic model: name the key in the job's terms
+        raise SpecError(_section_error(e, extra)) from None
+    except Exception as e:  # noqa: BLE001  (DeepSpeed's own asserts and ValueErrors)
+        raise SpecError(f"deepspeed_extra: DeepSpeed refuses the config: {last_line(e, 300)}") from None
+    for key in extra:
+        if key not in read:
+            raise SpecError(f"deepspeed_extra.{key}: not a DeepSpeed config key{did_you_mean(key, sorted(read))}")
+
+
+def _section_error(e: Any, extra: dict) -> str:
+    """`deepspeed_extra.<section>.<key>: <what is wrong>` for the first error of a DeepSpeed section model."""
+    err = e.errors()[0]
+    field = ".".join(str(p) for p in err["loc"])
+    section = next((k for k, v in extra.items() if isinstance(v, dict) and str(err["loc"][0]) in v), None)
+    where = f"deepspeed_extra.{section}.{field}" if section else f"deepspeed_extra ({e.title}.{field})"
+    if err["type"] == "extra_forbidden":
+        model = _config_model(e.title)
+        known = list(model.model_fields) if model else []
+        return f"{where}: not a key of DeepSpeed's {e.title}{did_you_mean(str(err['loc'][-1]), known)}"
+    return f"{where}: {err['msg']} (DeepSpeed's {e.title})"
+
+
+def _config_model(name: str) -> Any:
+    """DeepSpeed's pydantic section model called `name`."""
+    from deepspeed.runtime.config_utils import DeepSpeedConfigModel
+
+    todo = [DeepSpeedConfigModel]
+    while todo:
+        cls = todo.pop()
+        if cls.__name__ == name:
+            return cls
+        todo.extend(cls.__subclasses__())
+    return None

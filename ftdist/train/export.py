@@ -181,15 +181,29 @@ def merged_lora(read: Callable[..., Tensors], adapter_cfg: dict) -> Tensors:
             a, b = lora.get(f"{mod}.lora_A.default.weight"), lora.get(f"{mod}.lora_B.default.weight")
             if a is not None and b is not None:
                 delta = (b.float() @ a.float()) * scale
-                t = (t.float() + (delta.T if fan_in_fan_out else delta)).to(t.dtype)
+                w = t.float() + (delta.T if fan_in_fan_out else delta)
+                magnitude = lora.get(f"{mod}.{DORA_MAGNITUDE}")
+                if magnitude is not None:  # DoRA: each output's row rescaled to its trained magnitude (peft's merge)
+                    rows = w.T if fan_in_fan_out else w
+                    rows = rows * (magnitude.float() / torch.linalg.norm(rows, dim=1)).view(-1, 1)
+                    w = rows.T if fan_in_fan_out else rows
+                t = w.to(t.dtype)
         yield _plain(name), t
+
+
+DORA_MAGNITUDE = "lora_magnitude_vector.default.weight"
+"""DoRA's trained magnitude of a module's outputs, as the model names it; peft's adapter file says
+`<module>.lora_magnitude_vector`."""
 
 
 def adapter_only(stream: Tensors, alpha: Optional[float] = None) -> Tensors:
     """peft's adapter_model.safetensors naming (no adapter name; a module saved whole under its own name); WiSE-FT
     on an adapter scales B by alpha (W + alpha * scale * B @ A is exactly the interpolation between base and
-    merged weights; a new head, which the base does not have, stays as trained)."""
+    merged weights; a new head, which the base does not have, stays as trained). (Under DoRA it is not: the
+    magnitude renormalises the direction, so no adapter reproduces the interpolated weights; validation refuses.)"""
     for name, t in stream:
+        if name.endswith(DORA_MAGNITUDE):
+            name = name[: -len(".default.weight")]
         out = name.replace(SAVED_WHOLE, ".").replace(".default.", ".")
         if alpha is not None and ".lora_B." in name:
             t = (t.float() * alpha).to(t.dtype)
@@ -341,14 +355,17 @@ class FetchedCheckpoint:
         """The whole model's weights (LoRA: merged into the base), WiSE-FT-interpolated when asked, in the
         checkpoint's dtype."""
         if self.manifest.method == "lora":
-            with open(os.path.join(self.hf_dir, "adapter_config.json")) as fh:
-                stream = merged_lora(self.read, json.load(fh))
+            stream = merged_lora(self.read, self.adapter_config())
         else:
             stream = self.read()
         if interpolate is not None:
             # The head trained from scratch has no base to move toward: WiSE-FT's only use of the layout.
             stream = interpolated(stream, base, interpolate, HeadLayout.of(self.hf_dir, self.config))
         return cast(stream, self.dtype)
+
+    def adapter_config(self) -> dict:
+        with open(os.path.join(self.hf_dir, "adapter_config.json")) as fh:
+            return json.load(fh)
 
     def write(self, stream: Tensors, out: str, shard_size: str, prefix: str = "model", adapter: bool = False) -> None:
         """A Hugging Face folder: the tensors in shards, and the checkpoint's config and tokenizer files beside."""
@@ -357,7 +374,7 @@ class FetchedCheckpoint:
             w.add(k, t)
         w.close()
         for f in os.listdir(self.hf_dir):
-            if f == "adapter_config.json" and not adapter:
+            if f == FROZEN_FILE or (f == "adapter_config.json" and not adapter):  # ftdist's own list stays inside
                 continue
             if adapter and f in ("config.json", "generation_config.json"):
                 continue
@@ -381,6 +398,9 @@ def export_checkpoint(ckpt_uri: str, dest: str, *, interpolate: Optional[float] 
         staging = os.path.join(ck.work, "out")
         written: dict = {}
         if ck.manifest.method == "lora":
+            if interpolate is not None and ck.adapter_config().get("use_dora"):
+                raise ValueError("--interpolate: a DoRA adapter cannot carry the interpolation (its magnitudes "
+                                "renormalise the direction); export the interpolated model with --merged instead")
             ck.write(adapter_only(ck.read(_in_adapter), interpolate), os.path.join(staging, "adapter"), shard_size,
                      "adapter_model", adapter=True)
             written["adapter"] = "adapter"

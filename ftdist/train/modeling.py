@@ -4,6 +4,7 @@ method is a model transform here plus an export policy in export.py."""
 from __future__ import annotations
 
 import contextlib
+import importlib
 import json
 import logging
 import os
@@ -12,8 +13,13 @@ from typing import Any, Iterator, Optional
 
 import deepspeed
 import torch
+
+# peft imports bitsandbytes where it is installed; on a CPU with AVX512-BF16 bitsandbytes then tries to fetch a faster
+# 4-bit kernel from the Hugging Face hub and, offline or without the `kernels` package, warns on every import (on
+# every rank) before using its own kernel. The fallback is what runs; the line says nothing a user must act on.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 import torch.distributed as dist
-from peft import LoraConfig, get_peft_model
+from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 from transformers import initialization as hf_init
@@ -21,20 +27,24 @@ from transformers.integrations import HfDeepSpeedConfig
 from transformers.modeling_utils import prevent_arange_dtype_change
 
 from ftdist.errors import SpecError
-from ftdist.spec import JobSpec, ModelSpec
+from ftdist.spec import JobSpec, LoraSpec, ModelSpec
+from ftdist.train.checkpointing import full_shape
 from ftdist.train.heads import ScoreHead, head_modules, init_new, initializer_range, new_value, stored_name
 
 TORCH_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 
 def load_model(spec: ModelSpec, local_path: Optional[str], ds_config: Optional[dict],
-               head: Optional[ScoreHead] = None, seed: int = 0) -> Any:
+               head: Optional[ScoreHead] = None, seed: int = 0, quantize: Optional[LoraSpec] = None) -> Any:
     """Build the model: a causal LM, or with `head` the backbone under a new sequence-level head
     (AutoModelForSequenceClassification; the parameters the checkpoint lacks start as heads.py says, from `seed`).
     Under ZeRO-3 an HfDeepSpeedConfig is alive during construction so transformers wraps it in deepspeed.zero.Init:
-    each rank materialises only its partition, never the whole model."""
+    each rank materialises only its partition, never the whole model. `quantize`: a LoRA section with
+    `quantize` set, whose base linears load in 4-bit (QLoRA; ZeRO 0-2, validated)."""
     dtype = getattr(torch, TORCH_DTYPES[spec.dtype])
-    common = dict(dtype=dtype, attn_implementation=spec.attn_implementation)
+    common: dict[str, Any] = dict(dtype=dtype, attn_implementation=spec.attn_implementation)
+    if quantize is not None and quantize.quantize:
+        common["quantization_config"] = four_bit_config(quantize, dtype)
     auto = AutoModelForSequenceClassification if head else AutoModelForCausalLM
     head_kwargs = head.config_kwargs() if head else {}
     zero3 = bool(ds_config) and ds_config["zero_optimization"]["stage"] == 3
@@ -66,6 +76,20 @@ def load_model(spec: ModelSpec, local_path: Optional[str], ds_config: Optional[d
             _start_new(model, set(info["missing_keys"]) | {_key(k) for k in info["mismatched_keys"]}, seed)
     del keep_alive
     return _finish(model, spec)
+
+
+def four_bit_config(lora: LoraSpec, compute_dtype: torch.dtype) -> Any:
+    """bitsandbytes' 4-bit settings for QLoRA (the head stays in the model dtype: transformers skips the output
+    layer). A worker without bitsandbytes gets a one-line error."""
+    try:  # transformers checks for it too, with a longer message
+        importlib.import_module("bitsandbytes")
+    except ImportError as e:
+        raise SpecError(f"lora.quantize: bitsandbytes is not importable on this worker ({e}); install it "
+                        "(pip install 'ftdist[qlora]') or remove lora.quantize") from None
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=lora.quantize,
+                              bnb_4bit_use_double_quant=lora.double_quant, bnb_4bit_compute_dtype=compute_dtype)
 
 
 @contextlib.contextmanager
@@ -266,7 +290,14 @@ def apply_method(model: Any, spec: JobSpec) -> Any:
         # A new head has nothing to adapt: it trains whole, and the adapter carries it (peft's modules_to_save).
         modules_to_save=head_modules(model) if spec.has_score_head else None,
         bias="none",
+        use_dora=lo.use_dora,
+        use_rslora=lo.use_rslora,
     )
+    if lo.quantize:
+        # peft's preparation of a 4-bit base: the layers that stay unquantised (norms, embeddings, head) in fp32 for
+        # a stable backward, and the input embeddings' output requiring grad so checkpointed layers get gradients.
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=spec.model.gradient_checkpointing,
+                                                gradient_checkpointing_kwargs={"use_reentrant": False})
     # peft draws the adapters' starting values (lora_A) from torch's global generator, whose state depends on what
     # ran before in this process: seeded, they are the same on every rank and in every run of the job (a run and its
     # re-run from scratch, or a resumed run and its uninterrupted twin, then compare).
@@ -281,10 +312,10 @@ def apply_method(model: Any, spec: JobSpec) -> Any:
 
 
 def count_params(model: Any) -> tuple[int, int]:
-    """(trainable, total) parameter counts; ZeRO-3 partitioned params count by their full size (ds_numel)."""
+    """(trainable, total) parameter counts; ZeRO-3 partitioned and 4-bit params count by their full size."""
     trainable = total = 0
     for p in model.parameters():
-        n = getattr(p, "ds_numel", p.numel())
+        n = full_shape(p).numel()
         total += n
         if p.requires_grad:
             trainable += n

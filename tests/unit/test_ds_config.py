@@ -38,8 +38,29 @@ def _key(c) -> str:
     return "stage{}-optoff_{}-paroff_{}-{}-w{}-{}".format(*c)
 
 
+# ZeRO++ and keys passed through (merged into the derived sections key by key).
+EXTRA_CASES = {
+    "zeropp-hpz2-qw-qg-w8-bf16": {"zero": {"stage": 3, "hpz_partition_size": 2, "quantized_weights": True,
+                                           "quantized_gradients": True}},
+    "passthrough-zero2-w2": {"zero": {"stage": 2}, "deepspeed_extra": {
+        "zero_optimization": {"round_robin_gradients": True, "sub_group_size": 100_000_000},
+        "comms_logger": {"enabled": True, "verbose": False}, "communication_data_type": "fp32"}},
+}
+
+
+def _extra_case(change: dict) -> dict:
+    job = tiny_job_dict("/tmp/x", **change)
+    job["optim"] = {**job["optim"], "micro_batch_size": 2, "global_batch_size": 32}
+    world = 8 if "hpz_partition_size" in change["zero"] else 2
+    job["resources"] = {"num_workers": world, "gpus_per_worker": 1 if world == 8 else 0}
+    if world == 8:
+        job["model"]["dtype"] = "bf16"
+    return to_deepspeed(spec_from_dict(job), world)
+
+
 def _all() -> dict:
-    return {_key(c): to_deepspeed(_case_spec(*c), c[4]) for c in CASES}
+    return {**{_key(c): to_deepspeed(_case_spec(*c), c[4]) for c in CASES},
+            **{name: _extra_case(change) for name, change in EXTRA_CASES.items()}}
 
 
 def test_goldens():
@@ -100,3 +121,34 @@ def test_universal_load_only_when_resuming_at_another_world_size():
     assert cfg["checkpoint"] == {"load_universal": True}
     assert cfg["train_batch_size"] == to_deepspeed(spec, 2)["train_batch_size"]  # the global batch is the job's
     assert cfg["gradient_accumulation_steps"] == 2 * to_deepspeed(spec, 2)["gradient_accumulation_steps"]
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"deepspeed_extra": {"train_batch_size": 64}},
+     r"^ftdist: .*deepspeed_extra.train_batch_size: ftdist derives this DeepSpeed key from optim.global_batch_size"),
+    ({"deepspeed_extra": {"zero_optimization": {"stage": 3}}},
+     r"deepspeed_extra.zero_optimization.stage: ftdist derives this DeepSpeed key from zero.stage; set that instead"),
+    ({"deepspeed_extra": {"bf16": {"enabled": True}}}, r"deepspeed_extra.bf16: .* from model.dtype"),
+    ({"deepspeed_extra": {"comms_loger": {"enabled": True}}},
+     r"^ftdist: error: deepspeed_extra.comms_loger: not a DeepSpeed config key \(did you mean comms_logger\?\)$"),
+    ({"deepspeed_extra": {"zero_optimization": {"round_robin_gradient": True}}},
+     r"^ftdist: error: deepspeed_extra.zero_optimization.round_robin_gradient: not a key of DeepSpeed's "
+     r"DeepSpeedZeroConfig \(did you mean round_robin_gradients\?\)$"),
+    ({"deepspeed_extra": {"zero_optimization": {"sub_group_size": -1}}},
+     r"deepspeed_extra.zero_optimization.sub_group_size: Input should be greater than or equal to 0"),
+    ({"deepspeed_extra": ["wall_clock_breakdown"]}, r"^ftdist: .*deepspeed_extra"),
+    ({"zero": {"stage": 2, "hpz_partition_size": 2}}, r"zero.hpz_partition_size is ZeRO\+\+, .* needs zero.stage 3"),
+    ({"zero": {"stage": 3, "hpz_partition_size": 3}},
+     r"zero.hpz_partition_size 3 must divide resources.num_workers 2"),
+    ({"zero": {"stage": 3, "quantized_weights": True}},
+     r"zero.quantized_weights needs GPUs \(resources.gpus_per_worker > 0\): DeepSpeed quantises with CUDA"),
+])
+def test_bad_deepspeed_settings_are_one_line(validate_refuses, change, message):
+    validate_refuses(change, message)
+
+
+def test_passed_keys_reach_deepspeed_beside_the_derived_ones():
+    cfg = _extra_case(EXTRA_CASES["passthrough-zero2-w2"])
+    assert cfg["zero_optimization"]["stage"] == 2 and cfg["zero_optimization"]["round_robin_gradients"] is True
+    assert cfg["zero_optimization"]["reduce_bucket_size"] == 500_000_000  # the derived keys stay beside them
+    assert cfg["comms_logger"] == {"enabled": True, "verbose": False}
