@@ -237,7 +237,12 @@ def ray_cluster(s3_credentials, mlflow_credentials):
     with socket.socket() as s:  # the dashboard (State API) on its own port: Ray Train's placement-group cleaner needs it
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    from ftdist.train.ray_runtime import EMBEDDED_TRAIN_ENV
+
+    # As the embedded Ray of `ftdist train` runs (train/ray_runtime.py): no preemption watcher actor per run, no idle
+    # workers prestarted (Ray Train's actors never use them); the dashboard stays, for Tune's placement-group cleaner.
     ray.init(num_cpus=3, include_dashboard=True, dashboard_port=port, _temp_dir=tmp, logging_level="WARNING",
-             runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
+             runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", **EMBEDDED_TRAIN_ENV}},
+             _system_config={"prestart_worker_first_driver": False})
     yield
     ray.shutdown()

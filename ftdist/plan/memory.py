@@ -77,7 +77,7 @@ MODEL_STATES = ("parameters", "gradients", "optimizer states")
 BUCKETS = "DeepSpeed reduce buckets"
 GATHERED = "ZeRO-3 prefetch and gathered layer"
 DEVICE_ONLY = ("CUDA context and workspaces", "allocator headroom")
-OFFLOADED = ("offloaded optimizer states and fp32 gradients", "offloaded parameters")
+OFFLOADED = ("offloaded optimizer states and fp32 gradients", "offloaded parameters", "offloaded activations")
 
 
 def cpu_process_bytes(plan: MemoryPlan) -> int:
@@ -172,7 +172,9 @@ def plan_memory(spec: JobSpec, shape: ModelShape, card: Gpu, world: int, gpus_pe
     plan.gpu.append(("gradients", 0 if s.offload_optimizer else int(states["gradients"])))
     plan.gpu.append(("optimizer states", 0 if s.offload_optimizer else int(optim)))
     seq, b = spec.data.max_length, s.micro_batch * sequences_per_row(spec)
-    plan.gpu.append(("activations", int(activation_bytes(spec, shape, s))))
+    activations = activation_bytes(spec, shape, s)
+    offloaded = checkpointed_inputs(spec, shape, s) if s.gradient_checkpointing and spec.model.activation_offload else 0
+    plan.gpu.append(("activations", int(activations - offloaded)))
     logits = 0 if spec.model.use_liger_kernel else b * seq * shape.outputs * (d + 4 + 4)
     plan.gpu.append(("logits and loss", int(logits)))
     plan.gpu.append((BUCKETS, int(_reduce_buckets(spec, s, trainable, d))))
@@ -187,6 +189,8 @@ def plan_memory(spec: JobSpec, shape: ModelShape, card: Gpu, world: int, gpus_pe
         plan.host.append((OFFLOADED[0], int((optim + fp32_grads) * per_node)))
     if s.offload_params:
         plan.host.append((OFFLOADED[1], int(params * per_node)))
+    if offloaded:
+        plan.host.append((OFFLOADED[2], int(offloaded * per_node)))
     # Loading: under ZeRO-3 each rank materialises its partition (the per-rank parameters); otherwise every process
     # holds the whole model.
     plan.host.append(("loading the weights", int(params * per_node)))
@@ -281,8 +285,17 @@ def activation_bytes(spec: JobSpec, shape: ModelShape, s: "Setting") -> float:
         layers = min(layers, spec.freeze.train_top_layers)
     final_norm = _norm_units(d) * shape.hidden * b * seq * d
     if s.gradient_checkpointing:  # each layer's input kept; one layer's activations alive during its recompute
-        return layers * b * seq * shape.hidden * d + (per_layer if layers else 0) + final_norm
+        return checkpointed_inputs(spec, shape, s) + (per_layer if layers else 0) + final_norm
     return layers * per_layer + final_norm
+
+
+def checkpointed_inputs(spec: JobSpec, shape: ModelShape, s: "Setting") -> float:
+    """What gradient checkpointing keeps between forward and backward: each trained layer's input (what
+    model.activation_offload moves to host memory)."""
+    layers = shape.layers
+    if s.method == "freeze" and spec.freeze is not None:
+        layers = min(layers, spec.freeze.train_top_layers)
+    return layers * s.micro_batch * sequences_per_row(spec) * spec.data.max_length * shape.hidden * _weight_bytes(spec)
 
 
 def _reduce_buckets(spec: JobSpec, s: Setting, trainable: int, d: int, written: bool = False) -> float:

@@ -56,6 +56,10 @@ class ModelSpec(FrozenSpec):
     revision: Optional[str] = None
     dtype: Literal["bf16", "fp16", "fp32"] = "bf16"
     gradient_checkpointing: bool = False
+    activation_offload: bool = False
+    """With gradient_checkpointing: the layer inputs kept for the recompute go to pinned host memory instead of
+    staying on the GPU (transformers' activation checkpointing with offload): layers x sequence x hidden bytes less
+    per micro batch, for a copy each way. GPUs only (on a CPU they are in host memory already)."""
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flash_attention_3"] = "sdpa"
     trust_remote_code: bool = False
     compile: bool = False
@@ -823,6 +827,13 @@ class JobSpec(FrozenSpec):
         if self.model.dtype == "fp16" and not self.resources.use_gpu:
             raise FieldError("model.dtype", "model.dtype fp16 needs GPUs (resources.gpus_per_worker > 0); use fp32 or "
                                             "bf16 on CPU")
+        if self.model.activation_offload and not self.model.gradient_checkpointing:
+            raise FieldError("model.activation_offload", "model.activation_offload moves what gradient checkpointing "
+                                                         "keeps: set model.gradient_checkpointing: true")
+        if self.model.activation_offload and not self.resources.use_gpu:
+            raise FieldError("model.activation_offload", "model.activation_offload needs GPUs (resources."
+                                                         "gpus_per_worker > 0): on a CPU activations are in host "
+                                                         "memory already")
         if self.model.use_liger_kernel and not self.resources.use_gpu:
             raise FieldError("model.use_liger_kernel", "model.use_liger_kernel needs GPUs (resources.gpus_per_worker "
                                                        "> 0): Liger's kernels are Triton kernels for CUDA/ROCm devices")

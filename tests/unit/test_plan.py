@@ -56,17 +56,45 @@ def test_parameter_counts_equal_transformers(cfg):
     assert ModelShape.from_config(config.to_dict()).params() == sum(p.numel() for p in model.parameters())
 
 
-@pytest.mark.parametrize("targets", [None, ["q_proj", "v_proj"]], ids=["all-linear", "q-v"])
-def test_lora_trainable_parameters_equal_peft(targets):
+@pytest.mark.parametrize("targets, dora", [(None, False), (["q_proj", "v_proj"], False), (None, True)],
+                         ids=["all-linear", "q-v", "all-linear-dora"])
+def test_lora_trainable_parameters_equal_peft(targets, dora):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.for_model("llama", vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
                                   num_attention_heads=4, num_key_value_heads=2)
     model = get_peft_model(AutoModelForCausalLM.from_config(config),
-                           LoraConfig(r=8, target_modules=targets or "all-linear"))
+                           LoraConfig(r=8, target_modules=targets or "all-linear", use_dora=dora))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    assert ModelShape.from_config(config.to_dict()).lora_params(8, targets) == trainable
+    assert ModelShape.from_config(config.to_dict()).lora_params(8, targets, dora) == trainable
+
+
+def test_qlora_parameters_are_four_bit_where_bitsandbytes_quantises():
+    """The planner's 4-bit bytes against bitsandbytes' own storage (packed weights plus quantisation state) of a
+    Llama's decoder linears, double quantisation on and off."""
+    import bitsandbytes.functional as bnbf
+    import torch
+
+    from ftdist.plan.memory import four_bit_bytes
+
+    weight = torch.randn(512, 256)
+    for double in (False, True):
+        packed, state = bnbf.quantize_4bit(weight, quant_type="nf4", compress_statistics=double)
+        stored = packed.numel() * packed.element_size() + sum(
+            t.numel() * t.element_size() for t in (state.absmax, *((state.state2.absmax, state.state2.code)
+                                                                    if double else ())))
+        assert four_bit_bytes(double) * weight.numel() == pytest.approx(stored, rel=0.06), double
+
+
+def test_activation_offload_moves_the_checkpointed_inputs_to_host(tmp_path):
+    spec = _job(tmp_path, LLAMA_8B, "model.gradient_checkpointing=true")
+    offloaded = _job(tmp_path, LLAMA_8B, "model.gradient_checkpointing=true", "model.activation_offload=true")
+    shape = _shape(LLAMA_8B)
+    kept, moved = (plan_memory(s, shape, GPUS["H100-80GB"], 8, 8) for s in (spec, offloaded))
+    inputs = 32 * spec.optim.micro_batch_size * spec.data.max_length * 4096 * 2  # layers x tokens x hidden x bf16
+    assert dict(kept.gpu)["activations"] - dict(moved.gpu)["activations"] == inputs
+    assert dict(moved.host)["offloaded activations"] == inputs * 8
 
 
 def test_flops_per_token_match_the_gpu_benchmark():

@@ -3,6 +3,7 @@ never None, `ftdist validate` runs the sweep checks, and a method switch by over
 
 from __future__ import annotations
 
+import pytest
 import yaml
 
 from ftdist.cli import main
@@ -49,3 +50,13 @@ def test_validate_runs_the_sweep_checks(write_job, tmp_path, capsys):
     job["sweep"].update(space={"optim.lr": [1e-3, 1e-2]}, scheduler={"type": "fifo"})
     path.write_text(yaml.safe_dump(job))
     assert main(["validate", str(path)]) == 0, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("model, message", [
+    ({"activation_offload": True}, r"model.activation_offload moves what gradient checkpointing keeps: set "
+                                   r"model.gradient_checkpointing: true"),
+    ({"activation_offload": True, "gradient_checkpointing": True},
+     r"model.activation_offload needs GPUs .*: on a CPU activations are in host memory already"),
+])
+def test_activation_offload_rules_are_one_line(validate_refuses, model, message):
+    validate_refuses({"model": {**tiny_job_dict("x")["model"], **model}}, message)
