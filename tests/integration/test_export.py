@@ -109,6 +109,8 @@ def test_export_lora_checkpoint_adapter_and_merged(ray_cluster, bucket, s3_serve
                                         optim={**tiny_job_dict("x")["optim"], "lr": 1e-2}))
     s = run_training(spec)
     assert s.error is None, s.error
+    losses = {h["step"]: h["loss"] for h in s.history if "loss" in h}  # LoRA under ZeRO-2 learns
+    assert (losses[7] + losses[8]) / 2 < (losses[1] + losses[2]) / 2 - 0.1, losses
     r = _cli("export", f"{storage}/lora2/step_00000008", "--to", f"{storage}/exports/lora")
     assert r.returncode == 0, r.stderr
     out = _download(s3_server, f"{storage}/exports/lora", tmp_path / "lora")

@@ -52,19 +52,21 @@ OFFLOAD_OPTIMIZER = {"zero": {"offload_optimizer": "cpu"}}
 @pytest.mark.parametrize(
     "method, stage, extra",
     [
-        ("full", 2, {}),
+        ("full", 2, {"export": {"enabled": True}}),
         ("full", 3, OFFLOAD_ALL),
         ("freeze", 2, {"freeze": {"train_top_layers": 1}, **OFFLOAD_OPTIMIZER}),
-        ("lora", 2, {"lora": {"rank": 8, "alpha": 16, "dropout": 0.0}, "optim": {"lr": 1e-2}}),
         ("lora", 3, {"lora": {"rank": 4, "alpha": 8}, "optim": {"lr": 1e-2}, "eval": GENERATE}),
     ],
-    ids=["full-zero2", "full-zero3-offload-cpuadam", "freeze-zero2-offload", "lora-zero2", "lora-zero3"],
+    ids=["full-zero2-export", "full-zero3-offload-cpuadam", "freeze-zero2-offload", "lora-zero3"],
 )
 def test_method_trains_with_falling_loss(ray_cluster, tmp_path, method, stage, extra):
+    """(LoRA under ZeRO-2 trains with falling loss in tests/integration/test_export.py, and as QLoRA in
+    test_lora_variants.py; the ZeRO-3 export in test_export.py.)"""
     extra = copy.deepcopy(extra)
     optim = {**tiny_job_dict("x")["optim"], "max_steps": 12, **extra.pop("optim", {})}
     spec, s = _run(tmp_path, f"m-{method}-{stage}", method=method, zero={"stage": stage, **extra.pop("zero", {})},
-                   optim=optim, checkpoint={"every_n_steps": 12}, export={"enabled": False}, **extra)
+                   optim=optim, checkpoint={"every_n_steps": 12}, export=extra.pop("export", {"enabled": False}),
+                   **extra)
     losses = _losses(s.history)
     assert sorted(losses) == list(range(1, 13))
     first, last = sum(losses[k] for k in (1, 2)) / 2, sum(losses[k] for k in (11, 12)) / 2
@@ -81,6 +83,24 @@ def test_method_trains_with_falling_loss(ray_cluster, tmp_path, method, stage, e
         generated = {h["step"]: h for h in s.history if "eval_gen_exact_match" in h}
         assert sorted(generated) == [0, 12]
         assert all(0.0 <= generated[step][m] <= 1.0 for step in (0, 12) for m in GEN_METRICS)
+    if spec.export.enabled:
+        _export_is_the_trained_model(s, "step_00000012")
+
+
+def _export_is_the_trained_model(s, tag: str) -> None:
+    """The export loads, generates, and holds exactly the trained weights: DeepSpeed's own fp32 reconstruction of the
+    final checkpoint."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    assert s.export_dir and os.path.isfile(os.path.join(s.export_dir, "model.safetensors"))
+    model = AutoModelForCausalLM.from_pretrained(s.export_dir)
+    _generate(model, AutoTokenizer.from_pretrained(s.export_dir))
+    reference = get_fp32_state_dict_from_zero_checkpoint(s.checkpoint, tag=tag)
+    exported = model.state_dict()
+    assert set(reference) <= set(exported)
+    for k, v in reference.items():
+        torch.testing.assert_close(exported[k], v, rtol=0, atol=0, msg=k)
+    assert not torch.allclose(model.lm_head.weight, _base_model().lm_head.weight)
 
 
 # The losses of the uninterrupted run below, as this code computed them (2026-12-03, torch 2.13 CPU, DeepSpeed 0.19,
@@ -169,45 +189,6 @@ def _generate(model, tok):
                 break
     assert out[0].tolist() == ids[0].tolist()
     return out
-
-
-@pytest.mark.parametrize("stage", [2, 3])
-def test_full_export_loads_and_generates(ray_cluster, tmp_path, stage):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    spec, s = _run(tmp_path, f"export-full-{stage}", zero={"stage": stage})
-    assert s.export_dir and os.path.isfile(os.path.join(s.export_dir, "model.safetensors"))
-    model = AutoModelForCausalLM.from_pretrained(s.export_dir)
-    tok = AutoTokenizer.from_pretrained(s.export_dir)
-    _generate(model, tok)
-    # The export holds exactly the trained weights: DeepSpeed's own fp32 reconstruction of the final checkpoint.
-    reference = get_fp32_state_dict_from_zero_checkpoint(s.checkpoint, tag="step_00000008")
-    exported = model.state_dict()
-    assert set(reference) <= set(exported)
-    for k, v in reference.items():
-        torch.testing.assert_close(exported[k], v, rtol=0, atol=0, msg=k)
-    base = _base_model()
-    assert not torch.allclose(model.lm_head.weight, base.lm_head.weight)
-
-
-def test_lora_export_adapter_and_merged_agree(ray_cluster, tmp_path):
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    spec, s = _run(tmp_path, "export-lora", method="lora",
-                   lora={"rank": 8, "alpha": 16, "dropout": 0.0, "merge_on_export": True},
-                   optim={**tiny_job_dict("x")["optim"], "lr": 1e-2})
-    adapter, merged_dir = os.path.join(s.export_dir, "adapter"), os.path.join(s.export_dir, "merged")
-    assert os.path.isfile(os.path.join(adapter, "adapter_model.safetensors"))
-    peft_model = PeftModel.from_pretrained(_base_model(), adapter).eval()
-    merged = AutoModelForCausalLM.from_pretrained(merged_dir).eval()
-    tok = AutoTokenizer.from_pretrained(merged_dir)
-    x = tok("Write 77 in words:", return_tensors="pt")
-    with torch.no_grad():
-        lp, lm, lb = peft_model(**x).logits, merged(**x).logits, _base_model()(**x).logits
-    assert torch.allclose(lp, lm, atol=1e-4)
-    assert not torch.allclose(lm, lb, atol=1e-3)  # the adapter changed the model
-    _generate(merged, tok)
 
 
 def _ftdist_train(tmp_path, job: str, *sets: str) -> str:

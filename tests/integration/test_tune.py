@@ -149,8 +149,8 @@ def _kill_tree(proc: subprocess.Popen) -> None:
 @pytest.mark.slow
 def test_killed_sweep_driver_resumes_without_rerunning_finished_trials(ray_cluster, tmp_path):
     job = _sweep_job(str(tmp_path / "store"), name="resume",
-                     sweep={"search": "grid", "space": {"optim.lr": [1e-2, 3e-3, 1e-3]},
-                            "scheduler": {"type": "fifo"}, "keep_best_trials": 3, "export_best": False},
+                     sweep={"search": "grid", "space": {"optim.lr": [1e-2, 3e-3]},
+                            "scheduler": {"type": "fifo"}, "keep_best_trials": 2, "export_best": False},
                      optim={**tiny_job_dict("x")["optim"], "lr": 1e-2, "max_steps": 8})
     path = _write(tmp_path, job)
     sweep = tmp_path / "store" / "resume"
@@ -171,18 +171,18 @@ def test_killed_sweep_driver_resumes_without_rerunning_finished_trials(ray_clust
         _kill_tree(proc)
     before = {t: rows for t, rows in _results(sweep).items()}
     finished = {t for t, rows in before.items() if rows and rows[-1].get("step") == 8}
-    assert finished and len(finished) < 3
+    assert finished and len(finished) < 2
 
     r = _tune("tune", str(path), "--resume", *_address())
     assert r.returncode == 0, r.stderr[-3000:]
     after = _results(sweep)
-    assert len(after) == 3 and all(rows[-1]["step"] == 8 for rows in after.values())
+    assert len(after) == 2 and all(rows[-1]["step"] == 8 for rows in after.values())
     for t in finished:  # not run again: Tune recorded nothing new for them
         assert after[t] == before[t]
     # A trial the killed driver had started before Tune saved its state ran again under a new id: its folders went.
     assert {d.name[len("train-"):] for d in sweep.glob("train-*")} <= set(after)
     table = list(csv.DictReader((sweep / "report" / "results.csv").open()))
-    assert len(table) == 3 and all(row["status"] == "TERMINATED" for row in table)
+    assert len(table) == 2 and all(row["status"] == "TERMINATED" for row in table)
 
     # A second plain `ftdist tune` of the same name refuses instead of mixing two sweeps in one folder.
     r3 = _tune("tune", str(path), *_address(), timeout=300)
