@@ -25,6 +25,7 @@ from deepspeed.utils import logger as ds_logger
 from ray.train.v2._internal.execution import context as train_context
 from transformers.utils import logging as hf_logging
 
+from ftdist.errors import SpecError, last_line
 from ftdist.storage.checkpoints import checkpoint_name
 from ftdist.train.checkpointing import RankCheckpointer, restore_per_worker
 from ftdist.train.universal import needs_conversion
@@ -169,14 +170,21 @@ def train_fn_per_worker(config: dict) -> None:
     else:
         optimizer, model_parameters = None, param_groups(model, o.weight_decay)
     schedule = lr_lambda(spec, n_steps)
-    engine, _, _, scheduler = deepspeed.initialize(
-        model=model,
-        optimizer=optimizer,
-        model_parameters=model_parameters,
-        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
-        config=ds_cfg,
-        dist_init_required=False,
-    )
+    try:
+        engine, _, _, scheduler = deepspeed.initialize(
+            model=model,
+            optimizer=optimizer,
+            model_parameters=model_parameters,
+            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
+            config=ds_cfg,
+            dist_init_required=False,
+        )
+    except (AssertionError, ValueError) as e:
+        # DeepSpeed's config parser took the passed keys (checked before Ray started); its engine checks some
+        # combinations only here (prescale_gradients with ZeRO-2's reduce-scatter, say): name the pass-through.
+        if not spec.deepspeed_extra:
+            raise
+        raise SpecError(f"deepspeed_extra: DeepSpeed refuses the config at start: {last_line(e, 300)}") from None
     if spec.model.compile:
         engine.compile()
     device = engine.device
