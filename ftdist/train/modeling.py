@@ -125,12 +125,8 @@ def _finish(model: Any, spec: ModelSpec) -> Any:
     # What the export's config.json says the model is (a causal LM checkpoint under a new head is no longer one).
     model.config.architectures = [type(model).__name__]
     if spec.gradient_checkpointing:
-        offload = {"offload": True} if spec.activation_offload else {}
-        try:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False}, **offload)
-        except TypeError:  # a transformers 5 from before activation checkpointing learned to offload
-            raise SpecError("model.activation_offload: this transformers cannot offload checkpointed activations "
-                            "(pip install -U 'transformers<6')") from None
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False},
+                                            offload=spec.activation_offload)
         model.config.use_cache = False
     return model
 
