@@ -132,7 +132,8 @@ class CheckpointSize:
 
     module: int
     """The module's weights in the model dtype (`mp_rank_00_model_states.pt`), written by rank 0 under ZeRO 0-2
-    (LoRA and freeze included: DeepSpeed saves the whole module); 0 under ZeRO-3, whose ranks save partitions."""
+    (for LoRA and freeze on a reloadable base only what trains; otherwise the whole module); 0 under ZeRO-3, whose
+    ranks save partitions."""
     per_rank: int
     """One rank's optimizer partition (`zero_pp_rank_N_..._optim_states.pt`: fp32 master weights and Adam's two
     moments of its share of the trainable parameters; without ZeRO rank 0 alone writes the whole optimizer)."""
@@ -148,7 +149,9 @@ class CheckpointSize:
 def checkpoint_size(spec: JobSpec, shape: ModelShape, world: int, setting: Optional[Setting] = None) -> CheckpointSize:
     s = setting or Setting.of(spec)
     states = model_state_bytes(spec, shape, world, s)
-    module = 0 if s.stage == 3 else shape.params() * _weight_bytes(spec)
+    # Rank 0's module file under ZeRO 0-2: the whole module, or only what trains where the frozen base is left out.
+    kept = trainable_params(spec, shape, s.method) if spec.checkpoints_leave_frozen_out else shape.params()
+    module = 0 if s.stage == 3 else kept * _weight_bytes(spec)
     if s.stage == 0:  # no partitions: rank 0 writes the optimizer beside the module
         return CheckpointSize(int(module + states["optimizer states"]), 0)
     return CheckpointSize(int(module), int(states["optimizer states"]))

@@ -878,6 +878,14 @@ class JobSpec(FrozenSpec):
         return resolve(c) if c else f"{self.checkpoint.resolved_storage()}/_prepared"
 
     @property
+    def checkpoints_leave_frozen_out(self) -> bool:
+        """LoRA and freeze checkpoints leave out the frozen parameters when the base is loadable again (a hub id, path
+        or s3:// prefix): they are the base's own weights, unchanged. (A quickstart's from_config model has no base to
+        reload its random frozen weights from, so its checkpoints keep them.) For an 8B LoRA job this is ~16 GB less
+        per checkpoint, uploaded and downloaded by every rank again."""
+        return self.method in ("lora", "freeze") and self.model.name_or_path is not None
+
+    @property
     def has_score_head(self) -> bool:
         """The objective trains a new head on the backbone (AutoModelForSequenceClassification), not the LM head."""
         return self.objective in ("reward", "classification")

@@ -37,14 +37,6 @@ HF_DIR = "hf"
 """Inside each checkpoint: the base config, tokenizer and (LoRA) adapter config, so it exports on its own."""
 
 
-def excludes_frozen(spec: JobSpec) -> bool:
-    """LoRA and freeze checkpoints leave out the frozen parameters when the base is loadable again (a hub id, path
-    or s3:// prefix): they are the base's own weights, unchanged. (A quickstart's from_config model has no base to
-    reload its random frozen weights from, so its checkpoints keep them.) For an 8B LoRA job this is ~16 GB less per
-    checkpoint, uploaded and downloaded by every rank again."""
-    return spec.method in ("lora", "freeze") and spec.model.name_or_path is not None
-
-
 def spec_hash(spec: JobSpec) -> str:
     body = json.dumps(spec.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(body.encode()).hexdigest()
@@ -55,7 +47,7 @@ def checkpoint_meta(spec: JobSpec, step: int, metrics: dict, worker_seconds: flo
     """The trainer's part of a checkpoint's manifest. The job spec is hashed, not copied."""
     return CheckpointMeta(
         step=step, zero_stage=spec.zero.stage, method=spec.method, job_name=spec.name, spec_sha256=spec_hash(spec),
-        base_model=spec.model.name_or_path, base_revision=spec.model.revision, frozen_excluded=excludes_frozen(spec),
+        base_model=spec.model.name_or_path, base_revision=spec.model.revision, frozen_excluded=spec.checkpoints_leave_frozen_out,
         merge_on_export=spec.method == "lora" and spec.lora.merge_on_export,
         export_max_shard_size=spec.export.max_shard_size,
         metrics={k: v for k, v in metrics.items() if isinstance(v, (int, float))},
@@ -298,7 +290,7 @@ class RankCheckpointer:
     def save(self, engine: Any, state: TrainState, tokenizer: Any) -> None:
         self._idle.wait()  # at most one upload in flight per rank: bounded local disk, no piling up
         tmp = tempfile.mkdtemp(prefix=f"ftdist-ckpt-r{self.rank}-")
-        exclude = excludes_frozen(self.spec)
+        exclude = self.spec.checkpoints_leave_frozen_out
         save_per_worker(engine, tmp, state, self.rank, exclude)
         if self.rank == 0:
             save_hf_metadata(engine.module, tokenizer, os.path.join(tmp, HF_DIR), exclude)

@@ -358,3 +358,16 @@ def test_the_planner_refuses_an_encoder_in_one_line(tmp_path, write_job, capsys)
     assert main(["plan", str(write_job(job)), "--rows", "1000"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "model_type bert (an encoder)" in err and "Llama family" in err, err
+
+
+def test_lora_checkpoints_on_a_reloadable_base_size_only_what_trains(tmp_path):
+    """LoRA checkpoints of a hub/path/s3 base leave the frozen base out (train/checkpointing.py): rank 0's module file
+    is the adapter, not the 16 GB of an 8B model; a from_config model keeps its frozen weights."""
+    from ftdist.plan.memory import checkpoint_size, trainable_params
+
+    spec = load_spec(REPO / "jobs" / "llama-8b-lora.yaml", [f"model.name_or_path={LLAMA_8B}"])
+    shape = _shape(LLAMA_8B)
+    assert spec.checkpoints_leave_frozen_out
+    assert checkpoint_size(spec, shape, 8).module == trainable_params(spec, shape, "lora") * 2
+    full = load_spec(REPO / "jobs" / "llama-8b-full-zero3.yaml", [f"model.name_or_path={LLAMA_8B}", "zero.stage=2"])
+    assert checkpoint_size(full, shape, 8).module == shape.params() * 2
