@@ -46,9 +46,9 @@ def _deepspeed_checked(spec):
     """Keys passed through to DeepSpeed (deepspeed_extra) read by DeepSpeed's own config parser now, not in the
     workers after Ray started (only jobs that pass keys load DeepSpeed here)."""
     if spec.deepspeed_extra:
-        from ftdist.train.ds_config import to_deepspeed
+        from ftdist.train.ds_config import check_with_deepspeed
 
-        to_deepspeed(spec, spec.resources.num_workers)
+        check_with_deepspeed(spec)
     return spec
 
 

@@ -283,9 +283,7 @@ def activation_bytes(spec: JobSpec, shape: ModelShape, s: "Setting") -> float:
     lora = (spec.lora.rank if spec.lora else 8, (spec.lora.dropout if spec.lora else 0.05) > 0) \
         if s.method == "lora" else None
     per_layer = layer_activation_bytes(shape, spec.model.attn_implementation, seq, d, lora, s.stage == 3) * b * seq
-    layers = shape.layers
-    if s.method == "freeze" and spec.freeze is not None:
-        layers = min(layers, spec.freeze.train_top_layers)
+    layers = _backward_layers(spec, shape, s)
     final_norm = _norm_units(d) * shape.hidden * b * seq * d
     if s.gradient_checkpointing:  # each layer's input kept; one layer's activations alive during its recompute
         return checkpointed_inputs(spec, shape, s) + (per_layer if layers else 0) + final_norm
@@ -295,10 +293,16 @@ def activation_bytes(spec: JobSpec, shape: ModelShape, s: "Setting") -> float:
 def checkpointed_inputs(spec: JobSpec, shape: ModelShape, s: "Setting") -> float:
     """What gradient checkpointing keeps between forward and backward: each trained layer's input (what
     model.activation_offload moves to host memory)."""
-    layers = shape.layers
+    tokens = s.micro_batch * sequences_per_row(spec) * spec.data.max_length
+    return _backward_layers(spec, shape, s) * tokens * shape.hidden * _weight_bytes(spec)
+
+
+def _backward_layers(spec: JobSpec, shape: ModelShape, s: "Setting") -> int:
+    """Decoder layers the backward runs through: all, or under freeze the top ones that train (the frozen lower
+    layers keep nothing, their input needs no gradient)."""
     if s.method == "freeze" and spec.freeze is not None:
-        layers = min(layers, spec.freeze.train_top_layers)
-    return layers * s.micro_batch * sequences_per_row(spec) * spec.data.max_length * shape.hidden * _weight_bytes(spec)
+        return min(shape.layers, spec.freeze.train_top_layers)
+    return shape.layers
 
 
 def _reduce_buckets(spec: JobSpec, s: Setting, trainable: int, d: int, written: bool = False) -> float:

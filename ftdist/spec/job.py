@@ -747,11 +747,11 @@ class JobSpec(FrozenSpec):
     sweep: Optional[SweepSpec] = None
     """Only read by `ftdist tune`; `ftdist train` ignores it."""
     kubernetes: Optional[KubernetesSpec] = None
+    """Only read by `ftdist k8s render`."""
     deepspeed_extra: dict[str, Any] = {}
     """Further DeepSpeed config keys, merged into the config ftdist derives (nested sections merge key by key);
     checked against DeepSpeed's own config model before anything runs. What ftdist derives from the job (batch
     sizes, ZeRO stage, dtype, optimizer, clipping, the settings `zero:` has) cannot be set here."""
-    """Only read by `ftdist k8s render`."""
 
     @field_validator("name")
     @classmethod

@@ -47,7 +47,8 @@ def checkpoint_meta(spec: JobSpec, step: int, metrics: dict, worker_seconds: flo
     """The trainer's part of a checkpoint's manifest. The job spec is hashed, not copied."""
     return CheckpointMeta(
         step=step, zero_stage=spec.zero.stage, method=spec.method, job_name=spec.name, spec_sha256=spec_hash(spec),
-        base_model=spec.model.name_or_path, base_revision=spec.model.revision, frozen_excluded=spec.checkpoints_leave_frozen_out,
+        base_model=spec.model.name_or_path, base_revision=spec.model.revision,
+        frozen_excluded=spec.checkpoints_leave_frozen_out,
         merge_on_export=spec.method == "lora" and spec.lora.merge_on_export,
         export_max_shard_size=spec.export.max_shard_size,
         metrics={k: v for k, v in metrics.items() if isinstance(v, (int, float))},

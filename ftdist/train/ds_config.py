@@ -1,4 +1,5 @@
-"""`to_deepspeed(spec, world_size)`: the DeepSpeed config dict, a pure function of the job spec.
+"""`to_deepspeed(spec, world_size)`: the DeepSpeed config dict, a pure function of the job spec;
+`check_with_deepspeed(spec)`: that dict read by DeepSpeed's own parser (the CLI's check of keys passed through).
 
 Every value is a real number: DeepSpeed outside the HF Trainer does not resolve `"auto"`.
 """
@@ -83,10 +84,7 @@ def to_deepspeed(spec: JobSpec, world_size: int, load_universal: bool = False) -
         cfg["zero_allow_untested_optimizer"] = True
         if z.offload_optimizer != "none":
             cfg["zero_force_ds_cpu_optimizer"] = False
-    if spec.deepspeed_extra:
-        cfg = merged(cfg, spec.deepspeed_extra)
-        check_with_deepspeed(cfg, spec.deepspeed_extra)
-    return cfg
+    return merged(cfg, spec.deepspeed_extra) if spec.deepspeed_extra else cfg
 
 
 def merged(base: dict, extra: dict) -> dict:
@@ -120,12 +118,14 @@ class _ReadKeys(dict):
         return _ReadKeys(self, read=self.read)
 
 
-def check_with_deepspeed(cfg: dict, extra: dict) -> None:
-    """The config as DeepSpeed's own parser reads it (`DeepSpeedConfig`: its pydantic section models refuse unknown
-    or ill-typed keys, its sanity checks run), one line on failure. DeepSpeed ignores top-level keys it does not
-    know, so a top-level key of `extra` that its parser never looked up is a typo and refused the same way."""
+def check_with_deepspeed(spec: JobSpec) -> None:
+    """The job's config as DeepSpeed's own parser reads it (`DeepSpeedConfig`: its pydantic section models refuse
+    unknown or ill-typed keys, its sanity checks run), one line on failure; run by the CLI before Ray starts, for
+    jobs that pass keys (deepspeed_extra). DeepSpeed ignores top-level keys it does not know, so a passed top-level key
+    its parser never looked up is a typo and refused the same way."""
     from deepspeed.runtime.config import DeepSpeedConfig  # torch and DeepSpeed load only for jobs that pass keys
 
+    cfg, extra = to_deepspeed(spec, spec.resources.num_workers), spec.deepspeed_extra
     read: set = set()
     # Checked as one process would read it: without the world size, DeepSpeed derives the total batch itself.
     probe = _ReadKeys({k: v for k, v in cfg.items() if k != "train_batch_size"}, read=read)

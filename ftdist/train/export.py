@@ -169,6 +169,11 @@ def _plain(name: str) -> str:
     return name.replace(SAVED_WHOLE, ".").replace(".base_layer.", ".")
 
 
+DORA_MAGNITUDE = "lora_magnitude_vector.default.weight"
+"""DoRA's trained magnitude of a module's outputs, as the model names it; peft's adapter file says
+`<module>.lora_magnitude_vector`."""
+
+
 def merged_lora(read: Callable[..., Tensors], adapter_cfg: dict) -> Tensors:
     """Fold LoRA into the base weights, W' = W + scale * B @ A, under plain HF names. The adapter tensors (small)
     are read first; then base weights stream by one at a time."""
@@ -191,16 +196,11 @@ def merged_lora(read: Callable[..., Tensors], adapter_cfg: dict) -> Tensors:
         yield _plain(name), t
 
 
-DORA_MAGNITUDE = "lora_magnitude_vector.default.weight"
-"""DoRA's trained magnitude of a module's outputs, as the model names it; peft's adapter file says
-`<module>.lora_magnitude_vector`."""
-
-
 def adapter_only(stream: Tensors, alpha: Optional[float] = None) -> Tensors:
     """peft's adapter_model.safetensors naming (no adapter name; a module saved whole under its own name); WiSE-FT
     on an adapter scales B by alpha (W + alpha * scale * B @ A is exactly the interpolation between base and
     merged weights; a new head, which the base does not have, stays as trained). (Under DoRA it is not: the
-    magnitude renormalises the direction, so no adapter reproduces the interpolated weights; validation refuses.)"""
+    magnitude renormalises the direction, so no adapter reproduces the interpolated weights: the export refuses.)"""
     for name, t in stream:
         if name.endswith(DORA_MAGNITUDE):
             name = name[: -len(".default.weight")]

@@ -13,12 +13,12 @@ from typing import Any, Iterator, Optional
 
 import deepspeed
 import torch
+import torch.distributed as dist
 
 # peft imports bitsandbytes where it is installed; on a CPU with AVX512-BF16 bitsandbytes then tries to fetch a faster
 # 4-bit kernel from the Hugging Face hub and, offline or without the `kernels` package, warns on every import (on
 # every rank) before using its own kernel. The fallback is what runs; the line says nothing a user must act on.
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
-import torch.distributed as dist
 from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
@@ -35,16 +35,16 @@ TORCH_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 
 def load_model(spec: ModelSpec, local_path: Optional[str], ds_config: Optional[dict],
-               head: Optional[ScoreHead] = None, seed: int = 0, quantize: Optional[LoraSpec] = None) -> Any:
+               head: Optional[ScoreHead] = None, seed: int = 0, lora: Optional[LoraSpec] = None) -> Any:
     """Build the model: a causal LM, or with `head` the backbone under a new sequence-level head
     (AutoModelForSequenceClassification; the parameters the checkpoint lacks start as heads.py says, from `seed`).
     Under ZeRO-3 an HfDeepSpeedConfig is alive during construction so transformers wraps it in deepspeed.zero.Init:
-    each rank materialises only its partition, never the whole model. `quantize`: a LoRA section with
-    `quantize` set, whose base linears load in 4-bit (QLoRA; ZeRO 0-2, validated)."""
+    each rank materialises only its partition, never the whole model. `lora`: the job's LoRA section; with
+    `lora.quantize` the base linears load in 4-bit (QLoRA; ZeRO 0-2, validated)."""
     dtype = getattr(torch, TORCH_DTYPES[spec.dtype])
     common: dict[str, Any] = dict(dtype=dtype, attn_implementation=spec.attn_implementation)
-    if quantize is not None and quantize.quantize:
-        common["quantization_config"] = four_bit_config(quantize, dtype)
+    if lora is not None and lora.quantize:
+        common["quantization_config"] = four_bit_config(lora, dtype)
     auto = AutoModelForSequenceClassification if head else AutoModelForCausalLM
     head_kwargs = head.config_kwargs() if head else {}
     zero3 = bool(ds_config) and ds_config["zero_optimization"]["stage"] == 3

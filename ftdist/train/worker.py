@@ -156,7 +156,7 @@ def train_fn_per_worker(config: dict) -> None:
     clock.mark("data")
 
     head = objective.score_head(tokenizer)
-    model = load_model(spec.model, model_path, ds_cfg, head, o.seed, quantize=spec.lora)
+    model = load_model(spec.model, model_path, ds_cfg, head, o.seed, lora=spec.lora)
     model = apply_method(apply_kernels(model, spec), spec)
     clock.mark("model")
     trainable, total = count_params(model)
