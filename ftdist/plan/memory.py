@@ -174,7 +174,7 @@ def plan_memory(spec: JobSpec, shape: ModelShape, card: Gpu, world: int, gpus_pe
     plan.gpu.append(("parameters", 0 if s.offload_params else int(params)))
     plan.gpu.append(("gradients", 0 if s.offload_optimizer else int(states["gradients"])))
     plan.gpu.append(("optimizer states", 0 if s.offload_optimizer else int(optim)))
-    seq, b = spec.data.max_length, s.micro_batch * sequences_per_row(spec)
+    seq, b = rank_sequence(spec), s.micro_batch * sequences_per_row(spec)
     activations = activation_bytes(spec, shape, s)
     offloaded = checkpointed_inputs(spec, shape, s) if s.gradient_checkpointing and spec.model.activation_offload else 0
     plan.gpu.append(("activations", int(activations - offloaded)))
@@ -198,6 +198,13 @@ def plan_memory(spec: JobSpec, shape: ModelShape, card: Gpu, world: int, gpus_pe
     # holds the whole model.
     plan.host.append(("loading the weights", int(params * per_node)))
     return plan
+
+
+def rank_sequence(spec: JobSpec) -> int:
+    """Positions of each sequence one rank holds: data.max_length, or under parallel.sequence (Ulysses) 1/N of it,
+    padded up. Every activation is per position: attention's gathered q, k, v and output hold the whole sequence for
+    1/N of the heads, the same bytes."""
+    return -(-spec.data.max_length // spec.parallel.sequence)
 
 
 def sequences_per_row(spec: JobSpec) -> int:
@@ -279,7 +286,7 @@ def activation_bytes(spec: JobSpec, shape: ModelShape, s: "Setting") -> float:
     """What autograd keeps for the backward of one micro batch: every layer that trains or lies above one that
     trains (freeze: the frozen lower layers keep nothing, their input needs no gradient), each layer's input only
     under gradient checkpointing (plus one layer recomputed at a time), and the final norm."""
-    d, seq, b = _weight_bytes(spec), spec.data.max_length, s.micro_batch * sequences_per_row(spec)
+    d, seq, b = _weight_bytes(spec), rank_sequence(spec), s.micro_batch * sequences_per_row(spec)
     lora = (spec.lora.rank if spec.lora else 8, (spec.lora.dropout if spec.lora else 0.05) > 0) \
         if s.method == "lora" else None
     per_layer = layer_activation_bytes(shape, spec.model.attn_implementation, seq, d, lora, s.stage == 3) * b * seq
@@ -293,7 +300,7 @@ def activation_bytes(spec: JobSpec, shape: ModelShape, s: "Setting") -> float:
 def checkpointed_inputs(spec: JobSpec, shape: ModelShape, s: "Setting") -> float:
     """What gradient checkpointing keeps between forward and backward: each trained layer's input (what
     model.activation_offload moves to host memory)."""
-    tokens = s.micro_batch * sequences_per_row(spec) * spec.data.max_length
+    tokens = s.micro_batch * sequences_per_row(spec) * rank_sequence(spec)
     return _backward_layers(spec, shape, s) * tokens * shape.hidden * _weight_bytes(spec)
 
 

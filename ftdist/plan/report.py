@@ -59,10 +59,13 @@ def make_plan(spec: JobSpec, *, gpu_name: Optional[str] = None, gpus: Optional[i
     if gpus is None and not spec.resources.use_gpu:
         notes.append(f"the job runs on CPU (resources.gpus_per_worker: 0); planned as {world} x {card.name}, one "
                      f"per worker")
-    o = spec.optim
-    if o.global_batch_size % (o.micro_batch_size * world):
+    o, sp = spec.optim, spec.parallel.sequence
+    if world % sp:
+        raise SpecError(f"--gpus {world}: parallel.sequence {sp} must divide the GPUs")
+    if o.global_batch_size % (o.micro_batch_size * (world // sp)):
         raise SpecError(f"--gpus {world}: optim.global_batch_size {o.global_batch_size} is not a multiple of "
-                        f"optim.micro_batch_size {o.micro_batch_size} x {world} GPUs")
+                        f"optim.micro_batch_size {o.micro_batch_size} x {world} GPUs"
+                        + (f" / parallel.sequence {sp}" if sp > 1 else ""))
     cfg = model_config(spec.model)
     try:
         shape = job_shape(spec, cfg)
@@ -78,6 +81,9 @@ def make_plan(spec: JobSpec, *, gpu_name: Optional[str] = None, gpus: Optional[i
     steps = job_steps(spec, rows)
     if steps is None:
         notes.append("steps unknown: optim.epochs over data the planner cannot count; give --rows N")
+    if sp > 1:
+        notes.append(f"parallel.sequence {sp}: activations and logits per GPU hold 1/{sp} of each sequence; the "
+                     f"speed leaves out the all-to-alls around each attention call")
     if not spec.data.packing:
         notes.append(f"sequences counted at data.max_length ({spec.data.max_length}); shorter examples without "
                      f"packing make every number here an upper bound")
@@ -131,7 +137,8 @@ def render(plan: Plan) -> str:
            f"{', parameter offload' if m.setting.offload_params else ''}, {method}",
            f"model: {spec.model.name_or_path or 'from_config ' + str(spec.model.from_config.get('model_type'))}: "
            f"{total / 1e9:.2f} B parameters, {plan.trainable / 1e6:,.1f} M trainable "
-           f"({100 * plan.trainable / total:.2f}%), {spec.model.dtype}, sequence {spec.data.max_length}, micro batch "
+           f"({100 * plan.trainable / total:.2f}%), {spec.model.dtype}, sequence {spec.data.max_length}"
+           + (f" split over {spec.parallel.sequence} GPUs" if spec.parallel.sequence > 1 else "") + ", micro batch "
            f"{m.setting.micro_batch}, gradient checkpointing {'on' if m.setting.gradient_checkpointing else 'off'}",
            "", f"{'per GPU':<48}{'GiB':>8}"]
     out += [f"  {what:<46}{_gib(b)}" for what, b in m.gpu]

@@ -143,6 +143,19 @@ class FreezeSpec(FrozenSpec):
         return self
 
 
+class ParallelSpec(FrozenSpec):
+    """How one sequence is split beyond ZeRO's data parallelism."""
+
+    sequence: int = Field(1, ge=1)
+    """Ulysses sequence parallelism (DeepSpeed's, for Hugging Face models): every sequence is split over this many
+    consecutive workers, which read the same micro batch; attention all-to-alls heads for positions, so it sees the
+    whole sequence while embeddings, MLPs and logits hold 1/N of it (activation memory / N). The data-parallel size
+    is resources.num_workers / sequence; the global batch counts sequences. `objective: sft` only; the attention
+    heads (and KV heads, or the reverse) must divide by it; `data.packing` needs flash attention (sdpa has no
+    per-document mask once DeepSpeed drops the 4D mask). Evaluation and generation run without it, one whole
+    sequence per worker (no activations kept)."""
+
+
 class ZeroSpec(FrozenSpec):
     """DeepSpeed ZeRO settings."""
 
@@ -700,11 +713,12 @@ DERIVED = {
     "train_batch_size": "optim.global_batch_size", "train_micro_batch_size_per_gpu": "optim.micro_batch_size",
     "gradient_accumulation_steps": "optim.global_batch_size", "gradient_clipping": "optim.grad_clip",
     "optimizer": "optim", "scheduler": "optim.schedule", "bf16": "model.dtype", "fp16": "model.dtype",
-    "checkpoint": "checkpoint", "zero_optimization.stage": "zero.stage",
+    "checkpoint": "checkpoint", "zero_optimization.stage": "zero.stage", "sequence_parallel_size": "parallel.sequence",
     "zero_optimization.offload_optimizer": "zero.offload_optimizer", "zero_optimization.offload_param":
     "zero.offload_params", "zero_optimization.zero_hpz_partition_size": "zero.hpz_partition_size",
     "zero_optimization.zero_quantized_weights": "zero.quantized_weights",
     "zero_optimization.zero_quantized_gradients": "zero.quantized_gradients",
+    "zero_optimization.reduce_scatter": "zero.stage",  # always on; parallel.sequence's ZeRO-3 loss scale assumes it
     **{f"zero_optimization.{k}": f"zero.{k}" for k in (
         "overlap_comm", "contiguous_gradients", "reduce_bucket_size", "allgather_bucket_size",
         "stage3_prefetch_bucket_size", "stage3_param_persistence_threshold", "stage3_max_live_parameters")},
@@ -737,6 +751,7 @@ class JobSpec(FrozenSpec):
     lora: Optional[LoraSpec] = None
     freeze: Optional[FreezeSpec] = None
     zero: ZeroSpec = ZeroSpec()
+    parallel: ParallelSpec = ParallelSpec()
     optim: OptimSpec
     resources: ResourcesSpec = ResourcesSpec()
     checkpoint: CheckpointSpec = CheckpointSpec()
@@ -819,11 +834,13 @@ class JobSpec(FrozenSpec):
                              f"zero.hpz_partition_size {self.zero.hpz_partition_size} must divide "
                              f"resources.num_workers {self.resources.num_workers} (it is usually the GPUs per node)")
         derived_by_ftdist(self.deepspeed_extra)
-        o, n = self.optim, self.resources.num_workers
-        if o.global_batch_size % (o.micro_batch_size * n):
+        self._check_sequence_parallel()
+        o, n, sp = self.optim, self.resources.num_workers, self.parallel.sequence
+        if o.global_batch_size % (o.micro_batch_size * (n // sp)):
             raise FieldError("optim.global_batch_size",
                              f"optim.global_batch_size {o.global_batch_size} is not a multiple of "
-                             f"optim.micro_batch_size {o.micro_batch_size} x resources.num_workers {n}")
+                             f"optim.micro_batch_size {o.micro_batch_size} x resources.num_workers {n}"
+                             + (f" / parallel.sequence {sp}" if sp > 1 else ""))
         if self.model.dtype == "fp16" and not self.resources.use_gpu:
             raise FieldError("model.dtype", "model.dtype fp16 needs GPUs (resources.gpus_per_worker > 0); use fp32 or "
                                             "bf16 on CPU")
@@ -863,6 +880,35 @@ class JobSpec(FrozenSpec):
             raise FieldError("checkpoint.keep_best_by",
                              f"checkpoint.keep_best_by {best_by} needs data.eval or data.eval_fraction")
         return self
+
+    def _check_sequence_parallel(self) -> None:
+        sp = self.parallel.sequence
+        if sp == 1:
+            return
+        if self.resources.num_workers % sp:
+            raise FieldError("parallel.sequence", f"parallel.sequence {sp} must divide resources.num_workers "
+                                                  f"{self.resources.num_workers} (each group of {sp} workers splits "
+                                                  "one sequence)")
+        if self.objective != "sft":
+            raise FieldError("parallel.sequence", f"parallel.sequence splits one sequence for next-token loss "
+                                                  f"(objective sft); objective {self.objective} scores whole rows")
+        attn = self.model.attn_implementation
+        if attn == "eager":
+            raise FieldError("model.attn_implementation", "parallel.sequence needs sdpa or flash attention: eager "
+                                                          "attention builds a full 4D mask, which DeepSpeed's Ulysses "
+                                                          "drops")
+        if self.data.packing and attn == "sdpa":
+            raise FieldError("data.packing", "data.packing under parallel.sequence needs model.attn_implementation "
+                                             "flash_attention_2 or 3: DeepSpeed's Ulysses drops the 4D mask that "
+                                             "keeps packed documents apart under sdpa")
+        cfg = self.model.from_config or {}
+        heads, kv = cfg.get("num_attention_heads"), cfg.get("num_key_value_heads", cfg.get("num_attention_heads"))
+        if isinstance(heads, int) and heads % sp:
+            raise FieldError("parallel.sequence", f"parallel.sequence {sp} must divide the model's "
+                                                  f"{heads} attention heads")
+        if isinstance(kv, int) and kv % sp and sp % kv:
+            raise FieldError("parallel.sequence", f"parallel.sequence {sp} and the model's {kv} key/value heads "
+                                                  "must divide one another")
 
     @property
     def run_dir(self) -> str:
@@ -905,6 +951,7 @@ class JobSpec(FrozenSpec):
 
     def grad_accum_at(self, world: int) -> int:
         """Micro batches per rank and step on `world` workers: the global batch is the job's at any world size (a
-        checkpoint resumed on another number of workers keeps it)."""
+        checkpoint resumed on another number of workers keeps it). A sequence-parallel group reads one micro batch,
+        so the data-parallel size is world / parallel.sequence."""
         o = self.optim
-        return o.global_batch_size // (o.micro_batch_size * world)
+        return o.global_batch_size // (o.micro_batch_size * (world // self.parallel.sequence))

@@ -17,11 +17,12 @@ from ftdist.spec import JobSpec
 def to_deepspeed(spec: JobSpec, world_size: int, load_universal: bool = False) -> dict[str, Any]:
     """`load_universal`: this run resumes a checkpoint of another world size from its universal form
     (train/universal.py)."""
-    o, z = spec.optim, spec.zero
+    o, z, sp = spec.optim, spec.zero, spec.parallel.sequence
     micro = o.micro_batch_size
-    if o.global_batch_size % (micro * world_size):
+    if world_size % sp or o.global_batch_size % (micro * (world_size // sp)):
         raise ValueError(
             f"global batch {o.global_batch_size} is not a multiple of micro batch {micro} x world size {world_size}"
+            + (f" / sequence parallel {sp}" if sp > 1 else "")
         )
     grad_accum = spec.grad_accum_at(world_size)
 
@@ -66,6 +67,10 @@ def to_deepspeed(spec: JobSpec, world_size: int, load_universal: bool = False) -
         "steps_per_print": 1_000_000_000,  # ftdist logs; keep DeepSpeed's own step print quiet
         "wall_clock_breakdown": False,
     }
+    if sp > 1:
+        # DeepSpeed learns the groups from the mpu handed to deepspeed.initialize; ZeRO-3's zero.Init (model
+        # construction, before that) reads the data-parallel size for its batch check from this key.
+        cfg["sequence_parallel_size"] = sp
     if load_universal:
         cfg["checkpoint"] = {"load_universal": True}
     if spec.model.dtype == "fp16":

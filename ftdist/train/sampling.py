@@ -149,10 +149,11 @@ class ShardedLoader:
 
     @classmethod
     def for_job(cls, spec: JobSpec, sources: list[Sequence], rank: int, world: int) -> "ShardedLoader":
-        """The loader a job's rank uses (batch sizes, seed, shuffling and source weights from the spec)."""
-        o, d = spec.optim, spec.data
-        return cls(sources, micro_batch=o.micro_batch_size, grad_accum=spec.grad_accum_at(world), rank=rank,
-                   world=world, seed=o.seed, shuffle=d.shuffle, weights=[s.weight for s in d.sources],
+        """The loader a job's rank uses (batch sizes, seed, shuffling and source weights from the spec). The ranks
+        of a sequence-parallel group read the same micro batches: the data-parallel rank is rank // N."""
+        o, d, sp = spec.optim, spec.data, spec.parallel.sequence
+        return cls(sources, micro_batch=o.micro_batch_size, grad_accum=spec.grad_accum_at(world), rank=rank // sp,
+                   world=world // sp, seed=o.seed, shuffle=d.shuffle, weights=[s.weight for s in d.sources],
                    names=[s.label for s in d.sources])
 
     def micro_batches(self, start_step: int):

@@ -42,6 +42,7 @@ from ftdist.train.obs.sinks import MetricsLog
 from ftdist.train.optim import lr_lambda, param_groups, torch_adamw, total_steps
 from ftdist.train.prepare import worker_data
 from ftdist.train.sampling import ShardedLoader
+from ftdist.train.sequence_parallel import SequenceParallel
 
 
 def print0(rank: int, msg: str) -> None:
@@ -126,6 +127,8 @@ def train_fn_per_worker(config: dict) -> None:
         torch.set_num_threads(max(1, int(spec.resources.cpus_per_worker)))
 
     o = spec.optim
+    if world % spec.parallel.sequence:
+        raise SpecError(f"parallel.sequence {spec.parallel.sequence} must divide the {world} workers this run has")
     # Where this run continues from decides the DeepSpeed config: a checkpoint of another world size loads from its
     # universal form.
     ckpt_io = RankCheckpointer(spec, rank, world, local_rank, cfg.lease_generation)
@@ -158,10 +161,13 @@ def train_fn_per_worker(config: dict) -> None:
     head = objective.score_head(tokenizer)
     model = load_model(spec.model, model_path, ds_cfg, head, o.seed, lora=spec.lora)
     model = apply_method(apply_kernels(model, spec), spec)
+    sp, mpu = (SequenceParallel.attach(model, spec, tokenizer.pad_token_id) if spec.parallel.sequence > 1
+               else (None, None))
     clock.mark("model")
     trainable, total = count_params(model)
     print0(rank, f"[ftdist] model: {total / 1e6:.2f}M params, {trainable / 1e6:.3f}M trainable "
-                 f"({spec.method}, ZeRO-{spec.zero.stage}, {world} workers, grad accum {grad_accum})"
+                 f"({spec.method}, ZeRO-{spec.zero.stage}, {world} workers"
+                 + (f", sequence parallel {sp.size}" if sp else "") + f", grad accum {grad_accum})"
                  + ("" if head is None else "; new head: "
                     + (f"labels {', '.join(head.labels)}" if head.labels else "one reward score")))
 
@@ -177,6 +183,7 @@ def train_fn_per_worker(config: dict) -> None:
             model_parameters=model_parameters,
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
             config=ds_cfg,
+            mpu=mpu,
             dist_init_required=False,
         )
     except (AssertionError, ValueError) as e:
@@ -242,7 +249,11 @@ def train_fn_per_worker(config: dict) -> None:
     ev_every = spec.eval.every_n_steps
     # Summed over the log window: [loss sum, micro steps, tokens] + the objective's metric sums (one all-reduce).
     window: torch.Tensor | None = None
-    one = torch.ones((), dtype=torch.float64, device=device)
+    # A micro step counts once in the logged loss; a sequence-parallel rank's loss is its share of the group's.
+    one = torch.tensor(sp.micro_share if sp else 1.0, dtype=torch.float64, device=device)
+    # Training batches (not eval's: those run whole on every rank) split over the sequence-parallel group.
+    train_batch = (lambda examples: sp.shard(to_device(examples))) if sp else to_device
+    train_forward = sp.forward if sp else objective.forward
     window_t0 = time.perf_counter()
     window_steps = 0
     batches = loader.micro_batches(start_step)
@@ -259,8 +270,8 @@ def train_fn_per_worker(config: dict) -> None:
 
     for step in range(start_step, n_steps):
         for _ in range(grad_accum):
-            b = to_device(next(batches))
-            loss, sums = objective.forward(engine, b)
+            b = train_batch(next(batches))
+            loss, sums = train_forward(engine, b)
             engine.backward(loss)
             engine.step()
             counts = torch.stack([loss.detach().double(), one, objective.tokens(b).double()])

@@ -45,13 +45,15 @@ EXTRA_CASES = {
     "passthrough-zero2-w2": {"zero": {"stage": 2}, "deepspeed_extra": {
         "zero_optimization": {"round_robin_gradients": True, "sub_group_size": 100_000_000},
         "comms_logger": {"enabled": True, "verbose": False}, "communication_data_type": "fp32"}},
+    # Ulysses: 4 workers in 2 groups of 2 read 2 micro batches per step (data-parallel size 2).
+    "sequence2-zero3-w4": {"zero": {"stage": 3}, "parallel": {"sequence": 2}},
 }
 
 
 def _extra_case(change: dict) -> dict:
     job = tiny_job_dict("/tmp/x", **change)
     job["optim"] = {**job["optim"], "micro_batch_size": 2, "global_batch_size": 32}
-    world = 8 if "hpz_partition_size" in change["zero"] else 2
+    world = 8 if "hpz_partition_size" in change["zero"] else 4 if "parallel" in change else 2
     job["resources"] = {"num_workers": world, "gpus_per_worker": 1 if world == 8 else 0}
     if world == 8:
         job["model"]["dtype"] = "bf16"

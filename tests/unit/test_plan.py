@@ -371,3 +371,13 @@ def test_lora_checkpoints_on_a_reloadable_base_size_only_what_trains(tmp_path):
     assert checkpoint_size(spec, shape, 8).module == trainable_params(spec, shape, "lora") * 2
     full = load_spec(REPO / "jobs" / "llama-8b-full-zero3.yaml", [f"model.name_or_path={LLAMA_8B}", "zero.stage=2"])
     assert checkpoint_size(full, shape, 8).module == shape.params() * 2
+
+
+def test_sequence_parallelism_divides_activations_and_logits_per_gpu(tmp_path):
+    whole = _job(tmp_path, LLAMA_8B, "data.max_length=32768")
+    split = _job(tmp_path, LLAMA_8B, "data.max_length=32768", "parallel.sequence=8")
+    shape = _shape(LLAMA_8B)
+    one, eight = (dict(plan_memory(s, shape, GPUS["H100-80GB"], 8, 8).gpu) for s in (whole, split))
+    for part in ("activations", "logits and loss"):
+        assert eight[part] == pytest.approx(one[part] / 8, rel=1e-6), part
+    assert eight["parameters"] == one["parameters"]  # ZeRO still partitions over all 8

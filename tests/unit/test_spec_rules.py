@@ -8,7 +8,7 @@ import yaml
 
 from ftdist.cli import main
 from ftdist.spec import LoraSpec, load_spec, with_overrides
-from tests.conftest import tiny_job_dict
+from tests.conftest import TINY_LLAMA, tiny_job_dict
 
 
 def _line_of(path, key: str) -> int:
@@ -60,3 +60,31 @@ def test_validate_runs_the_sweep_checks(write_job, tmp_path, capsys):
 ])
 def test_activation_offload_rules_are_one_line(validate_refuses, model, message):
     validate_refuses({"model": {**tiny_job_dict("x")["model"], **model}}, message)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"resources": {"num_workers": 3}}, r"parallel.sequence 2 must divide resources.num_workers 3"),
+    ({"objective": "reward"}, r"parallel.sequence splits one sequence for next-token loss \(objective sft\); "
+                              r"objective reward scores whole rows"),
+    ({"model": {"attn_implementation": "eager"}}, r"model.attn_implementation: parallel.sequence needs sdpa or "
+                                                  r"flash attention"),
+    ({"data": {"packing": True}}, r"data.packing: data.packing under parallel.sequence needs "
+                                  r"model.attn_implementation flash_attention_2 or 3"),
+    ({"model": {"from_config": {**TINY_LLAMA, "hidden_size": 96, "num_attention_heads": 6,
+                                "num_key_value_heads": 3}}},
+     r"parallel.sequence 2 and the model's 3 key/value heads must divide one another"),
+    ({"parallel": {"sequence": 3}, "resources": {"num_workers": 3}, "optim": {"global_batch_size": 24}},
+     r"parallel.sequence 3 must divide the model's 4 attention heads"),
+    ({"optim": {"global_batch_size": 12}}, r"optim.global_batch_size 12 is not a multiple of optim.micro_batch_size "
+                                           r"8 x resources.num_workers 2 / parallel.sequence 2"),
+])
+def test_sequence_parallel_rules_are_one_line(validate_refuses, change, message):
+    validate_refuses({"parallel": {"sequence": 2}, **change}, message)
+
+
+def test_sequence_parallel_groups_share_the_data_parallel_batch():
+    from ftdist.spec import spec_from_dict
+
+    spec = spec_from_dict(tiny_job_dict("x", parallel={"sequence": 2}, resources={"num_workers": 4},
+                                        optim={**tiny_job_dict("x")["optim"], "global_batch_size": 32}))
+    assert spec.grad_accum == 2  # 32 sequences = micro 8 x 2 data-parallel groups x 2
