@@ -26,7 +26,7 @@ from ray.train import CheckpointUploadMode
 from ftdist.errors import last_line
 from ftdist.spec import JobSpec
 from ftdist.storage.checkpoints import CheckpointError, CheckpointStore, checkpoint_name, is_shared, rank_of
-from ftdist.storage.lease import Lease
+from ftdist.storage.lease import GroupFence, Lease
 from ftdist.storage.manifest import CheckpointMeta, Manifest
 from ftdist.storage.store import TransferOptions
 from ftdist.storage.uri import S3_SCHEME
@@ -188,9 +188,10 @@ class RankCheckpointer:
         self.job_uri = f"{S3_SCHEME}{self.exp_path}" if on_s3 else self.exp_path
         self.store = CheckpointStore(self.job_uri, TransferOptions.from_spec(spec.checkpoint))
         # Commits and deletions are fenced by the driver's lease generation (a stalled, taken-over attempt's workers
-        # cannot write over the new attempt's checkpoints).
-        self.fence = (Lease(self.store.store, self.job_uri, generation=lease_generation).check
-                      if lease_generation else None)
+        # cannot write over the new attempt's checkpoints) and by this worker group's number within it (a group Ray
+        # Train replaced cannot either: GroupFence).
+        self.group = GroupFence(Lease(self.store.store, self.job_uri, generation=lease_generation))
+        self.fence = self.group.check
         self._idle = threading.Event()
         self._idle.set()
         self._meta: Optional[CheckpointMeta] = None
@@ -198,24 +199,24 @@ class RankCheckpointer:
     # --- restart ------------------------------------------------------------------------------------------------
 
     def resume_point(self, ray_checkpoint: Any) -> Optional[Resume]:
-        """Rank 0 chooses (Ray's latest checkpoint if it is committed and complete, else the newest committed one
-        in storage) and removes uncommitted leftovers of a crashed attempt; every rank gets the same answer."""
-        choice: list = [None]
+        """Rank 0 claims this worker group's fence number, then chooses the newest committed and complete checkpoint
+        (Ray's latest, or a newer one in storage: committed by a group that was lost before Ray heard of it) and
+        removes uncommitted leftovers of a crashed attempt; every rank gets the same answer."""
+        choice: list = [None, 0]
         if self.rank == 0:
+            choice[1] = self.group.claim()
             removed = self.store.remove_uncommitted()
             if removed:
                 _log0(f"[ftdist] removed uncommitted checkpoint folders (crash during upload): {', '.join(removed)}")
             name = os.path.basename(ray_checkpoint.path.rstrip("/")) if ray_checkpoint is not None else None
-            if name and not self.store.problems(name):
-                chosen = name
-            else:
-                latest = self.store.latest_valid()
-                chosen = latest.name if latest else None
-                if name and latest and latest.name != name:
-                    _log0(f"[ftdist] Ray's latest checkpoint {name} is incomplete; using {latest.name}")
+            latest = self.store.latest_valid()
+            chosen = latest.name if latest else None
+            if name and name != chosen and self.store.problems(name):
+                _log0(f"[ftdist] Ray's latest checkpoint {name} is incomplete; using {chosen}")
             if chosen:
                 choice[0] = Resume(chosen, self.store.read_manifest(chosen))
         dist.broadcast_object_list(choice, src=0)
+        self.group.number = choice[1]
         return choice[0]
 
     def fetch(self, resume: Resume) -> str:
