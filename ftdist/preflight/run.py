@@ -135,12 +135,14 @@ def check_resources(spec: JobSpec, nodes: list[Node], cl: Checklist) -> bool:
     want = ", ".join(f"{v:g} {k}" for k, v in _bundle(spec).items())
     slots = sum(n.slots for n in nodes)
     hosts = sum(1 for n in nodes if n.slots)
-    if slots < r.num_workers:
-        cl.add(Check("resources", False, f"{_count(r.num_workers, 'worker')} of {want} each: the cluster has room "
+    need = r.min_workers if r.elastic else r.num_workers  # an elastic job starts at its minimum
+    if slots < need:
+        cl.add(Check("resources", False, f"{_count(need, 'worker')} of {want} each: the cluster has room "
                                          f"for {slots} (a worker must fit on one node)",
                      fix="more or larger nodes, fewer resources.num_workers, or smaller resources.*_per_worker"))
         return False
-    detail = f"{_count(r.num_workers, 'worker')} of {want} each: room for {slots} on {hosts} of {_nodes(len(nodes))}"
+    detail = (f"{_count(r.num_workers, 'worker')}" + (f" (elastic, from {r.min_workers})" if r.elastic else "")
+              + f" of {want} each: room for {slots} on {hosts} of {_nodes(len(nodes))}")
     if spec.sweep is not None:
         trials = slots // r.num_workers
         cap = spec.sweep.max_concurrent_trials

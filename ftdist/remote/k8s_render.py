@@ -129,6 +129,9 @@ def ray_cluster_spec(spec: JobSpec, k: KubernetesSpec) -> dict:
     r = spec.resources
     per_pod = _workers_per_pod(spec, k)
     pods = math.ceil(r.num_workers / per_pod)
+    # Elastic (num_workers {min, max}): the cluster starts with the pods `min` needs; Ray Train asks the in-tree
+    # autoscaler for `max`, which adds pods up to maxReplicas as the quota allows (and replaces a lost one).
+    fewest = math.ceil(r.min_workers / per_pod) if r.elastic else pods
     mem = quantity_bytes(k.memory_per_worker) * per_pod
     cpu = r.cpus_per_worker * per_pod + 1  # +1 for the raylet, the object store and the dashboard agent
     shm = k.shm_size or gi(max(SHM_MIN_BYTES, mem // 3))
@@ -146,12 +149,14 @@ def ray_cluster_spec(spec: JobSpec, k: KubernetesSpec) -> dict:
         },
         "workerGroupSpecs": [{
             "groupName": "gpu-workers" if r.use_gpu else "cpu-workers",
-            "replicas": pods, "minReplicas": pods, "maxReplicas": pods,
+            "replicas": fewest, "minReplicas": fewest, "maxReplicas": pods,
             "rayStartParams": {},  # Ray reads CPUs, GPUs, memory and the GPU type (accelerator_type:H100) itself
             "template": _pod(k, RAY_CONTAINER_WORKER, res, res, shm, gpu=r.use_gpu, worker=True,
                              extra_env={"NCCL_DEBUG": "WARN"} if r.use_gpu else None),
         }],
     }
+    if r.elastic:
+        out["enableInTreeAutoscaling"] = True
     if k.ray_auth:
         out["authOptions"] = {"mode": "token"}
     return out

@@ -378,12 +378,47 @@ class ResourcesSpec(FrozenSpec):
     """Ray Train workers."""
 
     num_workers: int = Field(2, ge=1)
+    """Workers (one per GPU); `{min: 2, max: 8}` makes the job elastic (stored as num_workers = max, min_workers =
+    min): it starts once `min` workers fit, grows toward `max` as nodes join and shrinks when one is lost instead of
+    stopping, each time resuming from the latest committed checkpoint at the new size (Ray Train's elastic
+    ScalingConfig; the checkpoint converted as any resize). The global batch stays the job's at every size."""
+    min_workers: Optional[int] = Field(None, ge=1)
+    """The elastic lower bound (written as num_workers: {min, max}); None: a fixed size."""
+    elastic_check_s: float = Field(60.0, gt=0)
+    """How often a running elastic job looks for room to grow (Ray Train's elastic_resize_monitor_interval_s).
+    Growing restarts the workers from the latest committed checkpoint: the steps since it run again."""
     cpus_per_worker: float = Field(1, gt=0)
     gpus_per_worker: float = Field(0, ge=0)
     accelerator_type: Optional[str] = None
     """Ray accelerator type, e.g. H100, A100-80G (schedules workers onto such nodes)."""
     max_failures: int = Field(2, ge=-1)
     """Restarts of a crashed worker group from the latest checkpoint (-1: unlimited)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _range(cls, data: Any) -> Any:
+        """`num_workers: {min: 2, max: 8}` -> num_workers 8, min_workers 2."""
+        if isinstance(data, dict) and isinstance(data.get("num_workers"), dict):
+            bounds = data["num_workers"]
+            for key in bounds:
+                if key not in ("min", "max"):
+                    raise FieldError(f"num_workers.{key}", "resources.num_workers takes a number or {min: N, max: M}")
+            for key in ("min", "max"):
+                if not isinstance(bounds.get(key), int) or isinstance(bounds.get(key), bool) or bounds[key] < 1:
+                    raise FieldError(f"num_workers.{key}", f"resources.num_workers.{key} must be a whole number >= 1")
+            data = {**data, "num_workers": bounds["max"], "min_workers": bounds["min"]}
+        return data
+
+    @model_validator(mode="after")
+    def _bounds(self) -> "ResourcesSpec":
+        if self.min_workers is not None and self.min_workers > self.num_workers:
+            raise FieldError("num_workers.min", f"resources.num_workers.min {self.min_workers} is above max "
+                                                f"{self.num_workers}")
+        return self
+
+    @property
+    def elastic(self) -> bool:
+        return self.min_workers is not None and self.min_workers < self.num_workers
 
     @property
     def use_gpu(self) -> bool:
@@ -836,7 +871,9 @@ class JobSpec(FrozenSpec):
         derived_by_ftdist(self.deepspeed_extra)
         self._check_sequence_parallel()
         o, n, sp = self.optim, self.resources.num_workers, self.parallel.sequence
-        if o.global_batch_size % (o.micro_batch_size * (n // sp)):
+        if self.resources.elastic:
+            self._check_elastic()
+        elif o.global_batch_size % (o.micro_batch_size * (n // sp)):
             raise FieldError("optim.global_batch_size",
                              f"optim.global_batch_size {o.global_batch_size} is not a multiple of "
                              f"optim.micro_batch_size {o.micro_batch_size} x resources.num_workers {n}"
@@ -880,6 +917,24 @@ class JobSpec(FrozenSpec):
             raise FieldError("checkpoint.keep_best_by",
                              f"checkpoint.keep_best_by {best_by} needs data.eval or data.eval_fraction")
         return self
+
+    def _check_elastic(self) -> None:
+        """An elastic job runs at whatever size in [min, max] Ray Train finds room for: the global batch must split
+        into micro batches, and every size must get at least one of them."""
+        o, r = self.optim, self.resources
+        if o.global_batch_size % o.micro_batch_size:
+            raise FieldError("optim.global_batch_size", f"optim.global_batch_size {o.global_batch_size} is not a "
+                                                        f"multiple of optim.micro_batch_size {o.micro_batch_size}")
+        if r.num_workers > o.global_batch_size // o.micro_batch_size:
+            raise FieldError("resources.num_workers.max", f"resources.num_workers.max {r.num_workers} is more "
+                                                          f"workers than the {o.global_batch_size // o.micro_batch_size}"
+                                                          " micro batches of a global batch")
+        if self.parallel.sequence > 1:
+            raise FieldError("parallel.sequence", "parallel.sequence needs a fixed resources.num_workers: Ray Train "
+                                                  "may pick any size in the range, and a sequence group needs all N")
+        if self.zero.hpz_partition_size > 1:
+            raise FieldError("zero.hpz_partition_size", "zero.hpz_partition_size needs a fixed resources.num_workers "
+                                                        "(it must divide the size)")
 
     def _check_sequence_parallel(self) -> None:
         sp = self.parallel.sequence
@@ -952,6 +1007,8 @@ class JobSpec(FrozenSpec):
     def grad_accum_at(self, world: int) -> int:
         """Micro batches per rank and step on `world` workers: the global batch is the job's at any world size (a
         checkpoint resumed on another number of workers keeps it). A sequence-parallel group reads one micro batch,
-        so the data-parallel size is world / parallel.sequence."""
+        so the data-parallel size is world / parallel.sequence. Where the data-parallel size does not divide the
+        global batch's micro batches (an elastic job at some sizes), the last round has ranks without one: they run
+        a padding micro batch that counts for nothing (train/sampling.py)."""
         o = self.optim
-        return o.global_batch_size // (o.micro_batch_size * (world // self.parallel.sequence))
+        return -(-o.global_batch_size // (o.micro_batch_size * (world // self.parallel.sequence)))

@@ -75,6 +75,9 @@ def validate_sweep(spec: JobSpec, source: str = "job") -> None:
         raise SpecError(f"{source}: no sweep section: add sweep.space, e.g. sweep: {{space: {{optim.lr: [1e-4, 3e-4]}}}}")
     if sw.alpha_per_rank is not None and spec.method != "lora" and "method" not in sw.space:
         raise SpecError(f"sweep.alpha_per_rank: needs method lora (this job is {spec.method})")
+    if spec.resources.elastic:
+        raise SpecError("resources.num_workers: a sweep's trials run at one size each (Tune packs them by it); give "
+                        "one number")
     for key, dim in sw.space.items():
         if not _key_exists(JobSpec, key.split(".")):
             raise SpecError(f"sweep.space.{key}: unknown job key")

@@ -33,6 +33,8 @@ if TYPE_CHECKING:  # the data module imports torch; the driver imports it only i
     from ftdist.train.data import DataStats
 
 EXPORT_DIR = "export"
+ELASTIC_START_TIMEOUT_S = "20"
+"""How long an elastic job's restart waits for a worker group to start before Ray Train tries the size that fits."""
 
 
 @dataclass
@@ -97,7 +99,10 @@ def build_trainer(spec: JobSpec, *, callbacks: Optional[list] = None,
         train_loop_config=config.model_dump(mode="json"),
         torch_config=TorchConfig(backend="nccl" if r.use_gpu else "gloo"),
         scaling_config=ScalingConfig(
-            num_workers=r.num_workers,
+            # Elastic: Ray Train starts at any size in the range that fits and resizes by restarting the workers,
+            # which resume from the latest committed checkpoint at the new size (train/universal.py).
+            num_workers=(r.min_workers, r.num_workers) if r.elastic else r.num_workers,
+            **({"elastic_resize_monitor_interval_s": r.elastic_check_s} if r.elastic else {}),
             use_gpu=r.use_gpu,
             resources_per_worker=resources,
             accelerator_type=r.accelerator_type,
@@ -207,7 +212,7 @@ def preflight_storage(spec: JobSpec) -> Optional[str]:
             raise SpecError(s3.describe_error(e, spec.run_dir)) from None
         return None
     run_lease(spec.run_dir).refuse_if_held()  # read only: a live attempt is refused before Ray starts
-    if latest is not None and latest.manifest.world_size != spec.resources.num_workers:
+    if latest is not None and latest.manifest.world_size != spec.resources.num_workers and not spec.resources.elastic:
         # Resumable at any world size (train/universal.py); the global batch still divides (validated already).
         return (f"{latest.uri} was written by {latest.manifest.world_size} workers and this run has "
                 f"{spec.resources.num_workers}: it resumes from the checkpoint's universal form (converted once, "
@@ -224,6 +229,11 @@ def run_training(spec: JobSpec, *, address: Optional[str] = None, dashboard: boo
     trial forwards reports to Tune with one). `tracking_parent`, `tracking_group`: a sweep trial's MLflow parent
     run and W&B group. A failure comes back in RunSummary.error, never as an exception."""
     # A bad address fails here, before anything is written.
+    if spec.resources.elastic:
+        # A lost node can still count as free for a while: Ray Train's first restart then waits for workers that
+        # never start, 60 s by default, before it tries the size that fits. An elastic job gives up sooner (a value
+        # the user set is kept; Ray Train passes it from here to its controller).
+        os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", ELASTIC_START_TIMEOUT_S)
     started = connect_ray(address, math.ceil(spec.resources.cpus) + 1, dashboard=dashboard)
     ckpt, state, metrics, error = None, None, {}, None
     try:

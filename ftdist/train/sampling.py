@@ -128,16 +128,26 @@ class ShardedLoader:
     """Each rank's micro batches from optimizer step `start` on, forever: rank r of w takes slot (m * w + r) of
     micro batch m of every global batch (SampleOrder gives the samples). One source, or a weighted mixture.
 
+    Where w does not divide the global batch's micro batches (an elastic job at some sizes), the last round has more
+    slots than micro batches: the ranks past the end run a padding micro batch (`is_padding`) whose loss counts for
+    nothing, and the real ones count w * accum / micro-batches-per-step each, so the step's gradient is the mean over
+    exactly the global batch, at any size.
+
     An epoch is as many samples as the sources hold together (`steps_per_epoch` global batches): optim.epochs and the
     logged `epoch` count them."""
 
     def __init__(self, sources: list[Sequence], *, micro_batch: int, grad_accum: int, rank: int, world: int,
-                 seed: int, shuffle: bool, weights: Optional[list[float]] = None, names: Optional[list[str]] = None):
+                 seed: int, shuffle: bool, weights: Optional[list[float]] = None, names: Optional[list[str]] = None,
+                 global_batch: Optional[int] = None):
         self.sources = sources
         self.weights = weights or [1.0] * len(self.sources)
         self.names = names or [f"source{i}" for i in range(len(self.sources))]
         self.micro, self.accum, self.rank, self.world = micro_batch, grad_accum, rank, world
-        self.global_batch = micro_batch * grad_accum * world
+        self.global_batch = global_batch or micro_batch * grad_accum * world
+        self.micro_per_step = self.global_batch // micro_batch
+        self.real_weight = world * grad_accum / self.micro_per_step
+        """The loss weight of a real micro batch: DeepSpeed averages over world x accum micro batches, of which
+        micro_per_step are real (1.0 when the world divides them)."""
         used = [len(src) for src, w in zip(self.sources, self.weights) if w > 0]
         self.steps_per_epoch = sum(used) // self.global_batch
         if self.steps_per_epoch == 0:
@@ -153,16 +163,21 @@ class ShardedLoader:
         of a sequence-parallel group read the same micro batches: the data-parallel rank is rank // N."""
         o, d, sp = spec.optim, spec.data, spec.parallel.sequence
         return cls(sources, micro_batch=o.micro_batch_size, grad_accum=spec.grad_accum_at(world), rank=rank // sp,
-                   world=world // sp, seed=o.seed, shuffle=d.shuffle, weights=[s.weight for s in d.sources],
+                   world=world // sp, global_batch=o.global_batch_size, seed=o.seed, shuffle=d.shuffle, weights=[s.weight for s in d.sources],
                    names=[s.label for s in d.sources])
+
+    def is_padding(self, m: int) -> bool:
+        """Whether this rank's micro batch m of a step is past the global batch (its loss must count for nothing)."""
+        return m * self.world + self.rank >= self.micro_per_step
 
     def micro_batches(self, start_step: int):
         step = start_step
         while True:
             base = step * self.global_batch
             for m in range(self.accum):
-                off = base + (m * self.world + self.rank) * self.micro
-                yield [self.sources[s][i] for s, i in self.order.samples(off, self.micro)]
+                # A padding slot reads the step's first micro batch again: real data of the usual shape, weight 0.
+                slot = 0 if self.is_padding(m) else m * self.world + self.rank
+                yield [self.sources[s][i] for s, i in self.order.samples(base + slot * self.micro, self.micro)]
             step += 1
 
     def shares(self, step: int) -> dict[str, float]:

@@ -16,6 +16,7 @@ import warnings
 
 import deepspeed
 import numpy as np
+import psutil
 import ray.train
 import ray.train.torch
 import torch
@@ -107,6 +108,17 @@ class StartupClock:
     def line(self) -> str:
         return (f"[ftdist] first step {self.total:.1f} s after start: "
                 + ", ".join(f"{k} {v:.1f}" for k, v in self.phases.items()))
+
+
+def resize_line(before: int, now: int, clock: StartupClock) -> str:
+    """What a resize cost: from this attempt's worker processes starting (Ray Train restarts the whole group at
+    another size) to its first step, and how much of it went to converting and loading the checkpoint."""
+    why = ("more workers fit the cluster now" if now > before else
+           "fewer workers fit the cluster now (a worker or its node was lost)")
+    started = psutil.Process().create_time()
+    return (f"[ftdist] resized {before} -> {now} workers ({why}, or the job was re-run at another size): first step "
+            f"{time.time() - started:.1f} s after this attempt's workers started, {clock.phases.get('restore', 0):.1f}"
+            " s of it converting and loading the checkpoint")
 
 
 def train_fn_per_worker(config: dict) -> None:
@@ -269,19 +281,22 @@ def train_fn_per_worker(config: dict) -> None:
     startup: dict | None = None  # the startup breakdown, sent once with the first report after the first step
 
     for step in range(start_step, n_steps):
-        for _ in range(grad_accum):
+        for m in range(grad_accum):
             b = train_batch(next(batches))
             loss, sums = train_forward(engine, b)
-            engine.backward(loss)
+            real = not loader.is_padding(m)  # (padding: an elastic size that does not divide the global batch)
+            engine.backward(loss * loader.real_weight if real else loss * 0.0)
             engine.step()
             counts = torch.stack([loss.detach().double(), one, objective.tokens(b).double()])
-            micro = torch.cat([counts, sums])
+            micro = torch.cat([counts, sums]) * real
             window = micro if window is None else window + micro
         window_steps += 1
         if step == start_step:
             window[0].item()  # the first step's work is done (GPU: waits for the device)
             clock.mark("first_step")
             print0(rank, clock.line())
+            if ckpt_io.resized:
+                print0(rank, resize_line(resume.manifest.world_size, world, clock))
             startup = {"s": clock.total, **clock.phases}
         done = step + 1
         last = done == n_steps

@@ -81,6 +81,22 @@ class LocalRayCluster:
               "--object-store-memory=78643200", *self._common(), *_flags(ports)], env or self.env, self.root, name)
         return ports["node-manager-port"]
 
+    def kill_node(self, port: int) -> int:
+        """SIGKILL every process of the worker node whose raylet listens on `port` (add_node's return): the raylet
+        and the workers it started, as a lost machine or a preempted pod goes. Returns how many were killed."""
+        import psutil
+
+        marks = (f"--node_manager_port={port}", f"--node-manager-port={port}")
+        node = [p for p in psutil.process_iter(["pid", "cmdline"])
+                if any(m in a for a in (p.info["cmdline"] or []) for m in marks)]
+        for p in node:
+            for child in [*p.children(recursive=True), p]:
+                try:
+                    child.kill()
+                except psutil.NoSuchProcess:
+                    pass
+        return len(node)
+
     def _common(self) -> list[str]:
         return ["--node-ip-address=127.0.0.1", "--disable-usage-stats", f"--temp-dir={self.root}/tmp"]
 

@@ -336,3 +336,18 @@ def test_job_json_errors_are_one_line(capsys):
     assert len(err) == 1 and err[0].startswith("ftdist: error: --job-json: ")
     assert main(["train"]) == 2
     assert capsys.readouterr().err.strip() == "ftdist: error: give a job file (or --job-json)"
+
+
+@needs_crds
+def test_an_elastic_job_renders_an_autoscaling_worker_group():
+    rj = _render("llama-8b-full-zero3.yaml", "resources.num_workers={min: 8, max: 32}")  # 8 GPUs per pod
+    s = rj["spec"]["rayClusterSpec"]
+    (g,) = s["workerGroupSpecs"]
+    assert (g["replicas"], g["minReplicas"], g["maxReplicas"]) == (1, 1, 4)
+    assert s["enableInTreeAutoscaling"] is True and _check(rj) == []
+    from ftdist.spec import spec_from_json
+    import shlex
+
+    args = shlex.split(rj["spec"]["entrypoint"])
+    r = spec_from_json(args[args.index("--job-json") + 1]).resources
+    assert (r.min_workers, r.num_workers, r.elastic) == (8, 32, True)  # the range travels with the job

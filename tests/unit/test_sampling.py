@@ -118,3 +118,26 @@ def test_a_resize_continues_the_global_sample_sequence(before, after):
     resized = global_steps(before, 0, 5) + global_steps(after, 5, 7)
     assert resized == reference
     assert all(len(s) == 24 for s in resized)  # no sample twice within a step
+
+
+def test_a_world_that_does_not_divide_the_global_batch_pads_with_zero_weight_micro_batches():
+    """16 samples in micro batches of 4 over 3 ranks: 2 rounds, 6 slots, 2 of them padding; the real slots are
+    exactly the global batch the job has at any size, each counting 6/4 (DeepSpeed averages over all 6)."""
+    sources = _sources(200)
+    for step in (0, 5):
+        real, padding = [], 0
+        for rank in range(3):
+            loader = ShardedLoader(sources, micro_batch=4, grad_accum=2, rank=rank, world=3, seed=11, shuffle=True,
+                                   global_batch=16)
+            it = loader.micro_batches(step)
+            for m in range(2):
+                batch = next(it)
+                if loader.is_padding(m):
+                    padding += 1
+                else:
+                    real += batch
+            assert loader.real_weight == 1.5
+        whole = ShardedLoader(sources, micro_batch=4, grad_accum=4, rank=0, world=1, seed=11, shuffle=True)
+        it = whole.micro_batches(step)
+        assert sorted(real) == sorted(s for _ in range(4) for s in next(it)), step
+        assert padding == 2

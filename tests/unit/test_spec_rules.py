@@ -88,3 +88,29 @@ def test_sequence_parallel_groups_share_the_data_parallel_batch():
     spec = spec_from_dict(tiny_job_dict("x", parallel={"sequence": 2}, resources={"num_workers": 4},
                                         optim={**tiny_job_dict("x")["optim"], "global_batch_size": 32}))
     assert spec.grad_accum == 2  # 32 sequences = micro 8 x 2 data-parallel groups x 2
+
+
+def test_an_elastic_range_is_stored_as_bounds():
+    from ftdist.spec import spec_from_dict
+
+    r = spec_from_dict(tiny_job_dict("x", resources={"num_workers": {"min": 1, "max": 2}})).resources
+    assert (r.min_workers, r.num_workers, r.elastic) == (1, 2, True)
+    fixed = spec_from_dict(tiny_job_dict("x")).resources
+    assert fixed.min_workers is None and not fixed.elastic
+
+
+@pytest.mark.parametrize("resources, change, message", [
+    ({"num_workers": {"min": 4, "max": 2}}, {}, r"resources.num_workers.min: resources.num_workers.min 4 is above "
+                                                r"max 2"),
+    ({"num_workers": {"min": 1, "most": 2}}, {}, r"resources.num_workers.most: resources.num_workers takes a number "
+                                                 r"or \{min: N, max: M\}"),
+    ({"num_workers": {"min": 1, "max": "x"}}, {}, r"resources.num_workers.max must be a whole number"),
+    ({"num_workers": {"min": 1, "max": 3}}, {"optim": {"global_batch_size": 12}},
+     r"optim.global_batch_size 12 is not a multiple of optim.micro_batch_size 8"),
+    ({"num_workers": {"min": 1, "max": 3}}, {}, r"resources.num_workers.max 3 is more workers than the 2 micro "
+                                                r"batches of a global batch"),
+    ({"num_workers": {"min": 2, "max": 4}}, {"parallel": {"sequence": 2}, "optim": {"global_batch_size": 64}},
+     r"parallel.sequence needs a fixed resources.num_workers"),
+])
+def test_elastic_rules_are_one_line(validate_refuses, resources, change, message):
+    validate_refuses({"resources": resources, **change}, message)
