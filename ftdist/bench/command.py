@@ -156,6 +156,21 @@ def main(args: argparse.Namespace) -> int:
                          f"{a['bytes']:,} | {b['bytes'] / a['bytes']:.1f} | report |")
             lines.append(f"| LoRA checkpoint upload to a local SeaweedFS, kept / left out (median of 3) | "
                          f"{b['upload_s']:.3f} s | {a['upload_s']:.3f} s | {b['upload_s'] / a['upload_s']:.1f} | report |")
+        if "elastic" in parts:
+            from ftdist.bench.elastic import bench_elastic
+
+            e = bench_elastic()
+            lost, same = e["lost"], e["same"]
+            lines.append(f"| a node lost, to the first step on fewer workers: an elastic job 2 -> 1 worker (converted "
+                         f"now) / a same-size restart after a worker is killed (2 -> 2); split: detection "
+                         f"{lost['detection']:.1f} s vs {same['detection']:.1f} s, the new group's start "
+                         f"{lost['start']:.1f} s vs {same['start']:.1f} s, conversion + load {lost['restore']:.1f} s vs "
+                         f"{same['restore']:.1f} s | {lost['s']:.1f} s | {same['s']:.1f} s | "
+                         f"{lost['s'] / same['s']:.3f} | <= 1.5 |")
+            own, same_own = lost["start"] + lost["restore"], same["start"] + same["restore"]
+            lines.append(f"| diagnostic: ftdist's part, the new group's start to its first step (conversion + load "
+                         f"included) / the same-size restart's; the rest of the gap is Ray noticing the lost node "
+                         f"(its health check) | {own:.1f} s | {same_own:.1f} s | {own / same_own:.3f} | <= 1.5 |")
         if "generate" in parts:
             from ftdist.bench.observe import bench_generation
 

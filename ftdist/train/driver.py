@@ -33,8 +33,10 @@ if TYPE_CHECKING:  # the data module imports torch; the driver imports it only i
     from ftdist.train.data import DataStats
 
 EXPORT_DIR = "export"
-ELASTIC_START_TIMEOUT_S = "20"
-"""How long an elastic job's restart waits for a worker group to start before Ray Train tries the size that fits."""
+ELASTIC_START_TIMEOUT_S = "5"
+"""How long an elastic job's restart waits for its workers' placement group before Ray Train decides the size
+again. The elastic policy sizes the group from resources it has seen reserved, which are placed at once; what does
+not place within seconds counted a lost node that still looked free (measured: 24.2 s of a 40.4 s recovery at 20 s)."""
 
 
 @dataclass
@@ -230,9 +232,9 @@ def run_training(spec: JobSpec, *, address: Optional[str] = None, dashboard: boo
     run and W&B group. A failure comes back in RunSummary.error, never as an exception."""
     # A bad address fails here, before anything is written.
     if spec.resources.elastic:
-        # A lost node can still count as free for a while: Ray Train's first restart then waits for workers that
-        # never start, 60 s by default, before it tries the size that fits. An elastic job gives up sooner (a value
-        # the user set is kept; Ray Train passes it from here to its controller).
+        # A lost node can still count as free for a while: Ray Train's first restart then waits for a placement group
+        # that never places, 60 s by default, before it decides the size again. An elastic job gives up sooner (a
+        # value the user set is kept; Ray Train passes it from here to its controller).
         os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", ELASTIC_START_TIMEOUT_S)
     started = connect_ray(address, math.ceil(spec.resources.cpus) + 1, dashboard=dashboard)
     ckpt, state, metrics, error = None, None, {}, None

@@ -110,15 +110,19 @@ class StartupClock:
                 + ", ".join(f"{k} {v:.1f}" for k, v in self.phases.items()))
 
 
-def resize_line(before: int, now: int, clock: StartupClock) -> str:
-    """What a resize cost: from this attempt's worker processes starting (Ray Train restarts the whole group at
-    another size) to its first step, and how much of it went to converting and loading the checkpoint."""
-    why = ("more workers fit the cluster now" if now > before else
-           "fewer workers fit the cluster now (a worker or its node was lost)")
+def restart_line(before: int, now: int, clock: StartupClock) -> str:
+    """What a restart cost: from this attempt's worker processes starting (Ray Train restarts the whole group, at
+    another size for a resize) to its first step, and how much of it went to converting and loading the checkpoint.
+    (The time before, from a loss to the new group's start, is Ray's detection: `ftdist bench --only elastic`.)"""
+    if now != before:
+        why = ("more workers fit the cluster now" if now > before else
+               "fewer workers fit the cluster now (a worker or its node was lost)")
+        what = f"resized {before} -> {now} workers ({why}, or the job was re-run at another size)"
+    else:
+        what = f"resumed on {now} workers"
     started = psutil.Process().create_time()
-    return (f"[ftdist] resized {before} -> {now} workers ({why}, or the job was re-run at another size): first step "
-            f"{time.time() - started:.1f} s after this attempt's workers started, {clock.phases.get('restore', 0):.1f}"
-            " s of it converting and loading the checkpoint")
+    return (f"[ftdist] {what}: first step {time.time() - started:.1f} s after this attempt's workers started, "
+            f"{clock.phases.get('restore', 0):.1f} s of it converting and loading the checkpoint")
 
 
 def train_fn_per_worker(config: dict) -> None:
@@ -295,8 +299,8 @@ def train_fn_per_worker(config: dict) -> None:
             window[0].item()  # the first step's work is done (GPU: waits for the device)
             clock.mark("first_step")
             print0(rank, clock.line())
-            if ckpt_io.resized:
-                print0(rank, resize_line(resume.manifest.world_size, world, clock))
+            if resume is not None:
+                print0(rank, restart_line(resume.manifest.world_size, world, clock))
             startup = {"s": clock.total, **clock.phases}
         done = step + 1
         last = done == n_steps
