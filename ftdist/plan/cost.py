@@ -63,7 +63,7 @@ def plan_speed(spec: JobSpec, shape: ModelShape, card: Gpu, world: int, micro_ba
     seq = spec.data.max_length
     flops = executed_flops_per_token(spec, shape, method, gradient_checkpointing)
     variant = "liger" if spec.model.use_liger_kernel else ("compile" if spec.model.compile else "eager")
-    accumulation = spec.optim.global_batch_size // (micro_batch * (world // spec.parallel.sequence)) > 1
+    accumulation = spec.optim.global_batch_size // (micro_batch * spec.data_parallel_at(world)) > 1
     u = utilisation(card, variant, accumulation)
     tps = u.mfu * card.peak_bf16 / flops
     tokens_per_step = spec.optim.global_batch_size * seq * sequences_per_row(spec)

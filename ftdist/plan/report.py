@@ -62,7 +62,7 @@ def make_plan(spec: JobSpec, *, gpu_name: Optional[str] = None, gpus: Optional[i
     o, sp = spec.optim, spec.parallel.sequence
     if world % sp:
         raise SpecError(f"--gpus {world}: parallel.sequence {sp} must divide the GPUs")
-    if o.global_batch_size % (o.micro_batch_size * (world // sp)):
+    if o.global_batch_size % (o.micro_batch_size * spec.data_parallel_at(world)):
         raise SpecError(f"--gpus {world}: optim.global_batch_size {o.global_batch_size} is not a multiple of "
                         f"optim.micro_batch_size {o.micro_batch_size} x {world} GPUs"
                         + (f" / parallel.sequence {sp}" if sp > 1 else ""))

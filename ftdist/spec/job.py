@@ -873,7 +873,7 @@ class JobSpec(FrozenSpec):
         o, n, sp = self.optim, self.resources.num_workers, self.parallel.sequence
         if self.resources.elastic:
             self._check_elastic()
-        elif o.global_batch_size % (o.micro_batch_size * (n // sp)):
+        elif o.global_batch_size % (o.micro_batch_size * self.data_parallel_at(n)):
             raise FieldError("optim.global_batch_size",
                              f"optim.global_batch_size {o.global_batch_size} is not a multiple of "
                              f"optim.micro_batch_size {o.micro_batch_size} x resources.num_workers {n}"
@@ -925,10 +925,11 @@ class JobSpec(FrozenSpec):
         if o.global_batch_size % o.micro_batch_size:
             raise FieldError("optim.global_batch_size", f"optim.global_batch_size {o.global_batch_size} is not a "
                                                         f"multiple of optim.micro_batch_size {o.micro_batch_size}")
-        if r.num_workers > o.global_batch_size // o.micro_batch_size:
+        micro_batches = o.global_batch_size // o.micro_batch_size
+        if r.num_workers > micro_batches:
             raise FieldError("resources.num_workers.max", f"resources.num_workers.max {r.num_workers} is more "
-                                                          f"workers than the {o.global_batch_size // o.micro_batch_size}"
-                                                          " micro batches of a global batch")
+                                                          f"workers than the {micro_batches} micro batches of a "
+                                                          "global batch")
         if self.parallel.sequence > 1:
             raise FieldError("parallel.sequence", "parallel.sequence needs a fixed resources.num_workers: Ray Train "
                                                   "may pick any size in the range, and a sequence group needs all N")
@@ -1011,4 +1012,9 @@ class JobSpec(FrozenSpec):
         global batch's micro batches (an elastic job at some sizes), the last round has ranks without one: they run
         a padding micro batch that counts for nothing (train/sampling.py)."""
         o = self.optim
-        return -(-o.global_batch_size // (o.micro_batch_size * (world // self.parallel.sequence)))
+        return -(-o.global_batch_size // (o.micro_batch_size * self.data_parallel_at(world)))
+
+    def data_parallel_at(self, world: int) -> int:
+        """Data-parallel ranks among `world` workers: a sequence-parallel group of parallel.sequence workers reads one
+        micro batch."""
+        return world // self.parallel.sequence

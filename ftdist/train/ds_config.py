@@ -20,7 +20,7 @@ def to_deepspeed(spec: JobSpec, world_size: int, load_universal: bool = False) -
     o, z, sp = spec.optim, spec.zero, spec.parallel.sequence
     micro = o.micro_batch_size
     exact = not spec.resources.elastic  # (elastic: any size, the remainder padded: ShardedLoader)
-    if world_size % sp or (exact and o.global_batch_size % (micro * (world_size // sp))):
+    if world_size % sp or (exact and o.global_batch_size % (micro * spec.data_parallel_at(world_size))):
         raise ValueError(
             f"global batch {o.global_batch_size} is not a multiple of micro batch {micro} x world size {world_size}"
             + (f" / sequence parallel {sp}" if sp > 1 else "")
@@ -58,7 +58,8 @@ def to_deepspeed(spec: JobSpec, world_size: int, load_universal: bool = False) -
         zero["offload_param"] = {"device": z.offload_params, "pin_memory": spec.resources.use_gpu}
 
     cfg: dict[str, Any] = {
-        "train_batch_size": micro * grad_accum * (world_size // sp),  # the job's global batch, plus any padding
+        # the job's global batch, plus any padding micro batches (elastic sizes)
+        "train_batch_size": micro * grad_accum * spec.data_parallel_at(world_size),
         "train_micro_batch_size_per_gpu": micro,
         "gradient_accumulation_steps": grad_accum,
         "gradient_clipping": o.grad_clip,

@@ -163,7 +163,8 @@ class ShardedLoader:
         of a sequence-parallel group read the same micro batches: the data-parallel rank is rank // N."""
         o, d, sp = spec.optim, spec.data, spec.parallel.sequence
         return cls(sources, micro_batch=o.micro_batch_size, grad_accum=spec.grad_accum_at(world), rank=rank // sp,
-                   world=world // sp, global_batch=o.global_batch_size, seed=o.seed, shuffle=d.shuffle, weights=[s.weight for s in d.sources],
+                   world=spec.data_parallel_at(world), global_batch=o.global_batch_size, seed=o.seed, shuffle=d.shuffle,
+                   weights=[s.weight for s in d.sources],
                    names=[s.label for s in d.sources])
 
     def is_padding(self, m: int) -> bool:
