@@ -156,6 +156,12 @@ def main(args: argparse.Namespace) -> int:
                          f"{a['bytes']:,} | {b['bytes'] / a['bytes']:.1f} | report |")
             lines.append(f"| LoRA checkpoint upload to a local SeaweedFS, kept / left out (median of 3) | "
                          f"{b['upload_s']:.3f} s | {a['upload_s']:.3f} s | {b['upload_s'] / a['upload_s']:.1f} | report |")
+            rx, wx = r["export"]["ranged"], r["export"]["whole"]
+            lines.append(f"| `ftdist export` of a 2-worker ZeRO-3 checkpoint from a local SeaweedFS, bytes read: "
+                         f"master-weight records of the optimizer files / whole files | {rx['bytes']:,} | "
+                         f"{wx['bytes']:,} | {rx['bytes'] / wx['bytes']:.3f} | report |")
+            lines.append(f"| the same, seconds (median of 3) | {rx['s']:.2f} s | {wx['s']:.2f} s | "
+                         f"{rx['s'] / wx['s']:.3f} | report |")
         if "elastic" in parts:
             from ftdist.bench.elastic import bench_elastic
 

@@ -6,24 +6,27 @@ side by side in one run on the benchmark model:
 2. conversion throughput: ftdist's conversion of that checkpoint (download, verify, DeepSpeed's ds_to_universal in a
    child process, upload with a manifest) / DeepSpeed's script alone on a local copy, and the peak memory of each;
 3. a LoRA checkpoint with the frozen base left out / with it (the same adapter on a from_config twin, whose
-   checkpoints keep the base): bytes, and seconds to upload to an S3-compatible server.
+   checkpoints keep the base): bytes, and seconds to upload to an S3-compatible server;
+4. `ftdist export` of a ZeRO-3 checkpoint reading only the fp32 master weights of the optimizer files / the whole
+   files (as for a checkpoint from before the manifest listed their records): bytes read and seconds.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
 import sys
 import threading
 import time
-from typing import Any
+from typing import Any, Iterator
 
 import psutil  # Ray's dependency, not ftdist's (this module loads only for `ftdist bench --only resize`)
 
 from ftdist.bench.common import BENCH_LLAMA, bench_spec, task
 from ftdist.spec import JobSpec, spec_from_dict
-from ftdist.storage.checkpoints import CheckpointStore, checkpoint_name
+from ftdist.storage.checkpoints import MANIFEST, CheckpointStore, checkpoint_name
 from ftdist.train.contracts import STARTUP_KEY
 from ftdist.train.driver import run_training
 from ftdist.train.ray_runtime import connect_ray, disconnect_ray
@@ -115,6 +118,7 @@ def bench_resize(tmp: str) -> dict:
         out["convert"] = {"bytes": ckpt_bytes, "ds_s": ds_s, "ds_peak": ds_peak, "ft_s": ft_s, "ft_peak": ft_peak}
 
         out["lora"] = _bench_lora_bytes(tmp, storage)
+        out["export"] = _bench_zero3_export(tmp, storage)
     finally:
         disconnect_ray(started)
     return out
@@ -142,27 +146,70 @@ def _bench_lora_bytes(tmp: str, storage: str) -> dict:
     return sizes
 
 
-def _upload_seconds(job: str, name: str) -> float:
-    """Seconds ftdist's uploader takes to put a checkpoint folder on a local SeaweedFS (median of 3)."""
+@contextlib.contextmanager
+def _seaweedfs(bucket: str) -> Iterator[str]:
+    """A local SeaweedFS in this process's AWS environment for the block: yields the bucket's s3:// URI."""
     from ftdist.bench.local_s3 import start_seaweedfs
-    from ftdist.storage.store import open_store
 
     server = start_seaweedfs(volume_mb=256)
     saved = dict(os.environ)
     try:
         os.environ.update(server.env())
-        bucket = server.make_bucket("ftdist-bench-lora")
-        local = os.path.join(job, name)
-        files = [(os.path.join(d, f), os.path.relpath(os.path.join(d, f), local))
-                 for d, _, fs in os.walk(local) for f in fs]
-        times = []
-        for i in range(3):
-            store = open_store(f"s3://{bucket}/run{i}")
-            t0 = time.perf_counter()
-            store.put_files(files)
-            times.append(time.perf_counter() - t0)
-        return sorted(times)[1]
+        yield f"s3://{server.make_bucket(bucket)}"
     finally:
         os.environ.clear()
         os.environ.update(saved)
         server.stop()
+
+
+def _files_of(local: str) -> list[tuple[str, str]]:
+    return [(os.path.join(d, f), os.path.relpath(os.path.join(d, f), local).replace(os.sep, "/"))
+            for d, _, fs in os.walk(local) for f in fs]
+
+
+def _upload_seconds(job: str, name: str) -> float:
+    """Seconds ftdist's uploader takes to put a checkpoint folder on a local SeaweedFS (median of 3)."""
+    from ftdist.storage.store import open_store
+
+    with _seaweedfs("ftdist-bench-lora") as bucket:
+        files = _files_of(os.path.join(job, name))
+        times = []
+        for i in range(3):
+            store = open_store(f"{bucket}/run{i}")
+            t0 = time.perf_counter()
+            store.put_files(files)
+            times.append(time.perf_counter() - t0)
+        return sorted(times)[1]
+
+
+def _bench_zero3_export(tmp: str, storage: str) -> dict:
+    """`ftdist export` of a 2-worker ZeRO-3 checkpoint from a local SeaweedFS: reading only the master weights'
+    records of the optimizer files (the manifest lists them) / the same checkpoint with a manifest from before
+    records (whole optimizer files downloaded). Bytes read and seconds (median of 3)."""
+    from ftdist.storage.manifest import Manifest
+    from ftdist.storage.store import open_store
+    from ftdist.train.export import export_checkpoint, export_reads
+
+    spec = _spec(storage, "z3", 2, 2, zero={"stage": 3})
+    _run(spec)
+    name = checkpoint_name(2)
+    manifest = CheckpointStore(spec.run_dir).read_manifest(name)
+    old = Manifest.model_validate({**manifest.model_dump(), "files": [
+        {**f.model_dump(), "records": None} for f in manifest.files]})
+    out: dict = {}
+    with _seaweedfs("ftdist-bench-export") as bucket:
+        for key, m in (("ranged", manifest), ("whole", old)):
+            job = f"{bucket}/{key}"
+            store = open_store(job)
+            store.put_files([(p, f"{name}/{k}") for p, k in _files_of(os.path.join(spec.run_dir, name))
+                             if k != MANIFEST])
+            store.put_bytes(f"{name}/{MANIFEST}", m.model_dump_json(exclude_none=True).encode())
+            whole, partial = export_reads(m)
+            times = []
+            for i in range(3):
+                t0 = time.perf_counter()
+                export_checkpoint(f"{job}/{name}", os.path.join(tmp, f"export-{key}-{i}"))
+                times.append(time.perf_counter() - t0)
+            out[key] = {"bytes": sum(f.size for f in whole) + sum(r.size for f in partial for r in f.records),
+                        "s": sorted(times)[1]}
+    return out

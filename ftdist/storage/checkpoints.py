@@ -24,7 +24,7 @@ from typing import Callable, Optional
 
 from pydantic import ValidationError
 
-from ftdist.storage.manifest import DIGEST, DIGEST_NAMES, FORMAT, CheckpointMeta, FileEntry, Manifest
+from ftdist.storage.manifest import DIGEST, DIGEST_NAMES, FORMAT, CheckpointMeta, FileEntry, Manifest, RecordEntry
 from ftdist.storage.store import Store, TransferOptions, file_digest, open_store, relative_files
 
 MANIFEST = "ftdist_manifest.json"
@@ -79,12 +79,22 @@ class CheckpointInfo:
         return self.manifest.total_bytes if self.manifest else 0
 
 
-def _hash_files(local_dir: str, rels: list[str], rank: int) -> list[FileEntry]:
+Records = Callable[[str], Optional[list[tuple[str, int, int]]]]
+"""For a local file, the (name, offset, size) ranges of it that a reader may fetch on its own; None: none."""
+
+
+def _hash_files(local_dir: str, rels: list[str], rank: int, records: Optional[Records] = None) -> list[FileEntry]:
     paths = [os.path.join(local_dir, r) for r in rels]
+
+    def entry(rel: str, path: str) -> FileEntry:
+        ranges = records(path) if records is not None else None
+        return FileEntry(path=rel, size=os.path.getsize(path), rank=rank, **{DIGEST: file_digest(path)},
+                         records=None if ranges is None else [
+                             RecordEntry(name=n, offset=o, size=s, **{DIGEST: file_digest(path, DIGEST, o, s)})
+                             for n, o, s in ranges])
+
     with ThreadPoolExecutor(max_workers=4) as ex:  # the hashes release the GIL on large buffers
-        digests = list(ex.map(file_digest, paths))
-    return [FileEntry(path=rel, size=os.path.getsize(p), rank=rank, **{DIGEST: h})
-            for rel, p, h in zip(rels, paths, digests)]
+        return list(ex.map(entry, rels, paths))
 
 
 def verify_file(local: str, entry: FileEntry) -> bool:
@@ -107,14 +117,14 @@ class CheckpointStore:
 
     # --- writing ------------------------------------------------------------------------------------------------
 
-    def upload_rank(self, local_dir: str, name: str, rank: int) -> list[FileEntry]:
+    def upload_rank(self, local_dir: str, name: str, rank: int, records: Optional[Records] = None) -> list[FileEntry]:
         """Upload one rank's files of checkpoint `name`, then its file list (the rank's part of the commit). Rank 0
-        reports progress on a long upload."""
+        reports progress on a long upload. `records`: ranges of files listed and hashed on their own."""
         rels = relative_files(local_dir)
         # Hash while the bytes stream out (hashlib and the HTTP transfers both release the GIL); the file list is
         # written only after both finished.
         with ThreadPoolExecutor(max_workers=1) as ex:
-            hashed = ex.submit(_hash_files, local_dir, rels, rank)
+            hashed = ex.submit(_hash_files, local_dir, rels, rank, records)
             self.store.put_files([(os.path.join(local_dir, r), f"{name}/{r}") for r in rels],
                                  what=f"uploading {name}" if rank == 0 else None)
             files = hashed.result()
@@ -238,6 +248,23 @@ class CheckpointStore:
                 raise CheckpointError(f"{self.store.child(name)}/{f.path}: checksum mismatch after download "
                                       "(corrupt or overwritten checkpoint); refusing to use it")
         return m
+
+    def fetch_records(self, name: str, dest: str, files: list[FileEntry], show: bool = False) -> None:
+        """Only the listed records of `files` (entries of checkpoint `name`'s manifest that have them), each into
+        dest/<path> at its offset (a sparse file of the whole file's size), each hash verified."""
+        for f in files:
+            local = os.path.join(dest, f.path)
+            os.makedirs(os.path.dirname(local), exist_ok=True)
+            with open(local, "wb") as fh:
+                fh.truncate(f.size)
+        self.store.get_ranges([(f"{name}/{f.path}", r.offset, r.size, os.path.join(dest, f.path))
+                               for f in files for r in f.records or ()],
+                              what=f"downloading {name} (selected records)" if show else None)
+        for f in files:
+            for r in f.records or ():
+                if file_digest(os.path.join(dest, f.path), DIGEST, r.offset, r.size) != r.blake3:
+                    raise CheckpointError(f"{self.store.child(name)}/{f.path}: checksum mismatch in record {r.name} "
+                                          "after download (corrupt or overwritten checkpoint); refusing to use it")
 
     def fetch_all(self, name: str, dest: str) -> Manifest:
         """Every file of the checkpoint."""

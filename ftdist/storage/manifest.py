@@ -21,6 +21,16 @@ class _Record(BaseModel):
     model_config = ConfigDict(extra="ignore", frozen=True)
 
 
+class RecordEntry(_Record):
+    """A byte range of a file that a reader fetches and verifies on its own (an export reads the fp32 master
+    weights out of a ZeRO-3 optimizer file, not the Adam moments beside them)."""
+
+    name: str
+    offset: int = Field(ge=0)
+    size: int = Field(ge=0)
+    blake3: str
+
+
 class FileEntry(_Record):
     """One file of a checkpoint, as a rank uploaded it."""
 
@@ -29,6 +39,9 @@ class FileEntry(_Record):
     rank: Optional[int] = None
     blake3: Optional[str] = None
     sha256: Optional[str] = None
+    records: Optional[list[RecordEntry]] = None
+    """Ranges of the file hashed on their own, for readers that need only those (manifests from before
+    2026-12-03 have none: such readers download the whole file)."""
 
     @model_validator(mode="after")
     def _has_digest(self) -> "FileEntry":

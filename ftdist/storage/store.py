@@ -13,12 +13,13 @@ import os
 import random
 import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Optional
 
 from blake3 import blake3
 from boto3.s3.transfer import TransferConfig, create_transfer_manager
-from botocore.exceptions import ClientError
+from botocore.exceptions import BotoCoreError, ClientError
 from s3transfer.subscribers import BaseSubscriber
 
 from ftdist.errors import SpecError
@@ -37,18 +38,19 @@ DIGEST = "blake3"
 DIGEST_NAMES = {"blake3": "BLAKE3", "sha256": "SHA-256"}  # every algorithm a manifest may carry, newest first
 
 
-def file_digest(path: str, algo: str = DIGEST) -> str:
-    """Hex digest of a file; both hashes release the GIL on large buffers."""
-    if algo == "blake3":
-        h = blake3()
-    else:
-        h = hashlib.new(algo)
+def file_digest(path: str, algo: str = DIGEST, offset: int = 0, size: Optional[int] = None) -> str:
+    """Hex digest of a file, or of its `size` bytes from `offset`; both hashes release the GIL on large buffers."""
+    h = blake3() if algo == "blake3" else hashlib.new(algo)
+    left = float("inf") if size is None else size
     with open(path, "rb") as fh:
-        while True:
-            b = fh.read(CHUNK)
+        fh.seek(offset)
+        while left > 0:
+            b = fh.read(int(min(CHUNK, left)))
             if not b:
-                return h.hexdigest()
+                break
             h.update(b)
+            left -= len(b)
+    return h.hexdigest()
 
 
 def relative_files(local_dir: str) -> list[str]:
@@ -105,6 +107,11 @@ class Store:
 
     def get_files(self, items: list[tuple[str, str]], what: Optional[str] = None, total: Optional[int] = None) -> None:
         """[(key, local_path)]; `what`, `total` (bytes): progress lines for a long transfer."""
+        raise NotImplementedError
+
+    def get_ranges(self, items: list[tuple[str, int, int, str]], what: Optional[str] = None) -> None:
+        """[(key, offset, size, local_path)]: each range of the object into the local file at the same offset (a
+        sparse file: the bytes not asked for are holes). Local files must exist, at the object's size."""
         raise NotImplementedError
 
     def list(self, prefix: str) -> dict[str, int]:
@@ -171,6 +178,18 @@ class LocalStore(Store):
         for key, dst in items:
             os.makedirs(os.path.dirname(dst) or ".", exist_ok=True)
             shutil.copyfile(self._p(key), dst)
+
+    def get_ranges(self, items: list[tuple[str, int, int, str]], what: Optional[str] = None) -> None:
+        for key, offset, size, dst in items:
+            with open(self._p(key), "rb") as src, open(dst, "r+b") as out:
+                src.seek(offset)
+                out.seek(offset)
+                while size > 0:
+                    b = src.read(min(CHUNK, size))
+                    if not b:
+                        raise EOFError(f"{self._p(key)}: shorter than the range asked for")
+                    out.write(b)
+                    size -= len(b)
 
     def list(self, prefix: str) -> dict[str, int]:
         base = self._p(prefix)
@@ -273,6 +292,39 @@ class S3Store(Store):
 
         try:
             retry(run, 3, "download")
+        finally:
+            if meter is not None:
+                meter.close()
+
+    def get_ranges(self, items: list[tuple[str, int, int, str]], what: Optional[str] = None) -> None:
+        # s3transfer downloads whole objects only: ranged GETs of part_size each, `concurrency` at a time, each
+        # written in place (os.pwrite) and retried on its own (a stream dropped mid-body is not botocore's retry).
+        parts = [(key, start, min(self.opts.part_size, offset + size - start), dst)
+                 for key, offset, size, dst in items
+                 for start in range(offset, offset + size, self.opts.part_size)]
+        meter = Meter(sum(p[2] for p in parts), what) if what else None
+
+        def get(part: tuple[str, int, int, str]) -> None:
+            key, start, length, dst = part
+
+            def once() -> None:
+                body = self.client.get_object(Bucket=self.bucket, Key=self._k(key),
+                                              Range=f"bytes={start}-{start + length - 1}")["Body"].read()
+                if len(body) != length:
+                    raise EOFError(f"{key}: {len(body)} bytes for a range of {length}")
+                fd = os.open(dst, os.O_WRONLY)
+                try:
+                    os.pwrite(fd, body, start)
+                finally:
+                    os.close(fd)
+
+            retry(once, 3, "ranged download", retry_on=(EOFError, OSError, BotoCoreError))
+            if meter is not None:
+                meter(length)
+
+        try:
+            with ThreadPoolExecutor(max_workers=self.opts.concurrency) as ex:
+                list(ex.map(get, parts))
         finally:
             if meter is not None:
                 meter.close()

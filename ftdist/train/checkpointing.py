@@ -31,6 +31,7 @@ from ftdist.storage.manifest import CheckpointMeta, Manifest
 from ftdist.storage.store import TransferOptions
 from ftdist.storage.uri import S3_SCHEME
 from ftdist.train.contracts import FROZEN_FILE, STATE_FILE, TrainState
+from ftdist.train.export import export_records
 from ftdist.train.universal import UniversalCheckpoints, needs_conversion, node_dir
 
 HF_DIR = "hf"
@@ -313,7 +314,9 @@ class RankCheckpointer:
     def _upload(self, checkpoint: Any, dir_name: str) -> Any:
         """Runs in Ray's upload thread (ASYNC) or inline (SYNC): upload this rank's files; rank 0 commits."""
         try:
-            self.store.upload_rank(checkpoint.path, dir_name, self.rank)
+            # ZeRO-3: the manifest lists the master weights' ranges of each optimizer file (an export reads those).
+            records = export_records if self.spec.zero.stage == 3 else None
+            self.store.upload_rank(checkpoint.path, dir_name, self.rank, records)
             if self.rank == 0:
                 c = self.spec.checkpoint
                 self.store.commit(dir_name, self.world, self._meta, c.upload.commit_timeout_s, fence=self.fence)

@@ -27,9 +27,11 @@ from safetensors.torch import save_file
 from ftdist.spec import parse_size
 from ftdist.storage.cache import publish_dir
 from ftdist.storage.checkpoints import STEP_DIR, CheckpointStore
+from ftdist.storage.manifest import FileEntry, Manifest
 from ftdist.train.contracts import FROZEN_FILE, STATE_FILE, TrainState
 from ftdist.train.heads import HeadLayout, stored_name
 from ftdist.train.locations import resolve_location
+from ftdist.train.partial_load import Span, load_selected, spans_of
 
 Tensors = Iterator[tuple[str, Any]]
 
@@ -89,16 +91,33 @@ class ShardWriter:
 # --- reading a DeepSpeed checkpoint lazily --------------------------------------------------------------------------
 
 
+_OPTIM_FILE = re.compile(r"optim_states\.pt$")
+_RNG_FILE = re.compile(r"rng_state_rank\d+\.pt$")
+
+
 def _torch_load(path: str) -> dict:
     return torch.load(path, map_location="cpu", mmap=True, weights_only=False)
 
 
+def fp32_partitions(optim_state: Any) -> list:
+    """Where a ZeRO-3 rank's optimizer file keeps its fp32 master weights (one flat partition per param group)."""
+    return optim_state["optimizer_state_dict"]["fp32_flat_groups"]
+
+
+def export_records(path: str) -> Optional[list[Span]]:
+    """At checkpoint time, the ranges of a ZeRO-3 optimizer file that an export reads (the pickle and the fp32
+    master weights; not the Adam moments, two thirds of its bytes), for the manifest; None for other files."""
+    return spans_of(path, fp32_partitions) if _OPTIM_FILE.search(path) else None
+
+
 def iter_checkpoint_tensors(ckpt_dir: str, tag: str, zero_stage: int,
-                            want: Callable[[str], bool] = lambda _: True) -> Tensors:
+                            want: Callable[[str], bool] = lambda _: True,
+                            partitions: Callable[[str], list] = lambda p: fp32_partitions(_torch_load(p))) -> Tensors:
     """(name, tensor) of every parameter and buffer of the trained module whose name passes `want`, one at a time.
     ZeRO 0-2: the module weights saved by rank 0 (memory-mapped). ZeRO-3: fp32 master weights of trainable
-    parameters stitched from each rank's flat partition; frozen ones from each rank's fragments. `zero_stage` is
-    the manifest's (what the checkpoint says it is, not a guess from its file names)."""
+    parameters stitched from each rank's flat partition (`partitions` reads them from a rank's optimizer file);
+    frozen ones from each rank's fragments. `zero_stage` is the manifest's (what the checkpoint says it is, not a
+    guess from its file names)."""
     tag_dir = os.path.join(ckpt_dir, tag)
 
     def by_rank(pattern: str) -> list[str]:
@@ -116,7 +135,7 @@ def iter_checkpoint_tensors(ckpt_dir: str, tag: str, zero_stage: int,
     optim_files = by_rank("*zero_pp_rank_*_mp_rank_00_optim_states.pt")
     if len(optim_files) != world:
         raise RuntimeError(f"{tag_dir}: {len(optim_files)} optimizer shards for {world} ranks")
-    flat = [_torch_load(p)["optimizer_state_dict"]["fp32_flat_groups"] for p in optim_files]
+    flat = [partitions(p) for p in optim_files]
     m0 = models[0]
     buffers = set(m0.get("buffer_names", []))
     for k, v in m0["module"].items():
@@ -267,17 +286,22 @@ def split_checkpoint_uri(uri: str) -> tuple[str, str]:
     return job, name
 
 
-_OPTIM_FILE = re.compile(r"optim_states\.pt$")
-_RNG_FILE = re.compile(r"rng_state_rank\d+\.pt$")
-
-
 def needed_for_export(path: str, zero_stage: int) -> bool:
     """Files an export reads: the HF metadata, the trainer state and the weights. ZeRO 0-2 keep whole 16/32-bit
     weights in mp_rank_00_model_states.pt, so the optimizer shards (the bulk: 12 bytes per parameter) stay in
-    storage; ZeRO-3 weights live only in those shards (fp32 flat partitions). RNG states are never needed."""
+    storage; ZeRO-3 weights live only in those shards (fp32 flat partitions: only their records are fetched where
+    the manifest lists them, see `export_records`). RNG states are never needed."""
     if _RNG_FILE.search(path):
         return False
     return zero_stage == 3 or not _OPTIM_FILE.search(path)
+
+
+def export_reads(manifest: Manifest) -> tuple[list[FileEntry], list[FileEntry]]:
+    """(files an export downloads whole, files it reads only the listed records of): ZeRO-3 optimizer files whose
+    manifest lists the master weights' records are read by those ranges alone."""
+    needed = [f for f in manifest.files if needed_for_export(f.path, manifest.zero_stage)]
+    partial = [f for f in needed if manifest.zero_stage == 3 and f.records]
+    return [f for f in needed if f not in partial], partial
 
 
 class FetchedCheckpoint:
@@ -297,7 +321,12 @@ class FetchedCheckpoint:
         self.work = tempfile.mkdtemp(prefix="ftdist-export-")
         try:
             self.local = os.path.join(self.work, "ckpt")
-            cs.fetch(name, self.local, lambda path: needed_for_export(path, manifest.zero_stage), show=True)
+            whole, partial = export_reads(manifest)
+            self._partial = {os.path.join(self.local, f.path): [Span(r.name, r.offset, r.size) for r in f.records]
+                             for f in partial}
+            wanted = {f.path for f in whole}
+            cs.fetch(name, self.local, lambda path: path in wanted, show=True)
+            cs.fetch_records(name, self.local, partial, show=True)
             self.hf_dir = os.path.join(self.local, "hf")
             with open(os.path.join(self.hf_dir, "config.json")) as fh:
                 self.config = json.load(fh)
@@ -320,7 +349,8 @@ class FetchedCheckpoint:
     def read(self, want: Callable[[str], bool] = lambda _: True) -> Tensors:
         """The trained module's tensors whose names pass `want`; in a checkpoint that left its frozen parameters
         out, those come from the base model it was trained from (unchanged by training, by definition)."""
-        yield from iter_checkpoint_tensors(self.local, self.state.tag, self.manifest.zero_stage, want)
+        yield from iter_checkpoint_tensors(self.local, self.state.tag, self.manifest.zero_stage, want,
+                                           self._partitions)
         if not self.manifest.frozen_excluded:
             return
         with open(os.path.join(self.hf_dir, FROZEN_FILE)) as fh:
@@ -334,6 +364,10 @@ class FetchedCheckpoint:
                 raise ValueError(f"the base model {self.manifest.base_model} has no tensor {_plain(name)}, which "
                                  f"this checkpoint left out as frozen; is it the model the job fine-tuned?")
             yield name, t
+
+    def _partitions(self, path: str) -> list:
+        spans = self._partial.get(path)
+        return fp32_partitions(_torch_load(path)) if spans is None else load_selected(path, spans, fp32_partitions)
 
     def frozen_base(self) -> BaseWeights:
         """The weights of the base the job trained from (its hub revision), fetched once."""

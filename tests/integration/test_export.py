@@ -12,15 +12,17 @@ import pytest
 import torch
 
 from ftdist.spec import spec_from_dict
+from ftdist.storage.checkpoints import CheckpointStore
 from ftdist.train.driver import run_training
 from tests.conftest import REPO, base_model_section, tiny_job_dict
+from tests.support.faultproxy import FaultProxy
 
 pytestmark = [pytest.mark.ray, pytest.mark.deepspeed, pytest.mark.s3]
 
 
-def _cli(*args):
+def _cli(*args, env=None):
     r = subprocess.run([sys.executable, "-m", "ftdist.cli", *args], capture_output=True, text=True, cwd=REPO,
-                       timeout=600)
+                       timeout=600, env=None if env is None else {**os.environ, **env})
     return r
 
 
@@ -49,6 +51,7 @@ def test_export_full_zero3_checkpoint_and_interpolate(ray_cluster, bucket, s3_se
     s = run_training(spec)
     assert s.error is None, s.error
 
+    manifest = CheckpointStore(f"{storage}/fullz3").read_manifest("step_00000008")
     listing = _cli("checkpoints", f"{storage}/fullz3", "--verify")
     assert listing.returncode == 0, listing.stderr
     assert "step_00000004" in listing.stdout and "step_00000008" in listing.stdout
@@ -58,9 +61,18 @@ def test_export_full_zero3_checkpoint_and_interpolate(ray_cluster, bucket, s3_se
     outs = {}
     for label, extra in {"plain": [], "a0": ["--interpolate", "0"], "a1": ["--interpolate", "1"],
                          "a05": ["--interpolate", "0.5"]}.items():
-        r = _cli("export", ckpt, "--to", f"{storage}/exports/{label}", "--max-shard-size", "200KB", *extra)
+        with FaultProxy(s3_server.endpoint) as proxy:  # no faults: it counts what the export reads
+            r = _cli("export", ckpt, "--to", f"{storage}/exports/{label}", "--max-shard-size", "200KB", *extra,
+                     env={"AWS_ENDPOINT_URL": proxy.endpoint})
         assert r.returncode == 0, r.stderr
         outs[label] = _download(s3_server, f"{storage}/exports/{label}", tmp_path / label)
+        # Of each rank's optimizer file, only the pickle and the fp32 master weights are read (ranged GETs), not
+        # the Adam moments: at most a third of its bytes, and never the whole object.
+        optim_gets = [(rng, n) for method, path, rng, n in proxy.log
+                      if method == "GET" and path.split("?")[0].endswith("optim_states.pt")]
+        assert optim_gets and all(rng is not None for rng, _ in optim_gets), optim_gets
+        optim_bytes = sum(f.size for f in manifest.files if f.path.endswith("optim_states.pt"))
+        assert sum(n for _, n in optim_gets) < 0.35 * optim_bytes, (sum(n for _, n in optim_gets), optim_bytes)
     assert os.path.exists(os.path.join(outs["plain"], "model.safetensors.index.json"))  # sharded at 200KB
     assert os.path.exists(os.path.join(outs["plain"], "tokenizer.json"))
 
@@ -76,8 +88,6 @@ def test_export_full_zero3_checkpoint_and_interpolate(ray_cluster, bucket, s3_se
     # Independent reference: DeepSpeed's own zero_to_fp32 on the final checkpoint's files (whole model in memory,
     # fine for a test): ftdist's streamed stitching must give exactly its weights.
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    from ftdist.storage.checkpoints import CheckpointStore
 
     local = tmp_path / "final-ckpt"
     CheckpointStore(f"{storage}/fullz3").fetch_all("step_00000008", str(local))

@@ -1,6 +1,7 @@
 """A loopback HTTP proxy in front of an S3 endpoint that fails a share of requests the way real object stores do:
 503 SlowDown, 500 InternalError, or a connection dropped without a response. Requests pass through byte for byte
-otherwise (SigV4 signatures stay valid: the client signs the proxy's host, and the proxy forwards that header)."""
+otherwise (SigV4 signatures stay valid: the client signs the proxy's host, and the proxy forwards that header), and
+each one is logged (method, path, range, bytes) for tests that count what a command read."""
 
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ class FaultProxy:
         self.lock = threading.Lock()
         self.injected = 0
         self.requests = 0
+        self.log: list[tuple[str, str, str | None, int]] = []  # (method, path, Range header, response bytes)
         proxy = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -67,6 +69,8 @@ class FaultProxy:
                 conn.request(self.command, self.path, body=body, headers=headers)
                 resp = conn.getresponse()
                 data = resp.read()
+                with proxy.lock:
+                    proxy.log.append((self.command, self.path, self.headers.get("Range"), len(data)))
                 self.send_response(resp.status, resp.reason)
                 for k, v in resp.getheaders():
                     if k.lower() not in ("transfer-encoding", "connection", "content-length"):
