@@ -59,13 +59,9 @@ def make_plan(spec: JobSpec, *, gpu_name: Optional[str] = None, gpus: Optional[i
     if gpus is None and not spec.resources.use_gpu:
         notes.append(f"the job runs on CPU (resources.gpus_per_worker: 0); planned as {world} x {card.name}, one "
                      f"per worker")
-    o, sp = spec.optim, spec.parallel.sequence
-    if world % sp:
-        raise SpecError(f"--gpus {world}: parallel.sequence {sp} must divide the GPUs")
-    if o.global_batch_size % (o.micro_batch_size * spec.data_parallel_at(world)):
-        raise SpecError(f"--gpus {world}: optim.global_batch_size {o.global_batch_size} is not a multiple of "
-                        f"optim.micro_batch_size {o.micro_batch_size} x {world} GPUs"
-                        + (f" / parallel.sequence {sp}" if sp > 1 else ""))
+    problem = spec.batch_problem(world, "{n} GPUs")
+    if problem:
+        raise SpecError(f"--gpus {world}: {problem}")
     cfg = model_config(spec.model)
     try:
         shape = job_shape(spec, cfg)
@@ -81,7 +77,7 @@ def make_plan(spec: JobSpec, *, gpu_name: Optional[str] = None, gpus: Optional[i
     steps = job_steps(spec, rows)
     if steps is None:
         notes.append("steps unknown: optim.epochs over data the planner cannot count; give --rows N")
-    if sp > 1:
+    if (sp := spec.parallel.sequence) > 1:
         notes.append(f"parallel.sequence {sp}: activations and logits per GPU hold 1/{sp} of each sequence; the "
                      f"speed leaves out the all-to-alls around each attention call")
     if not spec.data.packing:

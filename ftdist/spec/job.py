@@ -870,14 +870,10 @@ class JobSpec(FrozenSpec):
                              f"resources.num_workers {self.resources.num_workers} (it is usually the GPUs per node)")
         derived_by_ftdist(self.deepspeed_extra)
         self._check_sequence_parallel()
-        o, n, sp = self.optim, self.resources.num_workers, self.parallel.sequence
         if self.resources.elastic:
             self._check_elastic()
-        elif o.global_batch_size % (o.micro_batch_size * self.data_parallel_at(n)):
-            raise FieldError("optim.global_batch_size",
-                             f"optim.global_batch_size {o.global_batch_size} is not a multiple of "
-                             f"optim.micro_batch_size {o.micro_batch_size} x resources.num_workers {n}"
-                             + (f" / parallel.sequence {sp}" if sp > 1 else ""))
+        elif problem := self.batch_problem(self.resources.num_workers, "resources.num_workers {n}"):
+            raise FieldError("optim.global_batch_size", problem)
         if self.model.dtype == "fp16" and not self.resources.use_gpu:
             raise FieldError("model.dtype", "model.dtype fp16 needs GPUs (resources.gpus_per_worker > 0); use fp32 or "
                                             "bf16 on CPU")
@@ -1018,3 +1014,14 @@ class JobSpec(FrozenSpec):
         """Data-parallel ranks among `world` workers: a sequence-parallel group of parallel.sequence workers reads one
         micro batch."""
         return world // self.parallel.sequence
+
+    def batch_problem(self, world: int, workers: str = "{n} workers") -> Optional[str]:
+        """Why `world` workers (`workers`: how the message names them) cannot keep the global batch exactly, or
+        None: the one rule the spec check, the DeepSpeed dict and the planner share (elastic jobs pad instead)."""
+        o, sp, named = self.optim, self.parallel.sequence, workers.format(n=world)
+        if world % sp:
+            return f"parallel.sequence {sp} must divide {named}"
+        if o.global_batch_size % (o.micro_batch_size * self.data_parallel_at(world)):
+            return (f"optim.global_batch_size {o.global_batch_size} is not a multiple of optim.micro_batch_size "
+                    f"{o.micro_batch_size} x {named}" + (f" / parallel.sequence {sp}" if sp > 1 else ""))
+        return None

@@ -19,12 +19,9 @@ def to_deepspeed(spec: JobSpec, world_size: int, load_universal: bool = False) -
     (train/universal.py)."""
     o, z, sp = spec.optim, spec.zero, spec.parallel.sequence
     micro = o.micro_batch_size
-    exact = not spec.resources.elastic  # (elastic: any size, the remainder padded: ShardedLoader)
-    if world_size % sp or (exact and o.global_batch_size % (micro * spec.data_parallel_at(world_size))):
-        raise ValueError(
-            f"global batch {o.global_batch_size} is not a multiple of micro batch {micro} x world size {world_size}"
-            + (f" / sequence parallel {sp}" if sp > 1 else "")
-        )
+    problem = spec.batch_problem(world_size)
+    if problem and not (spec.resources.elastic and world_size % sp == 0):  # (elastic pads the rest: ShardedLoader)
+        raise ValueError(problem)
     grad_accum = spec.grad_accum_at(world_size)
 
     zero: dict[str, Any] = {"stage": z.stage}
