@@ -102,6 +102,13 @@ def four_bit_bytes(double_quant: bool) -> float:
     return 0.5 + (1 / 64 + 4 / (64 * 256) if double_quant else 4 / 64)
 
 
+def qlora_base_bytes(spec: JobSpec, shape: ModelShape) -> float:
+    """The whole QLoRA model's weights: the layers' matmuls in 4-bit, the rest in fp32 (peft's k-bit preparation).
+    Under ZeRO-3 each rank holds this much while it loads, before DeepSpeed partitions it."""
+    quantized = shape.layers * shape.layer_matmul_params()
+    return quantized * four_bit_bytes(spec.lora.double_quant) + (shape.params() - quantized) * 4
+
+
 def model_state_bytes(spec: JobSpec, shape: ModelShape, world: int, setting: Optional[Setting] = None) -> dict:
     """Per-rank bytes of parameters, gradients and optimizer states wherever they live (device or host): the ZeRO
     paper's formulas with the job's dtype, method and stage. `ftdist bench --only memory` and
@@ -118,9 +125,8 @@ def model_state_bytes(spec: JobSpec, shape: ModelShape, world: int, setting: Opt
     # ZeRO++'s hpZ keeps a second copy of the weights partitioned within groups of hpz_partition_size workers.
     hpz = spec.zero.hpz_partition_size if s.stage == 3 and spec.zero.hpz_partition_size > 1 else 0
     params = total * d / (world if s.stage == 3 else 1) + (total * d / hpz if hpz else 0)
-    if s.method == "lora" and spec.lora and spec.lora.quantize:  # QLoRA (ZeRO 0-2): layer matmuls in 4-bit
-        quantized = shape.layers * shape.layer_matmul_params()
-        params = quantized * four_bit_bytes(spec.lora.double_quant) + (total - quantized) * 4
+    if s.method == "lora" and spec.lora and spec.lora.quantize:  # QLoRA: layer matmuls in 4-bit
+        params = qlora_base_bytes(spec, shape) / (world if s.stage == 3 else 1)
     return {"parameters": params,
             "gradients": grads,
             "optimizer states": trainable * k / (world if s.stage >= 1 else 1)}

@@ -9,7 +9,7 @@ from ftdist.errors import SpecError
 from ftdist.plan.cost import Speed, asha_fraction, count_rows, job_steps, plan_speed
 from ftdist.plan.gpus import GiB, Gpu, gpu, size_text
 from ftdist.plan.memory import (CheckpointSize, MemoryPlan, checkpoint_size, fixes, job_shape, plan_memory,
-                                 trainable_params)
+                                 qlora_base_bytes, trainable_params)
 from ftdist.plan.shape import ModelShape
 from ftdist.plan.source import model_config
 from ftdist.spec import JobSpec
@@ -80,6 +80,9 @@ def make_plan(spec: JobSpec, *, gpu_name: Optional[str] = None, gpus: Optional[i
     if (sp := spec.parallel.sequence) > 1:
         notes.append(f"parallel.sequence {sp}: activations and logits per GPU hold 1/{sp} of each sequence; the "
                      f"speed leaves out the all-to-alls around each attention call")
+    if spec.method == "lora" and spec.lora.quantize and memory.setting.stage == 3:
+        notes.append(f"QLoRA under ZeRO-3: each GPU holds the whole 4-bit base ({size_text(qlora_base_bytes(spec, shape))})"
+                     f" while it loads, before DeepSpeed partitions it")
     if not spec.data.packing:
         notes.append(f"sequences counted at data.max_length ({spec.data.max_length}); shorter examples without "
                      f"packing make every number here an upper bound")

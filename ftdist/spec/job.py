@@ -123,7 +123,9 @@ class LoraSpec(FrozenSpec):
     """rsLoRA (Kalajdzievski, 2023): adapters scaled by alpha / sqrt(rank) instead of alpha / rank."""
     quantize: Optional[Literal["nf4", "fp4"]] = None
     """QLoRA (Dettmers et al., 2023): the frozen base's linear layers loaded in 4-bit by bitsandbytes (NF4 or FP4),
-    computing in model.dtype; the adapters, norms, embeddings and head stay in model.dtype. Needs
+    computing in model.dtype; the adapters, norms, embeddings and head stay in model.dtype. Under zero.stage 0-2
+    the 4-bit base is replicated on every worker; under zero.stage 3 it is partitioned too (stored in model.dtype
+    tensors so DeepSpeed can shard it; each worker loads it whole once, before the partitioning). Needs
     model.name_or_path (the weights are quantised as they load) and bitsandbytes (pip install 'ftdist[qlora]')."""
     double_quant: bool = True
     """QLoRA's double quantisation: the 4-bit blocks' scales quantised too (about 0.4 bits per parameter less)."""
@@ -856,10 +858,6 @@ class JobSpec(FrozenSpec):
             if self.model.name_or_path is None:
                 raise FieldError("lora.quantize", "lora.quantize loads the base's weights in 4-bit as they are read: "
                                                   "it needs model.name_or_path (a model built from_config has none)")
-            if self.zero.stage == 3:
-                raise FieldError("lora.quantize", "lora.quantize (QLoRA) runs under zero.stage 0, 1 or 2: the 4-bit "
-                                                  "base is frozen and replicated, ZeRO shards the adapters' gradients "
-                                                  "and optimizer states")
         if (self.zero.quantized_weights or self.zero.quantized_gradients) and not self.resources.use_gpu:
             key = "quantized_weights" if self.zero.quantized_weights else "quantized_gradients"
             raise FieldError(f"zero.{key}", f"zero.{key} needs GPUs (resources.gpus_per_worker > 0): DeepSpeed "

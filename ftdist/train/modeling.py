@@ -40,15 +40,17 @@ def load_model(spec: ModelSpec, local_path: Optional[str], ds_config: Optional[d
     (AutoModelForSequenceClassification; the parameters the checkpoint lacks start as heads.py says, from `seed`).
     Under ZeRO-3 an HfDeepSpeedConfig is alive during construction so transformers wraps it in deepspeed.zero.Init:
     each rank materialises only its partition, never the whole model. `lora`: the job's LoRA section; with
-    `lora.quantize` the base linears load in 4-bit (QLoRA; ZeRO 0-2, validated)."""
+    `lora.quantize` the base linears load in 4-bit (QLoRA): under ZeRO-3 every rank loads the 4-bit model whole
+    (transformers quantises as it reads, outside zero.Init) and deepspeed.initialize then partitions it."""
     dtype = getattr(torch, TORCH_DTYPES[spec.dtype])
     common: dict[str, Any] = dict(dtype=dtype, attn_implementation=spec.attn_implementation)
-    if lora is not None and lora.quantize:
-        common["quantization_config"] = four_bit_config(lora, dtype)
+    zero3 = bool(ds_config) and ds_config["zero_optimization"]["stage"] == 3
+    quantized = lora is not None and lora.quantize is not None
+    if quantized:
+        common["quantization_config"] = four_bit_config(lora, dtype, zero3)
     auto = AutoModelForSequenceClassification if head else AutoModelForCausalLM
     head_kwargs = head.config_kwargs() if head else {}
-    zero3 = bool(ds_config) and ds_config["zero_optimization"]["stage"] == 3
-    if zero3 and spec.from_config is None and _safetensors_index(local_path):
+    if zero3 and not quantized and spec.from_config is None and _safetensors_index(local_path):
         # wraps construction in zero.Init
         model = _load_zero3_partitioned(spec, local_path, common, ds_config, auto, head_kwargs, seed)
         return _finish(model, spec)
@@ -78,9 +80,11 @@ def load_model(spec: ModelSpec, local_path: Optional[str], ds_config: Optional[d
     return _finish(model, spec)
 
 
-def four_bit_config(lora: LoraSpec, compute_dtype: torch.dtype) -> Any:
+def four_bit_config(lora: LoraSpec, compute_dtype: torch.dtype, zero3: bool = False) -> Any:
     """bitsandbytes' 4-bit settings for QLoRA (the head stays in the model dtype: transformers skips the output
-    layer). A worker without bitsandbytes gets a one-line error."""
+    layer). Under ZeRO-3 the packed 4-bit values are stored in the compute dtype's tensors (two nibbles per byte,
+    viewed as bf16/fp32 elements), which DeepSpeed partitions and gathers like any other parameter; uint8 storage it
+    cannot flatten beside them. A worker without bitsandbytes gets a one-line error."""
     try:  # transformers checks for it too, with a longer message
         importlib.import_module("bitsandbytes")
     except ImportError as e:
@@ -89,7 +93,8 @@ def four_bit_config(lora: LoraSpec, compute_dtype: torch.dtype) -> Any:
     from transformers import BitsAndBytesConfig
 
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=lora.quantize,
-                              bnb_4bit_use_double_quant=lora.double_quant, bnb_4bit_compute_dtype=compute_dtype)
+                              bnb_4bit_use_double_quant=lora.double_quant, bnb_4bit_compute_dtype=compute_dtype,
+                              bnb_4bit_quant_storage=compute_dtype if zero3 else torch.uint8)
 
 
 @contextlib.contextmanager
@@ -299,6 +304,7 @@ def apply_method(model: Any, spec: JobSpec) -> Any:
         # a stable backward, and the input embeddings' output requiring grad so checkpointed layers get gradients.
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=spec.model.gradient_checkpointing,
                                                 gradient_checkpointing_kwargs={"use_reentrant": False})
+        keep_4bit_layout(model)
     # peft draws the adapters' starting values (lora_A) from torch's global generator, whose state depends on what
     # ran before in this process: seeded, they are the same on every rank and in every run of the job (a run and its
     # re-run from scratch, or a resumed run and its uninterrupted twin, then compare).
@@ -310,6 +316,21 @@ def apply_method(model: Any, spec: JobSpec) -> Any:
     if spec.model.gradient_checkpointing:
         model.enable_input_require_grads()
     return model
+
+
+def keep_4bit_layout(model: Any) -> None:
+    """bitsandbytes speeds up 4-bit inference on CPUs with AVX512-BF16 by repacking a layer's weight in place, the
+    first time it runs in eval mode without gradients, and marking its quantisation state as repacked. A model
+    that trains between evaluations must keep the layout it trains with: measured here (bitsandbytes 0.50), a
+    repacked layer computes the training forward with a kernel autograd does not see through (the adapters below it
+    get wrong gradients; with 2 DeepSpeed workers and an eval after each step, ZeRO-2's next step failed), and
+    ZeRO-3, which re-gathers the original layout into a layer marked repacked, stopped learning without an error. So
+    training models never repack (GPUs never do)."""
+    import bitsandbytes as bnb
+
+    for m in model.modules():
+        if isinstance(m, bnb.nn.Linear4bit):
+            m.support_avx512bf16_for_cpu = False
 
 
 def count_params(model: Any) -> tuple[int, int]:

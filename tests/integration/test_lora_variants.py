@@ -2,7 +2,8 @@
 saved base's linears loaded in 4-bit NF4 by bitsandbytes (its CPU backend runs 4-bit layers forward and backward),
 DoRA adapters scaled the rsLoRA way. The loss falls; a new attempt resumes from the step-3 checkpoint with the
 uninterrupted run's losses; the adapter loads with peft on the 4-bit base and on the full-precision base (no adapter
-key missing or left over), and the merged export's logits equal the adapter's on the full-precision base."""
+key missing or left over), and the merged export's logits equal the adapter's on the full-precision base. Then QLoRA
+under ZeRO-3, the 4-bit base partitioned over the workers: the same losses as under ZeRO-2, and it resumes exactly."""
 
 from __future__ import annotations
 
@@ -87,3 +88,40 @@ def test_qlora_dora_rslora_trains_resumes_exactly_and_exports(ray_cluster, base_
         logits = on_four_bit(x).logits
     # The model the adapter trained with: 4-bit weights, so near the full-precision base's logits, not equal.
     assert torch.isfinite(logits).all() and (logits - adapted).abs().max() < 0.5 * adapted.abs().max()
+
+
+def test_qlora_under_zero3_trains_as_zero2_and_resumes(ray_cluster, base_model_dir, tmp_path):
+    """An evaluation every 2 steps between the training steps (bitsandbytes' CPU inference repacking must not leak
+    into training; under ZeRO-3 it silently stopped the learning). ZeRO-2 and ZeRO-3 run the same seeds, samples and
+    dropout masks: their losses differ only in the order gradients are reduced (float32)."""
+    lora = {"rank": 8, "alpha": 16, "dropout": 0.05, "use_rslora": True, "quantize": "nf4"}
+
+    def run(name: str, stage: int):
+        job = tiny_job_dict(str(tmp_path / "store"), name=name, method="lora", lora=lora, zero={"stage": stage},
+                            model=base_model_section(base_model_dir), optim={**tiny_job_dict("x")["optim"],
+                                                                             "max_steps": 4},
+                            checkpoint={"every_n_steps": 2, "keep_last": 3}, eval={"every_n_steps": 2,
+                                                                                   "max_batches": 2},
+                            export={"enabled": False})
+        summary = run_training(spec_from_dict(job))
+        assert summary.error is None, summary.error
+        return summary
+
+    def evals(history) -> dict:
+        return {h["step"]: h["eval_loss"] for h in history if "eval_loss" in h}
+
+    z3, z2 = run("z3", 3), run("z2", 2)
+    l3, l2 = _losses(z3.history), _losses(z2.history)
+    assert sorted(l3) == [1, 2, 3, 4] and l3[4] < l3[1], l3
+    for step in l2:
+        assert l3[step] == pytest.approx(l2[step], rel=1e-5), (step, l2, l3)
+    e3, e2 = evals(z3.history), evals(z2.history)
+    assert sorted(e3) == [0, 2, 4] and all(e3[k] == pytest.approx(e2[k], rel=1e-5) for k in e2), (e2, e3)
+
+    store = tmp_path / "store"
+    shutil.copytree(store / "z3" / "step_00000002", store / "z3-resumed" / "step_00000002")
+    resumed = run("z3-resumed", 3)
+    assert resumed.state.resumes == [2]
+    again = _losses(resumed.history)
+    for step in (3, 4):
+        assert again[step] == pytest.approx(l3[step], rel=1e-5, abs=1e-6), (step, l3, again)

@@ -87,6 +87,17 @@ def test_qlora_parameters_are_four_bit_where_bitsandbytes_quantises():
         assert four_bit_bytes(double) * weight.numel() == pytest.approx(stored, rel=0.06), double
 
 
+def test_qlora_under_zero3_partitions_the_4bit_base_and_says_what_loading_holds(tmp_path):
+    qlora = ("method=lora", "lora.quantize=nf4", "resources.num_workers=8")
+    z2, z3 = (_job(tmp_path, LLAMA_70B, *qlora, f"zero.stage={stage}") for stage in (2, 3))
+    p2, p3 = (make_plan(s, gpus=8, rows=1000) for s in (z2, z3))
+    params = lambda p: dict(p.memory.gpu)["parameters"]  # noqa: E731
+    assert params(p3) == pytest.approx(params(p2) / 8)
+    assert 35 < params(p2) / GiB < 45  # 70B in 4-bit, norms/embeddings/head in fp32
+    note = next(n for n in p3.notes if n.startswith("QLoRA under ZeRO-3"))
+    assert f"{params(p2) / GiB:.1f} GiB" in note and not any(n.startswith("QLoRA") for n in p2.notes)
+
+
 def test_activation_offload_moves_the_checkpointed_inputs_to_host(tmp_path):
     spec = _job(tmp_path, LLAMA_8B, "model.gradient_checkpointing=true")
     offloaded = _job(tmp_path, LLAMA_8B, "model.gradient_checkpointing=true", "model.activation_offload=true")
