@@ -10,7 +10,7 @@ import torch
 
 from ftdist.spec import spec_from_dict
 from ftdist.train.driver import run_training
-from tests.conftest import tiny_job_dict
+from tests.conftest import base_model_section, tiny_job_dict
 
 pytestmark = [
     pytest.mark.gpu, pytest.mark.ray, pytest.mark.deepspeed,
@@ -57,6 +57,19 @@ def test_full_bf16_on_gpu_trains_and_exports(tmp_path, stage):
 def test_lora_bf16_on_gpu_merged_export(tmp_path):
     s = _gpu_run(tmp_path, "gpu-lora", method="lora",
                  lora={"rank": 8, "alpha": 16, "dropout": 0.0, "merge_on_export": True},
+                 optim={**tiny_job_dict("x")["optim"], "lr": 1e-2})
+    assert os.path.isfile(os.path.join(s.export_dir, "adapter", "adapter_model.safetensors"))
+    _generates_on_gpu(os.path.join(s.export_dir, "merged"))
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_qlora_bf16_on_gpu_trains_and_exports(tmp_path, base_model_dir, stage):
+    """QLoRA on CUDA (bitsandbytes' GPU kernels; the CPU tests run its CPU backend): ZeRO-2 replicates the 4-bit
+    base, ZeRO-3 partitions it (stored in bf16 tensors). The adapter and the merged 16-bit model export."""
+    pytest.importorskip("bitsandbytes", reason="bitsandbytes not installed: pip install 'ftdist[qlora]'")
+    s = _gpu_run(tmp_path, f"gpu-qlora-{stage}", method="lora", zero={"stage": stage},
+                 model=base_model_section(base_model_dir),
+                 lora={"rank": 8, "alpha": 16, "dropout": 0.0, "quantize": "nf4", "merge_on_export": True},
                  optim={**tiny_job_dict("x")["optim"], "lr": 1e-2})
     assert os.path.isfile(os.path.join(s.export_dir, "adapter", "adapter_model.safetensors"))
     _generates_on_gpu(os.path.join(s.export_dir, "merged"))
