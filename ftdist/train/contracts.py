@@ -15,7 +15,11 @@ forwarding; no fork warnings from the Rust tokenizers in Ray workers."""
 
 # Reported by every worker at each log interval (and at eval/checkpoint steps); the sweep metric and
 # checkpoint.keep_best_by name one of these.
-TRAIN_METRICS = ("loss", "lr", "grad_norm", "tokens_per_s", "step_time_s", "epoch", "train_time_s")
+TRAIN_METRICS = ("loss", "lr", "grad_norm", "tokens_per_s", "step_time_s", "epoch", "train_time_s",
+                 "host_mem_peak_gib")
+GPU_METRICS = ("gpu_mem_peak_gib",)
+"""Reported besides TRAIN_METRICS when the workers have GPUs. The memory peaks are rank 0's process since its start
+(GPU: what torch allocated; host: its resident set): what a memory plan is checked against."""
 PREFERENCE_METRICS = ("rewards_chosen", "rewards_rejected", "reward_margin", "preference_accuracy")
 CLASSIFICATION_METRICS = ("accuracy",)
 OBJECTIVE_TRAIN_METRICS = {"sft": (), "dpo": PREFERENCE_METRICS, "reward": PREFERENCE_METRICS,
@@ -38,7 +42,8 @@ def reported_metrics(spec: JobSpec) -> tuple[str, ...]:
     evals = OBJECTIVE_EVAL_METRICS[spec.objective] if spec.has_eval else ()
     references = tuple(r.metric for r in spec.eval.reference)
     generated = spec.eval.generate.metric_names if spec.eval.generate else ()
-    return (TRAIN_METRICS + OBJECTIVE_TRAIN_METRICS[spec.objective] + evals + references + generated
+    return (TRAIN_METRICS + (GPU_METRICS if spec.resources.use_gpu else ())
+            + OBJECTIVE_TRAIN_METRICS[spec.objective] + evals + references + generated
             + spec.data.source_metrics(spec.has_eval))
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import resource
 import sys
 import time
 import warnings
@@ -44,6 +45,15 @@ from ftdist.train.optim import lr_lambda, param_groups, torch_adamw, total_steps
 from ftdist.train.prepare import worker_data
 from ftdist.train.sampling import ShardedLoader
 from ftdist.train.sequence_parallel import SequenceParallel
+
+
+def memory_peaks(gpu: bool) -> dict:
+    """This process's memory high-water marks in GiB (contracts.GPU_METRICS): host resident set (ru_maxrss, KiB on
+    Linux) and, on a GPU, what torch allocated."""
+    peaks = {"host_mem_peak_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+    if gpu:
+        peaks["gpu_mem_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    return peaks
 
 
 def print0(rank: int, msg: str) -> None:
@@ -323,6 +333,7 @@ def train_fn_per_worker(config: dict) -> None:
             "step_time_s": elapsed / window_steps,
             "epoch": done / loader.steps_per_epoch,
             "train_time_s": time.perf_counter() - loop_t0,
+            **memory_peaks(spec.resources.use_gpu),
             **objective.train_metrics_from(totals[3:]),
             **({f"data_share_{n}": v for n, v in loader.shares(done).items()} if mixture else {}),
         }

@@ -73,6 +73,9 @@ def test_method_trains_with_falling_loss(ray_cluster, tmp_path, method, stage, e
     assert last < first - 0.2, losses
     evals = [h["eval_loss"] for h in s.history if "eval_loss" in h]
     assert evals[-1] < evals[0]  # held-out loss at step 12 below the step-0 baseline
+    # Rank 0's host memory peak (a worker with torch, DeepSpeed and the model: hundreds of MiB), never falling.
+    peaks = [h["host_mem_peak_gib"] for h in s.history if "loss" in h]
+    assert len(peaks) == 12 and 0.2 < peaks[0] <= peaks[-1] < 16, peaks
     assert s.metrics["step"] == 12 and s.checkpoint and os.path.isdir(s.checkpoint)
     ckpt_files = os.listdir(os.path.join(s.checkpoint, "step_00000012"))
     # One optimizer-state shard per rank (ZeRO partitions), written by each rank into the same checkpoint.
