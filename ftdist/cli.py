@@ -673,7 +673,7 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="benchmark ftdist against a bare DeepSpeed loop; prints a table")
     b.add_argument("--steps", type=int, default=30, help="timed optimizer steps per run")
     b.add_argument("--only", choices=["throughput", "memory", "load", "checkpoint", "tune", "gpu", "peak", "dpo",
-                                      "tracking", "generate", "data", "resize", "elastic"],
+                                      "tracking", "generate", "data", "resize", "elastic", "gpu-8b"],
                    action="append", help="run only these parts (repeatable)")
     b.add_argument("--rounds", type=int, default=2,
                    help="throughput: how many times ftdist and the bare loop take turns (the ratio is of the means)")

@@ -18,6 +18,34 @@ def _mb(b: float) -> str:
     return f"{b / 2**20:.1f} MiB"
 
 
+def gpu_8b_rows(tmp: str, steps: int, **kw) -> list[str]:
+    """The table rows of `--only gpu-8b` (bench/gpu_8b.py), each method beside the planner's prediction."""
+    from ftdist.bench.gpu_8b import NEMO_LORA_H100_TPS, bench_gpu_8b
+
+    r = bench_gpu_8b(tmp, steps, **kw)
+    gib = lambda b: f"{b / 2**30:.1f} GiB"  # noqa: E731
+    what = f"1x {r['device']}, Llama-3.1-8B shape, seq {r['seq']}, micro batch {r['micro']}"
+    rows = []
+    for method, label in (("lora", "LoRA r16 all-linear, ZeRO-2"), ("qlora", "QLoRA NF4 r16 all-linear, ZeRO-2"),
+                          ("full-offload", "full, ZeRO-3 + optimizer on the host (CPUAdam)")):
+        m = r.get(method)
+        if m is None:
+            continue
+        if "skipped" in m:
+            rows.append(f"| {label}: not run: {m['skipped']} | | | | |")
+            continue
+        anchor = (f"{NEMO_LORA_H100_TPS:,} (NeMo AutoModel, H100) | {m['tps'] / NEMO_LORA_H100_TPS:.3f} | >= 1.0"
+                  if method in ("lora", "qlora") else " | | report")
+        rows.append(f"| training tokens/s per GPU, {label}, {what} | {m['tps']:,.0f} | {anchor} |")
+        rows.append(f"| peak GPU memory, {label}: measured (rank 0) / ftdist plan | {gib(m['gpu_peak'])} | "
+                    f"{gib(m['planned_gpu'])} | {m['gpu_peak'] / m['planned_gpu']:.3f} | report |")
+        if method == "full-offload":
+            rows.append(f"| peak host memory, {label}: measured (rank 0 process) / ftdist plan (node) | "
+                        f"{gib(m['host_peak'])} | {gib(m['planned_host'])} | "
+                        f"{m['host_peak'] / m['planned_host']:.3f} | report |")
+    return rows
+
+
 def main(args: argparse.Namespace) -> int:
     parts = args.only or ["throughput", "memory", "load", "checkpoint", "tune"]
     lines = ["| measurement | ftdist | reference | ratio | goal |", "|---|---|---|---|---|"]
@@ -44,6 +72,13 @@ def main(args: argparse.Namespace) -> int:
                                  f"{100 * g['bare_mfu']:.1f}% (bare) | {g['ratio']:.3f} | >= 45% |")
                 lines.append(f"| peak GPU memory allocated (bare loop, {variant}) | | {_mb(g['peak_mem'])} | | |")
                 print("\n".join(lines[-3:]), flush=True)  # each variant's rows as soon as they are measured
+        if "gpu-8b" in parts:
+            import torch
+
+            if not torch.cuda.is_available():
+                raise SystemExit("ftdist bench --only gpu-8b: no CUDA device visible")
+            lines.extend(gpu_8b_rows(tmp, args.steps))
+            print("\n".join(lines), flush=True)
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # the CPU parts below
         if "throughput" in parts:
             t = bench_throughput(args.steps, tmp, args.rounds)

@@ -247,7 +247,7 @@ def gpu_spec(storage: str, data_path: str, steps: int, seq: int, micro_batch: in
     })
 
 
-def _gpu_text(path: str, tokens_wanted: int) -> None:
+def write_text_data(path: str, tokens_wanted: int) -> None:
     """Plain-text training data from the quickstart examples, repeated until it holds enough tokens for the run."""
     rows = [json.loads(line) for line in open(task().train)]
     texts = [r["prompt"] + r["completion"] for r in rows]
@@ -289,7 +289,7 @@ def bench_gpu(steps: int, tmp: str, seq: int = 2048, micro_batch: int = 8, varia
     data = os.path.join(tmp, "gpu-text.jsonl")
     spec = gpu_spec(os.path.join(tmp, "gpu-store"), data, total, seq, micro_batch, name="bench-gpu-" + variant,
                     compile=compile, liger=liger, global_batch=global_batch)
-    _gpu_text(data, total * spec.optim.global_batch_size * seq)
+    write_text_data(data, total * spec.optim.global_batch_size * seq)
     bare = spawn(_bare_gpu, spec.model_dump(mode="json"), warmup, steps, world=1, backend="nccl")[0]
     bare_tps = bare["tokens"] / bare["seconds"]
     s = run_training(spec)
