@@ -14,9 +14,12 @@ import glob
 import itertools
 import json
 import os
+import pickle
 import re
 import shutil
 import tempfile
+import warnings
+import zipfile
 from typing import Any, Callable, Iterator, Optional
 
 import torch
@@ -107,7 +110,15 @@ def fp32_partitions(optim_state: Any) -> list:
 def export_records(path: str) -> Optional[list[Span]]:
     """At checkpoint time, the ranges of a ZeRO-3 optimizer file that an export reads (the pickle and the fp32
     master weights; not the Adam moments, two thirds of its bytes), for the manifest; None for other files."""
-    return spans_of(path, fp32_partitions) if _OPTIM_FILE.search(path) else None
+    if not _OPTIM_FILE.search(path):
+        return None
+    try:
+        return spans_of(path, fp32_partitions)
+    except (ValueError, zipfile.BadZipFile, pickle.UnpicklingError) as e:
+        # The ranges only spare an export the moments' download; without them it reads the whole file, as for a
+        # checkpoint from before them. A layout this reader does not know must not fail the checkpoint.
+        warnings.warn(f"{path}: no export ranges listed ({e}); an export downloads the whole file")
+        return None
 
 
 def iter_checkpoint_tensors(ckpt_dir: str, tag: str, zero_stage: int,

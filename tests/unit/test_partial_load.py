@@ -84,6 +84,10 @@ def test_files_without_master_weights_list_no_records(tmp_path):
     model_states = str(tmp_path / "x" / "zero_pp_rank_0_mp_rank_00_model_states.pt")
     torch.save({"module": {}}, model_states)
     assert export_records(model_states) is None
+    legacy = str(tmp_path / "x" / "zero_pp_rank_1_mp_rank_00_optim_states.pt")
+    torch.save({"optimizer_state_dict": {}}, legacy, _use_new_zipfile_serialization=False)  # not a zip
+    with pytest.warns(UserWarning, match="an export downloads the whole file"):
+        assert export_records(legacy) is None
 
 
 def test_manifests_from_before_records_still_read():
