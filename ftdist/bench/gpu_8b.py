@@ -18,7 +18,7 @@ import statistics
 from typing import Any, Optional
 
 from ftdist.bench.common import task
-from ftdist.bench.training import model_flops_per_token, write_text_data
+from ftdist.bench.training import write_text_data
 from ftdist.spec import JobSpec, spec_from_dict
 from ftdist.train.driver import run_training
 
@@ -61,16 +61,17 @@ def method_spec(method: str, base: str, storage: str, data: str, steps: int, seq
         "lora": {"method": "lora", "lora": lora, "zero": {"stage": 2}},
         "qlora": {"method": "lora", "lora": {**lora, "quantize": "nf4"}, "zero": {"stage": 2}},
         "full-offload": {"method": "full", "zero": {"stage": 3, "offload_optimizer": "cpu"},
-                         "optim_extra": {"optimizer": "deepspeed_adamw"}},
+                         "optim": {"optimizer": "deepspeed_adamw"}},
     }
-    job = by_method[method]
+    job = dict(by_method[method])
+    optim_over = job.pop("optim", {})
     return spec_from_dict({
         "name": f"bench-8b-{method}",
         "model": {"name_or_path": base, "dtype": dtype, "attn_implementation": "sdpa"},
         "data": {"train": data, "format": "text", "max_length": seq, "packing": True},
-        **{k: v for k, v in job.items() if k != "optim_extra"},
         "optim": {"lr": 1e-4, "micro_batch_size": micro, "global_batch_size": micro * max(gpus, 1),
-                  "max_steps": steps, "schedule": "constant", "seed": 1, **job.get("optim_extra", {})},
+                  "max_steps": steps, "schedule": "constant", "seed": 1, **optim_over},
+        **job,
         "resources": {"num_workers": max(gpus, 1), "cpus_per_worker": 4 if gpus else 1, "gpus_per_worker": min(gpus, 1),
                       "max_failures": 0},
         "checkpoint": {"storage": storage, "every_n_steps": None},
@@ -107,7 +108,7 @@ def bench_gpu_8b(tmp: str, steps: int, seq: int = 2048, micro: int = 4, methods:
     data = os.path.join(tmp, "gpu-8b-text.jsonl")
     write_text_data(data, (warmup + steps) * micro * max(gpus, 1) * seq)
     host_bytes = host_bytes or psutil.virtual_memory().total
-    out: dict = {"device": device_name, "seq": seq, "micro": micro, "flops_per_token": model_flops_per_token(cfg, seq)}
+    out: dict = {"device": device_name, "seq": seq, "micro": micro}
     for method in methods:
         storage = os.path.join(tmp, f"store-{method}")
         spec = method_spec(method, base, storage, data, warmup + steps, seq, micro, gpus,

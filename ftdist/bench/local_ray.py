@@ -49,10 +49,15 @@ def _cluster_ports(nodes: int) -> list[dict[str, int]]:
     picked = iter(free_ports(sum(len(n) for n in names)))
     out = []
     for node, node_names in enumerate(names):
-        base = 20000 + (os.getpid() * 401 + node * 200) % 12000
-        out.append({**{name: next(picked) for name in node_names},
-                    "min-worker-port": base, "max-worker-port": base + 199})
+        out.append({**{name: next(picked) for name in node_names}, **_worker_port_range(node)})
     return out
+
+
+def _worker_port_range(node: int) -> dict[str, int]:
+    """Node `node`'s own range of Ray worker ports: from this process's pid, away from the ephemeral range and from
+    the other nodes' (Ray's default 10002-19999 would be shared by every node on the host)."""
+    base = 20000 + (os.getpid() * 401 + node * 200) % 12000
+    return {"min-worker-port": base, "max-worker-port": base + 199}
 
 
 def _flags(ports: dict[str, int]) -> list[str]:
@@ -73,9 +78,7 @@ class LocalRayCluster:
         """Start one more worker node and return its raylet's port (ftdist names a node by `ip:port`). `env`: its own
         environment (what its processes inherit instead of this cluster's); `wrap`: a command the `ray start` runs
         under (e.g. `unshare` with a mount of its own)."""
-        ports = {name_: port for name_, port in zip(_NODE_PORTS, free_ports(len(_NODE_PORTS)))}
-        base = 20000 + (os.getpid() * 401 + self.nodes * 200) % 12000
-        ports.update({"min-worker-port": base, "max-worker-port": base + 199})
+        ports = {**dict(zip(_NODE_PORTS, free_ports(len(_NODE_PORTS)))), **_worker_port_range(self.nodes)}
         self.nodes += 1
         ray = os.path.join(os.path.dirname(sys.executable), "ray")
         _run([*wrap, ray, "start", f"--address={self.gcs}", f"--num-cpus={cpus}", f"--num-gpus={gpus}",

@@ -27,6 +27,7 @@ import psutil  # Ray's dependency, not ftdist's (this module loads only for `ftd
 from ftdist.bench.common import BENCH_LLAMA, bench_spec, task
 from ftdist.spec import JobSpec, spec_from_dict
 from ftdist.storage.checkpoints import MANIFEST, CheckpointStore, checkpoint_name
+from ftdist.storage.store import relative_files
 from ftdist.train.contracts import STARTUP_KEY
 from ftdist.train.driver import run_training
 from ftdist.train.ray_runtime import connect_ray, disconnect_ray
@@ -163,8 +164,8 @@ def _seaweedfs(bucket: str) -> Iterator[str]:
 
 
 def _files_of(local: str) -> list[tuple[str, str]]:
-    return [(os.path.join(d, f), os.path.relpath(os.path.join(d, f), local).replace(os.sep, "/"))
-            for d, _, fs in os.walk(local) for f in fs]
+    """(path, key) of every file under `local`, as put_files takes them."""
+    return [(os.path.join(local, rel), rel) for rel in relative_files(local)]
 
 
 def _upload_seconds(job: str, name: str) -> float:

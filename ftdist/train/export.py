@@ -107,6 +107,11 @@ def fp32_partitions(optim_state: Any) -> list:
     return optim_state["optimizer_state_dict"]["fp32_flat_groups"]
 
 
+def whole_file_partitions(path: str) -> list:
+    """The fp32 master weights of a downloaded (whole) ZeRO-3 optimizer file, memory-mapped."""
+    return fp32_partitions(_torch_load(path))
+
+
 def export_records(path: str) -> Optional[list[Span]]:
     """At checkpoint time, the ranges of a ZeRO-3 optimizer file that an export reads (the pickle and the fp32
     master weights; not the Adam moments, two thirds of its bytes), for the manifest; None for other files."""
@@ -123,7 +128,7 @@ def export_records(path: str) -> Optional[list[Span]]:
 
 def iter_checkpoint_tensors(ckpt_dir: str, tag: str, zero_stage: int,
                             want: Callable[[str], bool] = lambda _: True,
-                            partitions: Callable[[str], list] = lambda p: fp32_partitions(_torch_load(p))) -> Tensors:
+                            partitions: Callable[[str], list] = whole_file_partitions) -> Tensors:
     """(name, tensor) of every parameter and buffer of the trained module whose name passes `want`, one at a time.
     ZeRO 0-2: the module weights saved by rank 0 (memory-mapped). ZeRO-3: fp32 master weights of trainable
     parameters stitched from each rank's flat partition (`partitions` reads them from a rank's optimizer file);
@@ -378,7 +383,7 @@ class FetchedCheckpoint:
 
     def _partitions(self, path: str) -> list:
         spans = self._partial.get(path)
-        return fp32_partitions(_torch_load(path)) if spans is None else load_selected(path, spans, fp32_partitions)
+        return whole_file_partitions(path) if spans is None else load_selected(path, spans, fp32_partitions)
 
     def frozen_base(self) -> BaseWeights:
         """The weights of the base the job trained from (its hub revision), fetched once."""
